@@ -1,0 +1,28 @@
+# Two entry points (see README): `make demo` runs the T-IMM pipeline on the built-in demo data,
+# `make test` runs the test suite. Both create the virtual environment on first use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+OUT    ?= demo_out
+
+.PHONY: demo test env bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,demo]'
+	touch $@
+
+test: env
+	$(PY) -m pytest -q tests
+
+demo: env
+	$(PY) -m timm_jax.demo_pipeline --out=$(OUT)
+
+bench: env
+	$(PY) benchmarks/bench_merge.py
+
+clean:
+	rm -rf $(VENV) $(OUT)

@@ -1,0 +1,12 @@
+"""Test configuration: fast CPU compilation and absl flags parsed (grain reads one at worker start)."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
