@@ -1,0 +1,140 @@
+"""Diagonal Fisher information of a model on its own task's data.
+
+The empirical Fisher (DESIGN.md; Kirkpatrick et al. 2017, Lee et al. 2017) is
+
+    F = (1/N) Σ_n (∂ log p(y_n | x_n, θ) / ∂θ)²
+
+with *per-example* gradients — not the square of a batch gradient, which is a different (and
+much smaller) quantity. Per-example gradients are a jitted ``vmap(grad)`` over a chunk of
+examples; squared gradients are summed on the device chunk by chunk, so memory does not grow
+with the data set. The "true" Fisher replaces the reference labels y_n by labels sampled from
+the model's own predictive distribution (:func:`sampled_segmentation_log_likelihood`).
+
+Note (DESIGN.md pitfalls): a per-example function must re-add the batch axis (``x[None]``)
+before calling a network with instance norm, and ``jit(vmap(grad))`` must not be given a batch
+sharded across devices; here every chunk lives on one device.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+LogLikelihood = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+
+
+def _chunk_accumulator(log_likelihood: LogLikelihood):
+    grad_fn = jax.grad(log_likelihood)
+
+    def step(acc, params, x, y, mask):
+        grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, x, y)
+        m = mask.astype(jnp.float32)
+
+        def add(a, g):
+            g = g.astype(jnp.float32)
+            return a + jnp.tensordot(m, g * g, axes=(0, 0))
+        return jax.tree_util.tree_map(add, acc, grads)
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
+    if a.shape[0] == n:
+        return a
+    reps = np.repeat(a[:1], n - a.shape[0], axis=0)
+    return np.concatenate([a, reps], axis=0)
+
+
+def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
+                    batches: Iterable[tuple[Any, Any]], *, chunk_size: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> PyTree:
+    """Empirical diagonal Fisher: mean over all examples of the squared per-example gradient.
+
+    Args:
+      log_likelihood: ``log_likelihood(params, x, y) -> scalar`` for ONE example (no batch axis).
+      params: the pytree to differentiate (e.g. all params, or only the transferable subset with
+        the rest closed over inside ``log_likelihood``).
+      batches: iterable of ``(x, y)`` arrays with a leading batch axis (any batch sizes; ``y``
+        may be anything ``log_likelihood`` accepts per example, e.g. PRNG keys).
+      chunk_size: examples per ``vmap`` call (default: the first batch's size). A batch is cut
+        into chunks of this size; the last chunk is padded and masked, so every chunk has the
+        same shape and compiles once. The result does not depend on it.
+      progress: optional callback called with the number of examples seen so far.
+
+    Returns:
+      A float32 pytree like ``params``.
+    """
+    step = _chunk_accumulator(log_likelihood)
+    acc = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+    count = 0
+    for x, y in batches:
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        y = np.asarray(y) if not isinstance(y, jax.Array) else y
+        n = x.shape[0]
+        if y.shape[0] != n:
+            raise ValueError(f"batch has {n} inputs but {y.shape[0]} targets")
+        if chunk_size is None:
+            chunk_size = n
+        for start in range(0, n, chunk_size):
+            xc, yc = x[start:start + chunk_size], y[start:start + chunk_size]
+            k = xc.shape[0]
+            mask = np.arange(chunk_size) < k
+            xc, yc = (_pad_to(np.asarray(a), chunk_size) for a in (xc, yc))
+            acc = step(acc, params, xc, yc, mask)
+            count += k
+            if progress is not None:
+                progress(count)
+    if count == 0:
+        raise ValueError("fisher_diagonal got no examples (the batches iterable was empty)")
+    return jax.tree_util.tree_map(lambda a: a / count, acc)
+
+
+def bernoulli_log_likelihood(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Σ_voxels,channels [y log σ(z) + (1 − y) log(1 − σ(z))] for multi-label sigmoid outputs."""
+    return jnp.sum(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
+
+
+def segmentation_log_likelihood(apply_fn: Callable[[PyTree, jax.Array], jax.Array]) -> LogLikelihood:
+    """log p(y | x, θ) of one volume: voxel-wise Bernoulli log-likelihood, summed over voxels.
+
+    ``apply_fn(params, x_batched) -> logits`` takes a batch (B, D, H, W, C); ``x`` here is one
+    (D, H, W, C) volume and ``y`` its (D, H, W, K) binary targets. The batch axis is re-added
+    before the network sees it (instance norm would otherwise normalise over depth).
+    """
+    def log_likelihood(params, x, y):
+        logits = apply_fn(params, x[None])[0]
+        return bernoulli_log_likelihood(logits, y)
+    return log_likelihood
+
+
+def sampled_segmentation_log_likelihood(apply_fn) -> LogLikelihood:
+    """As :func:`segmentation_log_likelihood` but y ~ p(· | x, θ) is sampled from the model.
+
+    The per-example "target" passed to it is a PRNG key (shape (2,) uint32, e.g. from
+    ``jax.random.split``), so ``fisher_diagonal`` gives the *true* Fisher estimate.
+    """
+    def log_likelihood(params, x, key):
+        logits = apply_fn(params, x[None])[0]
+        y = jax.random.bernoulli(key, jax.nn.sigmoid(jax.lax.stop_gradient(logits)))
+        return bernoulli_log_likelihood(logits, y.astype(logits.dtype))
+    return log_likelihood
+
+
+def with_sample_keys(batches: Iterable[tuple[Any, Any]], key: jax.Array):
+    """Replace each batch's targets by one raw PRNG key per example (for the true Fisher).
+
+    ``key`` is a raw key (``jax.random.PRNGKey(seed)``); the keys are a (B, 2) uint32 array.
+    """
+    for x, _ in batches:
+        key, sub = jax.random.split(key)
+        yield x, jax.random.split(sub, np.shape(x)[0])
+
+
+def fisher_memory_bytes(params: PyTree, chunk_size: int) -> int:
+    """Rough device memory of one chunk's per-example gradients (to pick ``chunk_size``)."""
+    n = sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params))
+    return 4 * n * (chunk_size + 1)

@@ -1,0 +1,162 @@
+"""Jitted training steps: plain training, and the T-IMM adaption stage through the merge.
+
+Adaption (T-IMM stage 1): the trainable state is (mixing logits β, task-specific params 𝒮); the
+transferable params are ``imm_merge(sources, fishers, β)`` of *frozen* source models, evaluated
+inside the loss so that ``jax.grad`` differentiates through the fusion. Fine-tuning (stage 2)
+starts from :func:`materialise` and is a plain training run.
+
+All steps take a global batch ``{"image": (B, D, H, W, C), "target": (B, D, H, W, K)}`` and keep
+no per-example host logic, so a data-parallel sharding of the batch can be added by the caller.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from timm_jax import losses
+from timm_jax.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
+from timm_jax.partition import join
+
+PyTree = Any
+Batch = dict
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step changes. ``params`` is the model's params dict (or, for adaption, the
+    dict ``{"logits": β, "task": 𝒮}``)."""
+    step: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+
+def make_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
+    """Adam (the original's optimiser, lr 5e-4) with the learning rate as a mutable
+    hyperparameter, so reduce-on-plateau can change it between epochs (see :func:`set_learning_rate`)."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+def create_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=optimizer.init(params), rng=rng)
+
+
+def learning_rate(state: TrainState) -> float:
+    return float(state.opt_state.hyperparams["learning_rate"])
+
+
+def set_learning_rate(state: TrainState, lr: float) -> TrainState:
+    hp = dict(state.opt_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
+    return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def segmentation_loss(logits: jax.Array, targets: jax.Array, kind: str = "dice") -> jax.Array:
+    """``"dice"`` (the original's soft Dice), ``"ce"``, or ``"dice+ce"``."""
+    if kind == "dice":
+        return losses.soft_dice_loss(logits, targets)
+    if kind == "ce":
+        return losses.cross_entropy(logits, targets)
+    if kind == "dice+ce":
+        return losses.soft_dice_loss(logits, targets) + losses.cross_entropy(logits, targets)
+    raise ValueError(f"unknown loss {kind!r}; use 'dice', 'ce' or 'dice+ce'")
+
+
+def _apply(model, params, image, rng, train):
+    rngs = {"dropout": rng} if train else None
+    return model.apply({"params": params}, image, train=train, rngs=rngs)
+
+
+def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = "dice"):
+    """``step(state, batch) -> (state, {"loss"})``: one Adam step on the segmentation loss."""
+
+    def loss_fn(params, batch, rng):
+        logits = _apply(model, params, batch["image"], rng, True)
+        return segmentation_loss(logits, batch["target"], loss)
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def step(state: TrainState, batch: Batch):
+        rng, sub = jax.random.split(state.rng)
+        value, grads = jax.value_and_grad(loss_fn)(state.params, batch, sub)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng),
+                {"loss": value})
+
+    return step
+
+
+def make_eval_step(model, loss: str = "dice"):
+    """``eval_step(params, batch) -> {"loss", "dice" (B, K)}`` on a batch, no dropout.
+    Dice thresholds σ(logits) at 0.5."""
+
+    @jax.jit
+    def eval_step(params, batch):
+        logits = _apply(model, params, batch["image"], None, False)
+        return {"loss": segmentation_loss(logits, batch["target"], loss),
+                "dice": losses.hard_dice(logits > 0, batch["target"] > 0.5)}
+
+    return eval_step
+
+
+def fused_params(sources: Sequence[PyTree], fishers: Sequence[PyTree] | None, logits: PyTree,
+                 task_specific: PyTree, *, granularity: Granularity = "leaf",
+                 eps: float = DEFAULT_EPS) -> dict:
+    """Full model params: ``imm_merge`` of the sources' transferable leaves, joined with 𝒮."""
+    per_leaf = expand_logits(logits, sources[0], granularity)
+    return join(imm_merge(sources, fishers, per_leaf, eps=eps), task_specific)
+
+
+def materialise(sources, fishers, adaption_params: dict, *, granularity: Granularity = "leaf",
+                eps: float = DEFAULT_EPS) -> dict:
+    """The fine-tuning stage's initialisation from an adaption state's ``{"logits", "task"}``."""
+    return jax.jit(partial(fused_params, granularity=granularity, eps=eps))(
+        sources, fishers, adaption_params["logits"], adaption_params["task"])
+
+
+def make_adaption_step(model, optimizer: optax.GradientTransformation, *,
+                       granularity: Granularity = "leaf", eps: float = DEFAULT_EPS,
+                       loss: str = "dice"):
+    """``step(state, sources, fishers, batch) -> (state, {"loss"})`` for T-IMM stage 1.
+
+    ``state.params = {"logits": β (compact, see merge.init_logits), "task": 𝒮}``; ``sources``
+    (T transferable trees) and ``fishers`` (T trees or None) are frozen inputs, passed as
+    arguments (not closed over) so they are neither baked into the program nor differentiated.
+    """
+
+    def loss_fn(trainable, sources, fishers, batch, rng):
+        params = fused_params(sources, fishers, trainable["logits"], trainable["task"],
+                              granularity=granularity, eps=eps)
+        logits = _apply(model, params, batch["image"], rng, True)
+        return segmentation_loss(logits, batch["target"], loss)
+
+    @partial(jax.jit, donate_argnums=(0,))
+    def step(state: TrainState, sources, fishers, batch: Batch):
+        rng, sub = jax.random.split(state.rng)
+        value, grads = jax.value_and_grad(loss_fn)(state.params, sources, fishers, batch, sub)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng),
+                {"loss": value})
+
+    return step
+
+
+def make_adaption_eval_step(model, *, granularity: Granularity = "leaf",
+                            eps: float = DEFAULT_EPS, loss: str = "dice"):
+    """Validation loss/Dice of an adaption state (fused on the fly)."""
+    eval_step = make_eval_step(model, loss)
+
+    @jax.jit
+    def step(trainable, sources, fishers, batch):
+        params = fused_params(sources, fishers, trainable["logits"], trainable["task"],
+                              granularity=granularity, eps=eps)
+        return eval_step(params, batch)
+
+    return step
