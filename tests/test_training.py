@@ -1,0 +1,125 @@
+"""The epoch loop: checkpoints, resume after a crash gives the same result, plateau/early stop."""
+import functools
+import json
+import os
+from types import SimpleNamespace
+
+import jax
+import numpy as np
+import pytest
+
+from timm_jax.checkpoint import CheckpointError, RunCheckpoints, load_params
+from timm_jax.config import ModelConfig, TrainConfig
+from timm_jax.model import init_params
+from timm_jax.steps import create_state, make_eval_step, make_optimizer, make_train_step
+from timm_jax.training import fit, volume_evaluator
+
+MODEL = ModelConfig(in_channels=2, out_channels=2, base_filters=2, depth=2, dropout_rate=0.3)
+CFG = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=2, max_epochs=4,
+                  plateau_patience=1, early_stopping_patience=10)
+
+
+def batches_from(start):
+    step = start
+    while True:
+        rng = np.random.default_rng(step)
+        x = rng.standard_normal((2, 8, 8, 8, 2)).astype(np.float32)
+        yield {"image": x, "target": (x > 0.5).astype(np.float32)}
+        step += 1
+
+
+class Task(SimpleNamespace):
+    def targets(self, labels):
+        return np.stack([labels == 1, labels == 2], -1).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled():
+    """Model, optimiser and jitted steps, built once so the tests compile once."""
+    model = MODEL.build()
+    opt = make_optimizer(1e-2)
+    rng = np.random.default_rng(5)
+    cases = [SimpleNamespace(image=rng.standard_normal((8, 8, 6, 2)).astype(np.float32),
+                             labels=rng.integers(0, 3, (8, 8, 6))) for _ in range(2)]
+    evaluate = volume_evaluator(make_eval_step(model), cases, Task(), divisor=2)
+    return model, opt, make_train_step(model, opt), evaluate
+
+
+def setup():
+    model, opt, step, evaluate = _compiled()
+    params = init_params(model, jax.random.PRNGKey(0), (1, 8, 8, 8, 2))
+    return create_state(params, opt, jax.random.PRNGKey(1)), step, evaluate
+
+
+def run(workdir, **kw):
+    state, step, evaluate = setup()
+    return fit(workdir=str(workdir), state=state, train_step=step, evaluate=evaluate,
+               batches_from=batches_from, cfg=kw.pop("cfg", CFG),
+               meta={"run_key": "test", "model": MODEL.to_dict()}, log=lambda s: None, **kw)
+
+
+def test_resume_after_crash_equals_uninterrupted(tmp_path):
+    full, run_full = run(tmp_path / "a")
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch):
+        if epoch == 2:
+            raise Crash
+    with pytest.raises(Crash):
+        run(tmp_path / "b", after_epoch=crash)
+    logs = []
+    state, step, evaluate = setup()
+    resumed, run_res = fit(workdir=str(tmp_path / "b"), state=state, train_step=step,
+                           evaluate=evaluate, batches_from=batches_from, cfg=CFG,
+                           meta={"run_key": "test", "model": MODEL.to_dict()}, log=logs.append)
+    assert any("resuming from checkpoint at step 4 (epoch 2)" in l for l in logs)
+    assert int(resumed.step) == int(full.step) == 8
+    for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [r["val_loss"] for r in run_full["history"]] == [r["val_loss"] for r in run_res["history"]]
+    # metrics.jsonl holds one line per epoch, plateau reduced the learning rate at some point
+    lines = open(tmp_path / "b" / "metrics.jsonl").read().splitlines()
+    assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
+    # a finished run is not trained again
+    logs.clear()
+    state, step, evaluate = setup()
+    fit(workdir=str(tmp_path / "b"), state=state, train_step=step, evaluate=evaluate,
+        batches_from=batches_from, cfg=CFG, meta={"run_key": "test"}, log=logs.append)
+    assert any("already finished" in l for l in logs)
+    params, meta = load_params(str(tmp_path / "b"))
+    assert meta["run"]["best_epoch"] >= 1 and "conv_enc0_in" in params
+
+
+def test_plateau_and_early_stopping(tmp_path):
+    cfg = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1, max_epochs=30,
+                      plateau_patience=1, early_stopping_patience=2, learning_rate=0.0)
+    state, step, evaluate = setup()
+    calls = iter([1.0, 0.5, 0.7, 0.8, 0.1])
+    final, summary = fit(workdir=str(tmp_path), state=state, train_step=step,
+                         evaluate=lambda p: {"loss": next(calls), "dice": [0.0], "dice_mean": 0.0},
+                         batches_from=batches_from, cfg=cfg, meta={"run_key": "x"}, log=lambda s: None)
+    assert summary["epoch"] == 4 and summary["best_epoch"] == 2  # stopped after 2 bad epochs
+    lrs = [r["lr"] for r in summary["history"]]
+    assert lrs[3] == pytest.approx(lrs[2] * 0.5)  # reduced once after the first bad epoch
+
+
+def test_other_run_and_corrupt_checkpoint_errors(tmp_path):
+    run(tmp_path / "a", cfg=TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1,
+                                        max_epochs=1))
+    state, step, evaluate = setup()
+    with pytest.raises(CheckpointError, match="different run"):
+        fit(workdir=str(tmp_path / "a"), state=state, train_step=step, evaluate=evaluate,
+            batches_from=batches_from, cfg=CFG, meta={"run_key": "other"}, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_params(str(tmp_path / "nope"))
+    # damage the array data of the checkpoint
+    root = tmp_path / "a" / "checkpoints"
+    for d, _, files in os.walk(root):
+        for f in files:
+            if "state" in d and not f.startswith("_"):
+                with open(os.path.join(d, f), "wb") as fh:
+                    fh.write(b"garbage")
+    with pytest.raises(CheckpointError, match="could not be read"):
+        load_params(str(tmp_path / "a"))
