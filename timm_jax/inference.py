@@ -1,0 +1,219 @@
+"""Whole-volume inference: sliding-window prediction with importance-weighted averaging.
+
+A network trained on patches is applied to a full volume by tiling it with overlapping
+windows of the training patch size (the strategy of nnU-Net, Isensee et al. 2021):
+
+* the volume is zero-padded (symmetrically) in every axis where it is smaller than the patch;
+* along each axis the window starts are evenly spaced from 0 to ``size - patch`` (the last
+  window is flush with the end), with the fewest windows whose step does not exceed
+  ``patch * (1 - overlap)`` — so every voxel is covered;
+* each window's sigmoid probabilities are accumulated with an importance map ``w`` (a
+  Gaussian centred on the patch with sigma = patch / 8 per axis, or uniform ones) and the
+  result is ``p(v) = Σ_windows w(v - start) p_window(v) / Σ_windows w(v - start)``;
+* the padding is cropped off again.
+
+With ``patch_shape=None`` the whole volume is predicted in one call after padding every
+axis up to a multiple of ``divisor`` (the U-Net needs sizes divisible by 2**(depth-1)).
+
+Conventions: ``image`` is a channels-last (D, H, W, C) array; ``apply_fn(params, x)`` maps a
+batch (B, d, h, w, C) to logits (B, d, h, w, K) of K independent sigmoid channels. The
+result is a float32 numpy array (D, H, W, K) of probabilities.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+
+__all__ = [
+    "gaussian_importance_map",
+    "sliding_window_predict",
+    "window_starts",
+]
+
+_COMPILED: Dict[Callable, Callable] = {}
+_MAX_COMPILED = 16
+
+
+def window_starts(size: int, patch: int, overlap: float) -> List[int]:
+    """Start indices of windows of length ``patch`` tiling an axis of length ``size``.
+
+    The number of windows is ``n = ceil((size - patch) / (patch * (1 - overlap))) + 1`` (the
+    fewest whose step is at most the target step ``patch * (1 - overlap)``, at least 1), and
+    the starts are ``round(i * (size - patch) / (n - 1))`` for ``i = 0 .. n-1``: evenly
+    spaced, first at 0, last at ``size - patch``, so every index in ``[0, size)`` is covered.
+
+    Examples: ``window_starts(10, 4, 0.5) == [0, 2, 4, 6]``, ``window_starts(10, 4, 0.0) ==
+    [0, 3, 6]``, ``window_starts(4, 4, 0.5) == [0]``.
+
+    Raises:
+      ValueError: if ``patch < 1``, ``size < patch`` (pad the axis first) or ``overlap`` is
+        outside ``[0, 1)``.
+    """
+    size, patch = int(size), int(patch)
+    if patch < 1:
+        raise ValueError(f"window_starts: patch must be >= 1, got {patch}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"window_starts: overlap must be in [0, 1), got {overlap}")
+    if size < patch:
+        raise ValueError(
+            f"window_starts: axis of size {size} is smaller than the patch {patch}; pad it first"
+        )
+    span = size - patch
+    if span == 0:
+        return [0]
+    target_step = max(patch * (1.0 - overlap), 1.0)
+    n = int(math.ceil(span / target_step - 1e-9)) + 1
+    step = span / (n - 1)
+    return [int(round(i * step)) for i in range(n)]
+
+
+def gaussian_importance_map(patch_shape: Sequence[int], sigma_scale: float = 1.0 / 8) -> np.ndarray:
+    """Separable Gaussian weights over a patch, float32, maximum 1.
+
+    ``w(x) = Π_a exp(-(x_a - c_a)² / (2 σ_a²))`` with centre ``c_a = (p_a - 1) / 2`` and
+    ``σ_a = sigma_scale * p_a``. Values are clipped below at 1e-6 so that no voxel of a
+    window has zero weight (the denominator of the average never vanishes).
+    """
+    w = np.ones((), np.float64)
+    for a, p in enumerate(patch_shape):
+        x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
+        sigma = max(sigma_scale * p, 1e-6)
+        g = np.exp(-0.5 * (x / sigma) ** 2)
+        w = np.multiply.outer(w, g)
+    w = w / w.max()
+    return np.maximum(w, 1e-6).astype(np.float32)
+
+
+def _probability_fn(apply_fn: Callable) -> Callable:
+    """``jit(sigmoid ∘ apply_fn)``, cached per ``apply_fn`` so repeated calls reuse compilations."""
+    try:
+        hash(apply_fn)
+    except TypeError:
+        return jax.jit(lambda params, x: jax.nn.sigmoid(apply_fn(params, x)))
+    fn = _COMPILED.get(apply_fn)
+    if fn is None:
+        if len(_COMPILED) >= _MAX_COMPILED:
+            _COMPILED.pop(next(iter(_COMPILED)))
+        fn = jax.jit(lambda params, x: jax.nn.sigmoid(apply_fn(params, x)))
+        _COMPILED[apply_fn] = fn
+    return fn
+
+
+def _pad_to(image: np.ndarray, target: Sequence[int]) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+    """Zero-pads the spatial axes of (D, H, W, C) symmetrically up to ``target``; returns the crop."""
+    pads, crop = [], []
+    for s, t in zip(image.shape[:3], target):
+        extra = max(int(t) - s, 0)
+        before = extra // 2
+        pads.append((before, extra - before))
+        crop.append(slice(before, before + s))
+    if any(p != (0, 0) for p in pads):
+        image = np.pad(image, pads + [(0, 0)], mode="constant")
+    return image, tuple(crop)
+
+
+def _check_logits(probs: np.ndarray, batch: int, spatial: Sequence[int]) -> None:
+    if probs.ndim != 5 or probs.shape[0] != batch or tuple(probs.shape[1:4]) != tuple(spatial):
+        raise ValueError(
+            f"apply_fn must return logits of shape (B, d, h, w, K) = ({batch}, "
+            f"{', '.join(str(s) for s in spatial)}, K) for an input batch of that spatial "
+            f"shape; got {probs.shape}"
+        )
+
+
+def sliding_window_predict(
+    apply_fn: Callable[[Any, Any], Any],
+    params: Any,
+    image: np.ndarray,
+    *,
+    patch_shape: Optional[Sequence[int]],
+    overlap: float = 0.5,
+    batch_size: int = 1,
+    gaussian: bool = True,
+    divisor: int = 16,
+) -> np.ndarray:
+    """Sigmoid probabilities (D, H, W, K) of a channels-last volume ``image`` (D, H, W, C).
+
+    Sliding-window mode (``patch_shape`` = (pd, ph, pw)): the volume is zero-padded up to
+    the patch where smaller, tiled with windows at :func:`window_starts` along each axis
+    (fractional ``overlap`` in [0, 1)), predicted ``batch_size`` windows per call, and the
+    window probabilities are averaged voxel-wise with importance weights
+    (:func:`gaussian_importance_map` if ``gaussian`` else uniform):
+    ``p(v) = Σ_j w_j(v) p_j(v) / Σ_j w_j(v)``. The padding is cropped off.
+
+    Whole-volume mode (``patch_shape=None``): every axis is zero-padded up to a multiple of
+    ``divisor``, the padded volume is predicted in one call and cropped back.
+
+    ``sigmoid(apply_fn(params, x))`` is jitted once per ``apply_fn`` (and cached), and every
+    window batch has the same shape — the last batch is completed with zero patches whose
+    output is discarded — so sliding-window inference compiles once.
+
+    Args:
+      apply_fn: ``apply_fn(params, x)`` with x (B, d, h, w, C) → logits (B, d, h, w, K).
+      params: the parameters passed through to ``apply_fn``.
+      image: float array (D, H, W, C).
+      patch_shape: window size (3 ints) or ``None`` for whole-volume prediction.
+      overlap: fraction of a window shared with its neighbour, in [0, 1).
+      batch_size: windows per network call.
+      gaussian: Gaussian (sigma = patch/8) instead of uniform importance weights.
+      divisor: whole-volume mode only: padded sizes are multiples of this.
+
+    Returns:
+      float32 numpy array (D, H, W, K) of probabilities in [0, 1].
+    """
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 4:
+        raise ValueError(
+            f"sliding_window_predict expects a channels-last (D, H, W, C) image, got shape "
+            f"{image.shape}; add a channel axis with image[..., None] for one modality"
+        )
+    spatial = image.shape[:3]
+    fn = _probability_fn(apply_fn)
+
+    if patch_shape is None:
+        divisor = int(divisor)
+        if divisor < 1:
+            raise ValueError(f"divisor must be >= 1, got {divisor}")
+        target = [int(math.ceil(s / divisor)) * divisor for s in spatial]
+        padded, crop = _pad_to(image, target)
+        probs = np.asarray(jax.device_get(fn(params, padded[None])), dtype=np.float32)
+        _check_logits(probs, 1, padded.shape[:3])
+        return np.ascontiguousarray(probs[0][crop])
+
+    patch = tuple(int(p) for p in patch_shape)
+    if len(patch) != 3 or any(p < 1 for p in patch):
+        raise ValueError(f"patch_shape must be 3 positive ints (pd, ph, pw), got {patch_shape}")
+    if not 0.0 <= overlap < 1.0:
+        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    batch_size = int(batch_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+    padded, crop = _pad_to(image, patch)
+    pshape = padded.shape[:3]
+    starts = [window_starts(s, p, overlap) for s, p in zip(pshape, patch)]
+    corners = [(a, b, c) for a in starts[0] for b in starts[1] for c in starts[2]]
+    weight = gaussian_importance_map(patch) if gaussian else np.ones(patch, np.float32)
+
+    weight_sum = np.zeros(pshape, np.float32)
+    prob_sum: Optional[np.ndarray] = None
+    channels = padded.shape[3]
+    for i in range(0, len(corners), batch_size):
+        chunk = corners[i : i + batch_size]
+        batch = np.zeros((batch_size, *patch, channels), np.float32)
+        for j, (a, b, c) in enumerate(chunk):
+            batch[j] = padded[a : a + patch[0], b : b + patch[1], c : c + patch[2]]
+        probs = np.asarray(jax.device_get(fn(params, batch)), dtype=np.float32)
+        _check_logits(probs, batch_size, patch)
+        if prob_sum is None:
+            prob_sum = np.zeros((*pshape, probs.shape[-1]), np.float32)
+        for j, (a, b, c) in enumerate(chunk):
+            sl = (slice(a, a + patch[0]), slice(b, b + patch[1]), slice(c, c + patch[2]))
+            prob_sum[sl] += probs[j] * weight[..., None]
+            weight_sum[sl] += weight
+    assert prob_sum is not None  # at least one window always exists
+    out = prob_sum / weight_sum[..., None]
+    return np.ascontiguousarray(out[crop])
