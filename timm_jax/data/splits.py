@@ -1,0 +1,101 @@
+"""Seeded train / validation / test splits and nested training-data fractions.
+
+All functions sort the case ids first, so the result depends only on the set of ids and the seed,
+never on the order in which the ids were listed.
+
+Fractions follow the T-IMM paper's Table 1 (e.g. 4 %, 8 %, 100 % of the training cases): one seeded
+permutation of the training ids is drawn and fraction ``f`` keeps its first ``max(1, round(f n))``
+ids, so a smaller fraction is always a subset of a larger one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["make_splits", "splits_from_manifest", "save_splits", "load_splits", "fraction_subset", "fraction_count"]
+
+_SPLITS = ("train", "val", "test")
+
+
+def _permuted(ids: Iterable[str], seed: int, salt: int) -> list[str]:
+    ids = sorted(set(ids))
+    rng = np.random.default_rng([int(seed), salt])
+    return [ids[i] for i in rng.permutation(len(ids))]
+
+
+def make_splits(
+    case_ids: Sequence[str],
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> dict[str, list[str]]:
+    """Deterministic seeded split into ``{"train", "val", "test"}`` (each list sorted).
+
+    Validation and test get ``round(fraction * n)`` cases each, at least one when the fraction is
+    positive, and training keeps at least one case.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("fractions must be in [0, 1) and sum to less than 1")
+    order = _permuted(case_ids, seed, salt=1)
+    n = len(order)
+    if len(set(case_ids)) != len(case_ids):
+        raise ValueError("case ids must be unique")
+
+    def count(frac):
+        return 0 if frac == 0 else max(1, int(round(frac * n)))
+
+    n_test, n_val = count(test_fraction), count(val_fraction)
+    if n_test + n_val >= n:
+        raise ValueError(f"{n} case(s) are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+    return {
+        "train": sorted(order[n_test + n_val :]),
+        "val": sorted(order[n_test : n_test + n_val]),
+        "test": sorted(order[:n_test]),
+    }
+
+
+def splits_from_manifest(manifest: Mapping[str, Any], task_key: str) -> dict[str, list[str]]:
+    """The ``{"train", "val", "test"}`` case ids recorded for ``task_key`` in a demo manifest."""
+    out: dict[str, list[str]] = {s: [] for s in _SPLITS}
+    for case in manifest["cases"]:
+        if case["task"] == task_key:
+            out[case["split"]].append(case["id"])
+    if not any(out.values()):
+        raise KeyError(f"manifest has no cases for task {task_key!r}")
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def save_splits(path: "str | os.PathLike", splits: Mapping[str, Sequence[str]], **extra: Any) -> Path:
+    """Write splits (and any extra JSON-able provenance, e.g. ``seed=0``) to a JSON file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {k: list(v) for k, v in splits.items()}
+    if extra:
+        payload["_meta"] = extra
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def load_splits(path: "str | os.PathLike") -> dict[str, list[str]]:
+    """Read splits written by :func:`save_splits` (provenance under ``"_meta"`` is dropped)."""
+    data = json.loads(Path(path).read_text())
+    return {k: list(v) for k, v in data.items() if not k.startswith("_")}
+
+
+def fraction_count(n: int, fraction: float) -> int:
+    """Number of cases kept by :func:`fraction_subset`: ``max(1, round(fraction * n))``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    return min(n, max(1, int(round(fraction * n))))
+
+
+def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
+    """A seeded ``fraction`` of ``train_ids`` (sorted; at least one case), nested across fractions."""
+    order = _permuted(train_ids, seed, salt=2)
+    if not order:
+        raise ValueError("no training cases")
+    return sorted(order[: fraction_count(len(order), fraction)])

@@ -1,0 +1,101 @@
+"""Check a data folder before a long training: ``python -m timm_jax.data.validate --layout=brats DIR``.
+
+Every case is read with the loader's own checks (:func:`timm_jax.data.io.inspect_case`): missing or
+unreadable file, not 3-D, modalities with different shapes or affines, non-finite values, empty
+image, label values outside the layout's set. The command prints one summary line per case and
+exits 0 when all is well; otherwise it prints **every** problem (file and what is wrong) and exits 1.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from timm_jax.data.io import LAYOUTS, Case, DataError, Problem, inspect_case, list_cases
+
+__all__ = ["Problem", "summarise_case", "validate_case", "validate_dataset", "main"]
+
+
+def validate_case(
+    root: "str | os.PathLike",
+    case_id: str,
+    layout: str,
+    *,
+    require_labels: bool = True,
+) -> list[Problem]:
+    """All problems of one case (empty list when it loads cleanly)."""
+    _, problems = inspect_case(root, case_id, layout, require_labels=require_labels)
+    return problems
+
+
+def summarise_case(case: Case) -> str:
+    """One line: id, shape, spacing, modalities, label values."""
+    shape = "x".join(str(s) for s in case.shape)
+    spacing = "x".join(f"{s:.2f}" for s in case.spacing)
+    if case.labels is None:
+        labels = "no labels"
+    else:
+        values = np.unique(case.labels)
+        shown = ",".join(str(int(v)) for v in values[:20]) + (",..." if values.size > 20 else "")
+        labels = f"labels {{{shown}}}"
+    return f"{case.case_id}: ok, {shape} voxels of {spacing} mm, {','.join(case.modalities)}, {labels}"
+
+
+def validate_dataset(
+    root: "str | os.PathLike",
+    layout: str,
+    *,
+    require_labels: bool = True,
+) -> tuple[list[str], list[Problem]]:
+    """Check every case under ``root``.
+
+    Returns:
+      ``(summaries, problems)``: a summary line per good case and every problem of the bad ones (a
+      folder without cases is itself a problem).
+    """
+    try:
+        case_ids = list_cases(root, layout)
+    except DataError as err:
+        return [], list(err.problems)
+    if not case_ids:
+        return [], [Problem("", str(root), f"no case folders found for layout {layout!r}")]
+    summaries: list[str] = []
+    problems: list[Problem] = []
+    for case_id in case_ids:
+        case, case_problems = inspect_case(root, case_id, layout, require_labels=require_labels)
+        if case_problems:
+            problems.extend(case_problems)
+        else:
+            summaries.append(summarise_case(case))
+    return summaries, problems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m timm_jax.data.validate",
+        description="Check every case of a data folder; exit 0 if all load cleanly, 1 otherwise.",
+    )
+    parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
+    parser.add_argument("--no-labels", action="store_true", help="allow cases without a label file (inference)")
+    parser.add_argument("dir", type=Path, help="data folder")
+    args = parser.parse_args(argv)
+
+    summaries, problems = validate_dataset(args.dir, args.layout, require_labels=not args.no_labels)
+    if problems:
+        n_bad = len({p.case_id for p in problems})
+        for p in problems:
+            print(f"ERROR {p}")
+        print(f"{len(problems)} problem(s) in {n_bad} case(s); {len(summaries)} case(s) ok.", file=sys.stderr)
+        return 1
+    for line in summaries:
+        print(line)
+    print(f"all {len(summaries)} case(s) ok.", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
