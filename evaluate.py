@@ -26,7 +26,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     if not FLAGS.run:
         raise flags.ValidationError("missing required flag: --run")
-    patch = tuple(int(v) for v in FLAGS.patch) if FLAGS.patch else None
+    try:
+        patch = tuple(int(v) for v in FLAGS.patch) if FLAGS.patch else None
+    except ValueError:
+        raise flags.ValidationError(f"--patch must be integers D,H,W, got {FLAGS.patch}") from None
     kw = dict(split_name=FLAGS.split, patch_shape=patch, overlap=FLAGS.overlap, hd95=FLAGS.hd95)
     if FLAGS.forgetting:
         evaluate_forgetting(FLAGS.run, FLAGS.forgetting, out_dir=FLAGS.out, **kw)

@@ -18,7 +18,8 @@ flags.DEFINE_enum("imm_mode", "mode", ["mode", "mean"], "mode-IMM (Fisher-weight
 flags.DEFINE_enum("granularity", "layer", ["leaf", "layer", "global"], "One mixing logit vector per ...")
 flags.DEFINE_enum("fisher", "empirical", ["empirical", "true"], "Reference labels or sampled labels.")
 flags.DEFINE_integer("fisher_examples", 0, "Use at most this many training cases for the Fisher (0: all).")
-flags.DEFINE_float("logits_learning_rate", 0.05, "Adam learning rate of the adaption stage.")
+flags.DEFINE_float("logits_learning_rate", 0.05, "Adam learning rate of the mixing logits in the "
+                   "adaption stage (task-specific leaves use --learning_rate).")
 FLAGS = flags.FLAGS
 
 

@@ -84,3 +84,19 @@ def test_plain_train_step_reduces_loss():
         state, m = step(state, batch)
         losses.append(float(m["loss"]))
     assert losses[-1] < losses[0] - 0.05 and int(state.step) == 10
+
+
+def test_adaption_optimizer_has_two_rates_and_plateau_scales_both():
+    from timm_jax.steps import learning_rate, make_adaption_optimizer, scale_learning_rate
+    params = {"logits": {"a": jnp.zeros(2)}, "task": {"b": jnp.zeros(3)}}
+    opt = make_adaption_optimizer(0.1, 0.01)
+    state = create_state(params, opt, jax.random.PRNGKey(0))
+    assert learning_rate(state) == np.float32(0.01)
+    grads = {"logits": {"a": jnp.ones(2)}, "task": {"b": jnp.ones(3)}}
+    updates, _ = opt.update(grads, state.opt_state, params)
+    np.testing.assert_allclose(updates["logits"]["a"], -0.1, rtol=1e-4)   # Adam's first step = -lr
+    np.testing.assert_allclose(updates["task"]["b"], -0.01, rtol=1e-4)
+    half = scale_learning_rate(state, 0.5, minimum=0.0075)
+    updates, _ = opt.update(grads, half.opt_state, params)
+    np.testing.assert_allclose(updates["logits"]["a"], -0.05, rtol=1e-4)
+    np.testing.assert_allclose(updates["task"]["b"], -0.0075, rtol=1e-4)   # clipped at the minimum

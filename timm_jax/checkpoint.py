@@ -48,11 +48,16 @@ class RunCheckpoints:
         return self._managers[which].latest_step()
 
     def save(self, step: int, state: PyTree, meta: dict, *, best: bool = False) -> None:
+        """Save ``latest`` (and ``best``). ``best`` is written and finished first, so a process
+        killed in between resumes from the previous ``latest`` with ``best`` at least as new as
+        the resumed metadata says; a step already present in ``best`` is not written again."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   meta=ocp.args.JsonSave(_jsonable(meta)))
-        self._managers["latest"].save(step, args=args, force=True)
-        if best:
+        if best and step not in self._managers["best"].all_steps():
             self._managers["best"].save(step, args=args, force=True)
+            self._managers["best"].wait_until_finished()
+        if step not in self._managers["latest"].all_steps():
+            self._managers["latest"].save(step, args=args, force=True)
         self.wait()
 
     def wait(self) -> None:

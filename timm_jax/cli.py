@@ -98,11 +98,11 @@ def report_errors(main):
     def wrapped(argv):
         from absl import logging
         logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
-        if len(argv) > 1:
-            raise flags.ValidationError(f"unexpected positional arguments: {argv[1:]}")
         try:
+            if len(argv) > 1:
+                raise flags.ValidationError(f"unexpected positional arguments: {argv[1:]}")
             return main(argv)
-        except (CheckpointError, DataError, FileNotFoundError, KeyError, ValueError,
+        except (CheckpointError, DataError, OSError, KeyError, ValueError, FloatingPointError,
                 flags.ValidationError) as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)

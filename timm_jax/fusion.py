@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import tempfile
 from typing import Callable, Sequence
 
 import jax
@@ -29,27 +30,16 @@ from timm_jax.fisher import (fisher_diagonal, sampled_segmentation_log_likelihoo
                              segmentation_log_likelihood, with_sample_keys)
 from timm_jax.merge import expand_logits, init_logits, layer_names, mixing_ratios
 from timm_jax.model import init_params
-from timm_jax.partition import Partition, select_like, split
+from timm_jax.partition import Partition, default_is_transferable, select_like, split
 from timm_jax.runs import check_workdir, model_config_for, run_key
-from timm_jax.steps import (create_state, fused_params, make_adaption_eval_step, make_adaption_step,
-                            make_optimizer)
+from timm_jax.steps import (create_state, fused_params, make_adaption_eval_step,
+                            make_adaption_optimizer, make_adaption_step)
 from timm_jax.training import fit, pad_to_multiple, volume_evaluator
 
 PyTree = dict
 
 
-def _pad_stack(arrays: list, divisor: int) -> np.ndarray:
-    shape = np.max([a.shape[:3] for a in arrays], axis=0)
-    shape = [int(s + (-s) % divisor) for s in shape]
-    out = []
-    for a in arrays:
-        pads = [(0, t - s) for t, s in zip(shape, a.shape[:3])] + [(0, 0)] * (a.ndim - 3)
-        out.append(np.pad(a, pads))
-    return np.stack(out)
-
-
-def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int = 0,
-                  chunk_size: int = 1, log: Callable[[str], None] = print) -> dict:
+def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int = 0, log: Callable[[str], None] = print) -> dict:
     """Diagonal Fisher of a trained run on its own training cases (cached beside its checkpoint).
 
     ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model.
@@ -76,24 +66,26 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     if max_examples:
         ids = ids[:max_examples]
     cases = data.load(ids)
-    x = _pad_stack([c.image for c in cases], model_cfg.divisor)
-    y = _pad_stack([data.task.targets(c.labels) for c in cases], model_cfg.divisor)
     model = model_cfg.build()
     apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
-    log(f"[fuse] Fisher of {source_dir} ({kind}) on {len(ids)} training cases of task "
-        f"{data.task.name}, volumes {x.shape[1:4]}")
+    log(f"[fuse] Fisher of {source_dir} ({kind}) on {len(ids)} training cases of task {data.task.name}")
+    # one whole volume per batch (padded only to the network's divisor): memory does not grow
+    # with the data set, and no case is padded to another case's size
+    batches = ((pad_to_multiple(c.image, model_cfg.divisor)[None],
+                pad_to_multiple(data.task.targets(c.labels), model_cfg.divisor)[None]) for c in cases)
     if kind == "empirical":
-        ll, batches = segmentation_log_likelihood(apply_fn), [(x, y)]
+        ll = segmentation_log_likelihood(apply_fn)
     elif kind == "true":
         ll = sampled_segmentation_log_likelihood(apply_fn)
-        batches = list(with_sample_keys([(x, y)], jax.random.PRNGKey(0)))
+        batches = with_sample_keys(batches, jax.random.PRNGKey(0))
     else:
         raise ValueError(f"Fisher kind must be 'empirical' or 'true', got {kind!r}")
-    fisher = fisher_diagonal(ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=chunk_size)
+    fisher = fisher_diagonal(ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1)
     fisher = jax.tree_util.tree_map(np.asarray, fisher)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
-    tmp = cache + ".tmp.npz"
-    np.savez(tmp, __key__=json.dumps(key), **_flatten(fisher))
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, __key__=json.dumps(key), **_flatten(fisher))
     os.replace(tmp, cache)
     return fisher
 
@@ -167,7 +159,31 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, *, m
     if not source_dirs:
         raise ValueError("fuse needs at least one --source run directory")
     sources = [load_params(d) for d in source_dirs]          # fails early on bad checkpoints
+    for d, (_, m) in zip(source_dirs, sources):
+        if m.get("kind", "train") != "train":
+            raise CheckpointError(f"source {d} is a {m.get('kind')!r} run; fuse sources must be "
+                                  "models trained with train.py")
     archs = [ModelConfig.from_dict(m["model"]) for _, m in sources]
+    # everything the result depends on: a second call with the same request reuses the result
+    request = {"sources": [[os.path.abspath(d), m.get("run_key"), m.get("run", {}).get("best_epoch")]
+                           for d, (_, m) in zip(source_dirs, sources)],
+               "target": target.to_dict(), "method": method, "imm_mode": imm_mode,
+               "granularity": granularity, "fisher_kind": fisher_kind,
+               "fisher_max_examples": fisher_max_examples, "logits_learning_rate": logits_learning_rate,
+               "adapt": adapt_cfg.to_dict() if method == "timm" else None}
+    request_key = run_key(request)
+    if os.path.isdir(os.path.join(out_dir, "checkpoints", "best")):
+        ckpt = RunCheckpoints(out_dir)
+        try:
+            old = ckpt.restore_meta("best") if ckpt.latest_step("best") is not None else {}
+        finally:
+            ckpt.close()
+        if old.get("request_key") == request_key:
+            log(f"[fuse] {out_dir} already holds this fusion; nothing to do")
+            return old
+        if old:
+            raise CheckpointError(f"{out_dir} already holds a different fusion (sources, target or "
+                                  "settings differ); use a new --out")
     for d, a in zip(source_dirs[1:], archs[1:]):
         if not a.same_architecture(archs[0]):
             raise CheckpointError(f"source {d} (base {a.base_filters}, depth {a.depth}) is of another "
@@ -182,7 +198,7 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, *, m
     # leaves mismatched against ANY source are task-specific
     mismatched = sorted({m for p, _ in sources for m in split(fresh, reference=p).mismatched})
     part: Partition = split(fresh, is_transferable=lambda names: (
-        names[0].startswith("conv_") and "/".join(names) not in mismatched))
+        default_is_transferable(names) and "/".join(names) not in mismatched))
     part.mismatched = mismatched
     src_tr = [jax.tree_util.tree_map(jnp.asarray, select_like(p, part.transferable)) for p, _ in sources]
     fishers = None
@@ -202,7 +218,7 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, *, m
     if method == "timm":
         train_cases = data.load(data.train_ids)
         val_cases = data.load(data.splits["val"])
-        optimizer = make_optimizer(logits_learning_rate)
+        optimizer = make_adaption_optimizer(logits_learning_rate, adapt_cfg.learning_rate)
         state = create_state({"logits": logits, "task": task_specific}, optimizer, state_rng)
         step = make_adaption_step(model, optimizer, granularity=granularity, loss=adapt_cfg.loss)
         eval_step = make_adaption_eval_step(model, granularity=granularity, loss=adapt_cfg.loss)
@@ -216,9 +232,7 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, *, m
                 augment=adapt_cfg.augment, num_workers=adapt_cfg.num_workers, start_step=start))
 
         meta = {"kind": "adaption", "model": model_cfg.to_dict(), "train": adapt_cfg.to_dict(),
-                "data": target.to_dict(), "sources": [os.path.abspath(d) for d in source_dirs],
-                "imm_mode": imm_mode, "granularity": granularity, "fisher_kind": fisher_kind,
-                "logits_learning_rate": logits_learning_rate}
+                "data": target.to_dict(), "request": request}
         meta["run_key"] = run_key(meta)
         adapt_dir = os.path.join(out_dir, "adaption")
         check_workdir(adapt_dir, meta["run_key"])
@@ -238,7 +252,7 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, *, m
     ratios = layer_ratios(expand_logits(logits, part.transferable, granularity))
     meta = {"kind": "fused", "model": model_cfg.to_dict(), "data": target.to_dict(),
             "task": data.task.to_dict(), "splits": data.splits, "train_ids": data.train_ids,
-            **summary, "ratios": ratios, "mismatched": mismatched}
+            **summary, "ratios": ratios, "mismatched": mismatched, "request_key": request_key}
     meta["run_key"] = run_key(meta)
     os.makedirs(out_dir, exist_ok=True)
     ckpt = RunCheckpoints(out_dir)

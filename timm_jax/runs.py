@@ -77,6 +77,9 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
         raise ValueError(f"--init=fused but {init_from} is a trained model, not a fuse.py output; use --init=transfer")
     if init == "transfer" and kind == "fused":
         raise ValueError(f"--init=transfer but {init_from} is a fused checkpoint; use --init=fused")
+    if kind not in ("train", "fused"):
+        raise CheckpointError(f"{init_from} is a {kind!r} run directory, not a model; use a train.py "
+                              "workdir or a fuse.py output")
     return params, meta
 
 
@@ -105,6 +108,8 @@ def train_model(spec: DataSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     params = init_params(model, init_rng, (1, *patch, model_cfg.in_channels))
     if init == "transfer":
         part = split(params, reference=src_params)
+        if not jax.tree_util.tree_leaves(part.transferable):
+            raise CheckpointError(f"{init_from} shares no transferable leaf with this network")
         params = join(select_like(src_params, part.transferable), part.task_specific)
         log(f"[train] transfer from {init_from}: {len(jax.tree_util.tree_leaves(part.transferable))} "
             f"leaves copied, {len(jax.tree_util.tree_leaves(part.task_specific))} task-specific leaves "
@@ -144,6 +149,9 @@ def evaluate_model(run_dir: str, *, split_name: str = "test", out_dir: str = "",
     """
     run_dir = find_run(run_dir)
     params, meta = load_params(run_dir)
+    if meta.get("kind", "train") not in ("train", "fused"):
+        raise CheckpointError(f"{run_dir} is a {meta.get('kind')!r} run directory, not a model; "
+                              "evaluate a train.py workdir or a fuse.py output")
     if params_override is not None:
         params = params_override
     model_cfg = ModelConfig.from_dict(meta["model"])

@@ -38,7 +38,7 @@ class TrainState:
 
 def make_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
     """Adam (the original's optimiser, lr 5e-4) with the learning rate as a mutable
-    hyperparameter, so reduce-on-plateau can change it between epochs (see :func:`set_learning_rate`)."""
+    hyperparameter, so reduce-on-plateau can change it between epochs (see :func:`scale_learning_rate`)."""
     return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
@@ -47,14 +47,41 @@ def create_state(params: PyTree, optimizer: optax.GradientTransformation, rng: j
                       opt_state=optimizer.init(params), rng=rng)
 
 
+def make_adaption_optimizer(logits_learning_rate: float = 0.05,
+                            learning_rate: float = 5e-4) -> optax.GradientTransformation:
+    """Adam for the adaption state ``{"logits", "task"}``: the mixing logits get their own
+    (larger) rate, the freshly initialised task-specific leaves the ordinary training rate."""
+    return optax.multi_transform(
+        {"logits": make_optimizer(logits_learning_rate), "task": make_optimizer(learning_rate)},
+        {"logits": "logits", "task": "task"})
+
+
+def _is_hyper(x) -> bool:
+    return hasattr(x, "hyperparams") and hasattr(x, "_replace") and "learning_rate" in x.hyperparams
+
+
+def _hyper_states(opt_state) -> list:
+    return [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_hyper) if _is_hyper(x)]
+
+
 def learning_rate(state: TrainState) -> float:
-    return float(state.opt_state.hyperparams["learning_rate"])
+    """The (last) injected learning rate; for the adaption optimiser, the task-specific one."""
+    hs = _hyper_states(state.opt_state)
+    if not hs:
+        raise ValueError("the optimiser has no injected learning rate (use make_optimizer)")
+    return float(hs[-1].hyperparams["learning_rate"])
 
 
-def set_learning_rate(state: TrainState, lr: float) -> TrainState:
-    hp = dict(state.opt_state.hyperparams)
-    hp["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hp["learning_rate"]).dtype)
-    return state.replace(opt_state=state.opt_state._replace(hyperparams=hp))
+def scale_learning_rate(state: TrainState, factor: float, minimum: float = 0.0) -> TrainState:
+    """Multiply every injected learning rate by ``factor`` (not below ``minimum``)."""
+    def scale(x):
+        if not _is_hyper(x):
+            return x
+        hp = dict(x.hyperparams)
+        lr = jnp.asarray(hp["learning_rate"])
+        hp["learning_rate"] = jnp.maximum(lr * factor, jnp.asarray(minimum, lr.dtype)).astype(lr.dtype)
+        return x._replace(hyperparams=hp)
+    return state.replace(opt_state=jax.tree_util.tree_map(scale, state.opt_state, is_leaf=_is_hyper))
 
 
 def segmentation_loss(logits: jax.Array, targets: jax.Array, kind: str = "dice") -> jax.Array:

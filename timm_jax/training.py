@@ -19,7 +19,7 @@ import numpy as np
 
 from timm_jax.checkpoint import CheckpointError, RunCheckpoints
 from timm_jax.config import TrainConfig
-from timm_jax.steps import TrainState, learning_rate, set_learning_rate
+from timm_jax.steps import TrainState, learning_rate, scale_learning_rate
 
 PyTree = Any
 
@@ -119,6 +119,10 @@ def fit(*, workdir: str, state: TrainState, train_step: Callable, evaluate: Call
                 state, m = train_step(state, next(batches))
                 train_losses.append(m["loss"])
             train_loss = float(np.mean(jax.device_get(train_losses)))
+            if not np.isfinite(train_loss):
+                raise FloatingPointError(
+                    f"[{name}] training loss is {train_loss} in epoch {run['epoch'] + 1} (step "
+                    f"{int(state.step)}); lower the learning rate. The last good checkpoint is in {workdir}")
             t_train = time.time() - t0
             val = evaluate(state.params)
             run["epoch"] += 1
@@ -133,7 +137,7 @@ def fit(*, workdir: str, state: TrainState, train_step: Callable, evaluate: Call
                 if run["plateau_epochs"] >= cfg.plateau_patience:
                     new_lr = max(lr * cfg.plateau_factor, cfg.min_learning_rate)
                     if new_lr < lr:
-                        state = set_learning_rate(state, new_lr)
+                        state = scale_learning_rate(state, new_lr / lr, cfg.min_learning_rate)
                         log(f"[{name}] validation loss has not improved for "
                             f"{run['plateau_epochs']} epochs: learning rate {lr:.2e} -> {new_lr:.2e}")
                     run["plateau_epochs"] = 0
