@@ -6,7 +6,9 @@ Fishers and writes one, so the figure of merit is achieved bandwidth as a fracti
 machine's copy bandwidth, measured in the same run (best of a jitted JAX copy and numpy's
 memcpy over a buffer of the same size as the merge's traffic).
 
-Also times the naive alternative (``jnp.stack`` per leaf then reduce) for reference.
+Also times the naive alternative (``jnp.stack`` per leaf then reduce) for reference. All times
+are the best of ``--repeats`` runs (for the merge and for the copies alike), which is the most
+stable statistic on a shared machine.
 
 Usage: python benchmarks/bench_merge.py [--repeats 20] [--sources 2,4,8]
 """
@@ -31,7 +33,7 @@ def timeit(fn, *args, repeats=20):
         t = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append(time.perf_counter() - t)
-    return float(np.median(ts))
+    return float(np.min(ts))
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
@@ -45,7 +47,7 @@ def copy_bandwidth(nbytes: int, repeats: int) -> tuple[float, float]:
         t = time.perf_counter()
         np.copyto(dst, src)
         ts.append(time.perf_counter() - t)
-    t_np = float(np.median(ts))
+    t_np = float(np.min(ts))
     return 2 * n * 4 / t_jax, 2 * n * 4 / t_np
 
 
@@ -71,7 +73,7 @@ def main():
     transferable = split(shapes).transferable
     n_all, n = count_params(shapes), count_params(transferable)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
-          f"network {n_all:,} params, {n:,} transferable; median of {args.repeats}")
+          f"network {n_all:,} params, {n:,} transferable; best of {args.repeats}")
     rng = np.random.default_rng(0)
     make = lambda positive=False: jax.tree_util.tree_map(  # noqa: E731
         lambda s: jnp.asarray(np.abs(rng.standard_normal(s.shape, np.float32)) if positive

@@ -55,8 +55,9 @@ def step_times(base, b, s, repeats, conv_impl="auto"):
     run_train()
     t_train = median_time(run_train, repeats)
     # adaption through the merge of two sources (+ Fishers), per-layer logits
+    p1 = init_params(model, jax.random.PRNGKey(0), shape)   # `params` was donated to the train step
     p2 = init_params(model, jax.random.PRNGKey(2), shape)
-    part, part2 = split(params), split(p2)
+    part, part2 = split(p1), split(p2)
     sources = [part.transferable, part2.transferable]
     fishers = [jax.tree_util.tree_map(lambda a: jnp.abs(a) + 1e-3, s) for s in sources]
     aopt = make_optimizer(0.05)

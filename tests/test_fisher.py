@@ -88,3 +88,17 @@ def test_segmentation_log_likelihood_readds_batch_axis_and_true_fisher():
     t2 = fisher_diagonal(sll, params, list(with_sample_keys([(x, y)], jax.random.PRNGKey(0))))
     assert float(t1["a"]) == float(t2["a"]) and float(t1["a"]) > 0
     assert abs(float(t1["a"]) - float(f["a"])) > 1e-3
+
+
+def test_data_parallel_fisher_on_4_devices_equals_single_device():
+    """DESIGN.md pitfall: per-example grads of a sharded batch. 4 fake CPU devices (conftest)."""
+    devices = jax.devices()
+    assert len(devices) == 4, "tests/conftest.py forces 4 host devices"
+    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    params, x, y = setup(n=10)
+    want = loop_reference(params, x, y)
+    got = fisher_diagonal(log_likelihood, params, [(x[:6], y[:6]), (x[6:], y[6:])], chunk_size=4, mesh=mesh)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="multiple of the 4 devices"):
+        fisher_diagonal(log_likelihood, params, [(x, y)], chunk_size=3, mesh=mesh)

@@ -42,16 +42,17 @@ class Scale:
     steps_per_epoch: int
     plateau: int
     early_stop: int
+    learning_rate: float     # the paper's 5e-4 converges too slowly for a CPU-sized demo
 
 
 SCALES = {
     "full": Scale(data=dict(spacing=3.0), base_filters=8, depth=5, patch=(32, 32, 32),
-                  source_epochs=12, target_epochs=12, adapt_epochs=6, steps_per_epoch=20,
-                  plateau=3, early_stop=5),
+                  source_epochs=20, target_epochs=12, adapt_epochs=6, steps_per_epoch=20,
+                  plateau=3, early_stop=5, learning_rate=1e-3),
     "smoke": Scale(data=dict(spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1, n_parc_test=1,
                              n_brats_train=6, n_brats_val=1, n_brats_test=2),
                    base_filters=4, depth=3, patch=(16, 16, 16), source_epochs=2, target_epochs=2,
-                   adapt_epochs=2, steps_per_epoch=2, plateau=1, early_stop=2),
+                   adapt_epochs=2, steps_per_epoch=2, plateau=1, early_stop=2, learning_rate=1e-3),
 }
 
 METHODS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
@@ -85,6 +86,7 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     manifest = json.load(open(manifest_path))
     model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
     train = TrainConfig(patch_shape=scale.patch, batch_size=2, steps_per_epoch=scale.steps_per_epoch,
+                        learning_rate=scale.learning_rate,
                         max_epochs=scale.source_epochs, plateau_patience=scale.plateau,
                         early_stopping_patience=scale.early_stop, seed=seed)
     parc = lambda key: DataSpec(data_dir=os.path.join(data_dir, "parcellation"),  # noqa: E731

@@ -42,6 +42,29 @@ def _chunk_accumulator(log_likelihood: LogLikelihood):
     return jax.jit(step, donate_argnums=(0,))
 
 
+def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
+    """Data-parallel version: the chunk is split over ``mesh[axis]``; each device takes the
+    per-example gradients of its examples and the squared sums are ``psum``-ed.
+
+    The parameters are cast to device-varying first (``lax.pcast``): otherwise shard_map would
+    treat the gradient w.r.t. replicated parameters as a cross-device sum (DESIGN.md pitfall).
+    """
+    from jax.sharding import PartitionSpec as P
+    grad_fn = jax.grad(log_likelihood)
+
+    def local(acc, params, x, y, mask):
+        params = jax.lax.pcast(params, axis, to="varying")
+        grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, x, y)
+        m = mask.astype(jnp.float32)
+        part = jax.tree_util.tree_map(lambda g: jnp.tensordot(m, jnp.square(g.astype(jnp.float32)), axes=(0, 0)),
+                                      grads)
+        part = jax.lax.psum(part, axis)
+        return jax.tree_util.tree_map(jnp.add, acc, part)
+
+    step = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis)), out_specs=P())
+    return jax.jit(step, donate_argnums=(0,))
+
+
 def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
     if a.shape[0] == n:
         return a
@@ -51,7 +74,8 @@ def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
 
 def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
                     batches: Iterable[tuple[Any, Any]], *, chunk_size: int | None = None,
-                    progress: Callable[[int], None] | None = None) -> PyTree:
+                    progress: Callable[[int], None] | None = None, mesh=None,
+                    axis_name: str = "data") -> PyTree:
     """Empirical diagonal Fisher: mean over all examples of the squared per-example gradient.
 
     Args:
@@ -64,11 +88,17 @@ def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
         into chunks of this size; the last chunk is padded and masked, so every chunk has the
         same shape and compiles once. The result does not depend on it.
       progress: optional callback called with the number of examples seen so far.
+      mesh: optional ``jax.sharding.Mesh``; each chunk is then split over its ``axis_name``
+        axis (data parallel), so ``chunk_size`` must be a multiple of that axis' size.
 
     Returns:
       A float32 pytree like ``params``.
     """
-    step = _chunk_accumulator(log_likelihood)
+    if mesh is None:
+        step = _chunk_accumulator(log_likelihood)
+    else:
+        step = _sharded_chunk_accumulator(log_likelihood, mesh, axis_name)
+        n_dev = mesh.shape[axis_name]
     acc = jax.tree_util.tree_map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
     count = 0
     for x, y in batches:
@@ -78,7 +108,10 @@ def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
         if y.shape[0] != n:
             raise ValueError(f"batch has {n} inputs but {y.shape[0]} targets")
         if chunk_size is None:
-            chunk_size = n
+            chunk_size = n if mesh is None else -(-n // n_dev) * n_dev
+        if mesh is not None and chunk_size % n_dev:
+            raise ValueError(f"chunk_size {chunk_size} must be a multiple of the {n_dev} devices "
+                             f"on mesh axis {axis_name!r}")
         for start in range(0, n, chunk_size):
             xc, yc = x[start:start + chunk_size], y[start:start + chunk_size]
             k = xc.shape[0]
