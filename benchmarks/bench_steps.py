@@ -6,6 +6,8 @@
 - adaption step (T-IMM stage 1, through the merge of T=2 sources) over the plain step (target ≤ 1.2×);
 - per-example Fisher: examples/s at 32³ and 64³ for several chunk sizes.
 
+The PyTorch reference step (benchmarks/torch_reference.py) is timed too when torch is installed.
+
 Usage: python benchmarks/bench_steps.py [--quick] [--data demo_out/data]
 """
 from __future__ import annotations
@@ -114,11 +116,18 @@ def main():
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, conv auto -> {resolve_conv_impl('auto')}")
     configs = [("demo", 8, 2, 32)] + ([] if args.quick else [("paper", 16, 1, 64)])
-    print(f"{'config':>6} {'batch':>12} {'train ms':>9} {'Mvox/s':>7} {'adapt ms':>9} {'adapt/train':>11}")
+    try:   # optional reference implementation, measured in the same run
+        import torch_reference
+    except ImportError:
+        torch_reference = None
+    print(f"{'config':>6} {'batch':>12} {'train ms':>9} {'Mvox/s':>7} {'adapt ms':>9} {'adapt/train':>11} "
+          f"{'torch ms':>9} {'jax/torch':>9}")
     for name, base, b, s in configs:
         t_train, t_adapt = step_times(base, b, s, args.repeats)
+        t_torch = torch_reference.step_time(base, s, b, args.repeats) if torch_reference else float("nan")
         print(f"{name:>6} {f'{b}x{s}^3 b{base}':>12} {t_train * 1e3:9.1f} {b * s ** 3 / t_train / 1e6:7.2f} "
-              f"{t_adapt * 1e3:9.1f} {t_adapt / t_train:11.2f}", flush=True)
+              f"{t_adapt * 1e3:9.1f} {t_adapt / t_train:11.2f} {t_torch * 1e3:9.1f} {t_train / t_torch:9.2f}",
+              flush=True)
     if os.path.isfile(os.path.join(args.data, "manifest.json")):
         t_fed, t_data = pipeline_time(args.data, 3 * args.repeats)
         print(f"pipeline-fed demo step: {t_fed * 1e3:.1f} ms/step; producing one batch alone: "

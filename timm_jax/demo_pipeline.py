@@ -7,7 +7,9 @@
 3. On task 3 (tumours, BraTS layout and regions) with a small fraction of the training cases,
    train five initialisations: no transfer, M1, M2, IMM (mode-IMM, equal ratios) and T-IMM
    (adaption of the mixing ratios + task-specific leaves, then fine-tuning).
-4. Evaluate all on the held-out test cases, print the table, and write ``report.md``.
+4. Evaluate all on the held-out test cases, print the table, and write ``report.md``; also
+   the forgetting table (paper Table 4): tasks 1 and 2 solved with the fused transferable
+   weights and each source's own task-specific leaves.
 
 Every step is a train.py / fuse.py / evaluate.py call made in-process (same functions, same
 checkpoints), so re-running ``make demo`` after an interruption resumes where it stopped.
@@ -70,7 +72,7 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     from timm_jax.data.demo import build_demo
     from timm_jax.experiment import DataSpec
     from timm_jax.fusion import fuse_models
-    from timm_jax.runs import evaluate_model, train_model
+    from timm_jax.runs import evaluate_forgetting, evaluate_model, train_model
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     scale = SCALES[scale_name]
@@ -115,9 +117,16 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
         train_model(tumour, model, target, d(name), init=init, init_from=src, log=_log)
         results[method] = (d(name), evaluate_model(d(name), split_name="test", log=_log))
 
+    _log("== forgetting (paper Table 4): the sources' tasks with their own task-specific leaves")
+    forgetting = {"M1 / M2 themselves": {"m1": evaluate_model(d("m1"), log=_log, hd95=False),
+                                         "m2": evaluate_model(d("m2"), log=_log, hd95=False)}}
+    for method, run in (("T-IMM fused init", d("timm_fused")), ("T-IMM fine-tuned", d("t3_timm"))):
+        forgetting[method] = evaluate_forgetting(run, [d("m1"), d("m2")], hd95=False, log=_log)
+
     from timm_jax.demo_report import write_demo_report
     report = write_demo_report(out, results, manifest=manifest, scale=dataclasses.asdict(scale),
-                               fraction=fraction, timm_meta=timm_meta, minutes=(time.time() - t0) / 60)
+                               fraction=fraction, timm_meta=timm_meta, minutes=(time.time() - t0) / 60,
+                               forgetting=forgetting)
     return report
 
 

@@ -18,7 +18,7 @@ def _per_case(eval_dir: str) -> dict[str, float]:
 
 
 def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, fraction: float,
-                      timm_meta: dict, minutes: float) -> str:
+                      timm_meta: dict, minutes: float, forgetting: dict | None = None) -> str:
     """``results``: method -> (run dir, evaluate summary). Returns the report path."""
     fig_dir = os.path.join(out, "figures")
     os.makedirs(fig_dir, exist_ok=True)
@@ -70,6 +70,15 @@ def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, f
              f"{timm_meta.get('best_epoch')} (validation loss {timm_meta.get('best_val_loss', float('nan')):.4f}). "
              "Per-run metrics are in `runs/<run>/metrics.jsonl`, per-case results in "
              "`runs/<run>/eval_test/per_case.csv`.")
+    if forgetting:
+        frows = [{"weights": method, "task 1 (M1 heads)": res["m1"]["metrics"]["dice_mean"]["mean"],
+                  "task 2 (M2 heads)": res["m2"]["metrics"]["dice_mean"]["mean"]}
+                 for method, res in forgetting.items()]
+        ftable = markdown_table(frows, ["weights", "task 1 (M1 heads)", "task 2 (M2 heads)"])
+        print("Forgetting (mean Dice on the test cases of tasks 1 and 2):\n" + ftable + "\n", flush=True)
+        table = (table + "\n\n**Forgetting** (paper Table 4): mean Dice on the test cases of tasks 1 and 2 "
+                 "when the transferable weights are taken from the row's model and the norms and heads "
+                 "from M1 (task 1) or M2 (task 2).\n\n" + ftable)
     path = os.path.join(out, "report.md")
     write_report(path, title="T-IMM demo report", intro=intro, table_md=table,
                  figures=[("Learned mixing ratios per layer (T-IMM adaption stage; cf. paper Fig. 5)",

@@ -16,6 +16,7 @@ sharded across devices; here every chunk lives on one device.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Iterable
 
@@ -27,6 +28,7 @@ PyTree = Any
 LogLikelihood = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 
+@functools.lru_cache(maxsize=16)
 def _chunk_accumulator(log_likelihood: LogLikelihood):
     grad_fn = jax.grad(log_likelihood)
 
@@ -42,6 +44,7 @@ def _chunk_accumulator(log_likelihood: LogLikelihood):
     return jax.jit(step, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=16)
 def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
     """Data-parallel version: the chunk is split over ``mesh[axis]``; each device takes the
     per-example gradients of its examples and the squared sums are ``psum``-ed.
@@ -86,7 +89,9 @@ def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
         may be anything ``log_likelihood`` accepts per example, e.g. PRNG keys).
       chunk_size: examples per ``vmap`` call (default: the first batch's size). A batch is cut
         into chunks of this size; the last chunk is padded and masked, so every chunk has the
-        same shape and compiles once. The result does not depend on it.
+        same shape and compiles once (per log-likelihood function, across calls). The result does
+        not depend on it. On XLA CPU, 1 is fastest: batched per-example kernel gradients
+        become grouped convolutions there (see benchmarks/README.md).
       progress: optional callback called with the number of examples seen so far.
       mesh: optional ``jax.sharding.Mesh``; each chunk is then split over its ``axis_name``
         axis (data parallel), so ``chunk_size`` must be a multiple of that axis' size.
