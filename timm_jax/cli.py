@@ -98,6 +98,10 @@ def report_errors(main):
     def wrapped(argv):
         from absl import logging
         logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
+        import logging as std_logging
+        # a corrupt checkpoint leaves a failed orbax task whose traceback asyncio logs at exit,
+        # after our one-line error; the error itself is reported by CheckpointError
+        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
         try:
             if len(argv) > 1:
                 raise flags.ValidationError(f"unexpected positional arguments: {argv[1:]}")
