@@ -90,6 +90,7 @@ def train_config_from_flags() -> TrainConfig:
 
 def report_errors(main):
     """Wrap a script's main: expected errors print one clear line and exit with status 2."""
+    import os
     import sys
 
     from timm_jax.checkpoint import CheckpointError
@@ -108,6 +109,16 @@ def report_errors(main):
             return main(argv)
         except (CheckpointError, DataError, OSError, KeyError, ValueError, FloatingPointError,
                 flags.ValidationError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # Every checkpoint write has been waited for by now. After a failed restore, orbax's
+            # background threads print "Event loop is closed" tracebacks while the interpreter
+            # shuts down, burying the one-line error: silence the process's own output first,
+            # then write the error to the original stderr and leave.
+            stderr = os.dup(2)
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.write(stderr, f"error: {e}\n".encode())
+            os._exit(2)
     return wrapped
