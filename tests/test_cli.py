@@ -99,14 +99,8 @@ def test_protocol_end_to_end(env):
 
 def _final_params(run_dir):
     from timm_jax.checkpoint import load_params
-    return _flat(load_params(str(run_dir), which="latest")[0])
-
-
-def _flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {f"{prefix}{k}": np.asarray(v)})
-    return out
+    from timm_jax.partition import to_flat_dict
+    return {k: np.asarray(v) for k, v in to_flat_dict(load_params(str(run_dir), which="latest")[0]).items()}
 
 
 def test_kill_and_resume_gives_the_same_result(env):
@@ -187,7 +181,6 @@ def test_checkpoint_errors(env):
         for f in files:
             if "state" in d and not f.startswith("_"):
                 Path(d, f).write_bytes(b"garbage")
-    t0 = time.time()
     p = run(env, "train.py", *parc(tmp, "task2"), f"--workdir={r}/y", "--init=transfer",
             f"--init_from={r}/src", "--base_filters=2", "--depth=3", "--patch=16,16,16", check=False)
     assert p.returncode == 2 and "could not be read" in p.stderr and "src" in p.stderr

@@ -48,3 +48,12 @@ def test_rule_and_errors():
         join(p, {"conv_enc0_in": {"kernel": 1}})
     with pytest.raises(KeyError, match="no leaf missing/kernel"):
         select_like(p, {"missing": {"kernel": 0}})
+
+
+def test_flat_dict_round_trip():
+    from timm_jax.partition import from_flat_dict, to_flat_dict
+    p = params()
+    flat = to_flat_dict(p)
+    assert "conv_enc0_in/kernel" in flat and len(flat) == 8
+    back = from_flat_dict(flat)
+    assert back.keys() == p.keys() and back["head0"]["bias"] is p["head0"]["bias"]

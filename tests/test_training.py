@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from timm_jax.checkpoint import CheckpointError, RunCheckpoints, load_params
+from timm_jax.checkpoint import CheckpointError, load_params
 from timm_jax.config import ModelConfig, TrainConfig
 from timm_jax.model import init_params
 from timm_jax.steps import create_state, make_eval_step, make_optimizer, make_train_step

@@ -17,7 +17,6 @@ sharded across devices; here every chunk lives on one device.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Callable, Iterable
 
 import jax
@@ -170,9 +169,3 @@ def with_sample_keys(batches: Iterable[tuple[Any, Any]], key: jax.Array):
     for x, _ in batches:
         key, sub = jax.random.split(key)
         yield x, jax.random.split(sub, np.shape(x)[0])
-
-
-def fisher_memory_bytes(params: PyTree, chunk_size: int) -> int:
-    """Rough device memory of one chunk's per-example gradients (to pick ``chunk_size``)."""
-    n = sum(math.prod(jnp.shape(p)) for p in jax.tree_util.tree_leaves(params))
-    return 4 * n * (chunk_size + 1)

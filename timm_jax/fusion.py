@@ -30,7 +30,8 @@ from timm_jax.fisher import (fisher_diagonal, sampled_segmentation_log_likelihoo
                              segmentation_log_likelihood, with_sample_keys)
 from timm_jax.merge import expand_logits, init_logits, layer_names, mixing_ratios
 from timm_jax.model import init_params
-from timm_jax.partition import Partition, default_is_transferable, select_like, split
+from timm_jax.partition import (Partition, default_is_transferable, from_flat_dict, select_like, split,
+                                to_flat_dict)
 from timm_jax.runs import check_workdir, model_config_for, run_key
 from timm_jax.steps import (create_state, fused_params, make_adaption_eval_step,
                             make_adaption_optimizer, make_adaption_step)
@@ -57,7 +58,7 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
                 if json.loads(str(z["__key__"])) == key:
                     flat = {k: z[k] for k in z.files if k != "__key__"}
                     log(f"[fuse] Fisher of {source_dir}: cached ({cache})")
-                    return _unflatten(flat)
+                    return from_flat_dict(flat)
         except (OSError, ValueError, KeyError):
             log(f"[fuse] Fisher cache {cache} unreadable; recomputing")
     model_cfg = ModelConfig.from_dict(meta["model"])
@@ -85,30 +86,9 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
     with os.fdopen(fd, "wb") as f:
-        np.savez(f, __key__=json.dumps(key), **_flatten(fisher))
+        np.savez(f, __key__=json.dumps(key), **{k: np.asarray(v) for k, v in to_flat_dict(fisher).items()})
     os.replace(tmp, cache)
     return fisher
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = np.asarray(v)
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        *parents, leaf = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = v
-    return out
 
 
 def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:

@@ -55,6 +55,19 @@ class Partition:
     mismatched: list[str] = field(default_factory=list)
 
 
+def to_flat_dict(tree: Mapping) -> dict[str, Any]:
+    """``{"a/b": leaf}`` for a nested dict (e.g. to store a params-like tree in an .npz)."""
+    return {"/".join(names): x for names, x in _flatten(tree)}
+
+
+def from_flat_dict(flat: Mapping[str, Any]) -> dict:
+    """Inverse of :func:`to_flat_dict`."""
+    out: dict = {}
+    for path, x in flat.items():
+        _set(out, tuple(path.split("/")), x)
+    return out
+
+
 def shape_mismatches(params: Mapping, reference: Mapping) -> list[str]:
     """Paths ('a/b') of leaves of ``params`` whose shape differs from (or is absent in) ``reference``."""
     ref = {names: jnp.shape(x) for names, x in _flatten(reference)}

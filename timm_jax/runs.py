@@ -175,9 +175,8 @@ def evaluate_model(run_dir: str, *, split_name: str = "test", out_dir: str = "",
     for cid, case in zip(ids, data.load(ids)):
         probs = sliding_window_predict(apply_fn, params, case.image, patch_shape=patch_shape,
                                        overlap=overlap, divisor=model_cfg.divisor)
-        spacing = tuple(float(s) for s in np.linalg.norm(case.affine[:3, :3], axis=0))
         row = {"case": cid, **evaluate_case(probs, data.task.targets(case.labels), data.task.channel_names,
-                                            spacing=spacing, compute_hd95=hd95)}
+                                            spacing=case.spacing, compute_hd95=hd95)}
         rows.append(row)
         if save_predictions:
             save_prediction_nifti(data.task.decode(probs), case.affine,

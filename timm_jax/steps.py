@@ -11,7 +11,7 @@ no per-example host logic, so a data-parallel sharding of the batch can be added
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import flax
 import jax
