@@ -1,6 +1,7 @@
-"""Native 3D convolution vs the depth-folded 2D formulation ("depth2d") on this backend.
+"""Native 3D convolution vs the depth-folded 2D formulation ("depth2d") vs the hand-written CPU
+kernels ("direct") on this backend.
 
-Times, for ``conv_impl`` in {native, depth2d}:
+Times, for ``conv_impl`` in {native, depth2d, direct}:
   1. one 3×3×3 convolution, 2×32³×16 → 16 channels: forward, and forward+backward;
   2. a training-step-like ``value_and_grad`` of a mean-squared loss of the Isensee et al. (2017)
      UNet3D at (2×32³×4, base 8) and (1×64³×4, base 16).
@@ -19,7 +20,7 @@ import jax.numpy as jnp
 
 from timm_jax.model import UNet3D, conv3d, count_params, init_params
 
-IMPLS = ("native", "depth2d")
+IMPLS = ("native", "depth2d", "direct")
 
 
 def _time(fn, *args, repeats: int) -> tuple[float, float]:

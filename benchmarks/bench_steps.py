@@ -4,6 +4,8 @@
   the paper's (1×64³×4, base 16), with random batches and fed by the real input pipeline
   (grain, demo data) to check that the pipeline does not starve the step;
 - adaption step (T-IMM stage 1, through the merge of T=2 sources) over the plain step (target ≤ 1.2×);
+- both with the default convolution (``auto``: the hand-written CPU kernels) and with the pure-XLA
+  ``depth2d`` formulation, so the kernels' gain is measured in the same run;
 - per-example Fisher: examples/s at 32³ and 64³ for several chunk sizes.
 
 The PyTorch reference step (benchmarks/torch_reference.py) is timed too when torch is installed.
@@ -113,6 +115,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the 64^3 configurations")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default="demo_out/data", help="demo data for the pipeline-fed step")
+    ap.add_argument("--conv-impls", default="auto,depth2d",
+                    help="comma-separated UNet3D conv_impl values to time the steps with")
     args = ap.parse_args()
     print(f"jax {jax.__version__}, backend {jax.default_backend()}, conv auto -> {resolve_conv_impl('auto')}")
     configs = [("demo", 8, 2, 32)] + ([] if args.quick else [("paper", 16, 1, 64)])
@@ -120,14 +124,15 @@ def main():
         import torch_reference
     except ImportError:
         torch_reference = None
-    print(f"{'config':>6} {'batch':>12} {'train ms':>9} {'Mvox/s':>7} {'adapt ms':>9} {'adapt/train':>11} "
-          f"{'torch ms':>9} {'jax/torch':>9}")
+    print(f"{'config':>6} {'batch':>12} {'conv':>8} {'train ms':>9} {'Mvox/s':>7} {'adapt ms':>9} "
+          f"{'adapt/train':>11} {'torch ms':>9} {'jax/torch':>9}")
     for name, base, b, s in configs:
-        t_train, t_adapt = step_times(base, b, s, args.repeats)
         t_torch = torch_reference.step_time(base, s, b, args.repeats) if torch_reference else float("nan")
-        print(f"{name:>6} {f'{b}x{s}^3 b{base}':>12} {t_train * 1e3:9.1f} {b * s ** 3 / t_train / 1e6:7.2f} "
-              f"{t_adapt * 1e3:9.1f} {t_adapt / t_train:11.2f} {t_torch * 1e3:9.1f} {t_train / t_torch:9.2f}",
-              flush=True)
+        for impl in args.conv_impls.split(","):
+            t_train, t_adapt = step_times(base, b, s, args.repeats, conv_impl=impl)
+            print(f"{name:>6} {f'{b}x{s}^3 b{base}':>12} {impl:>8} {t_train * 1e3:9.1f} "
+                  f"{b * s ** 3 / t_train / 1e6:7.2f} {t_adapt * 1e3:9.1f} {t_adapt / t_train:11.2f} "
+                  f"{t_torch * 1e3:9.1f} {t_train / t_torch:9.2f}", flush=True)
     if os.path.isfile(os.path.join(args.data, "manifest.json")):
         t_fed, t_data = pipeline_time(args.data, 3 * args.repeats)
         print(f"pipeline-fed demo step: {t_fed * 1e3:.1f} ms/step; producing one batch alone: "

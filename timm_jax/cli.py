@@ -48,8 +48,9 @@ def define_model_flags() -> None:
     flags.DEFINE_integer("base_filters", 16, "Filters at the finest level (paper: 16).")
     flags.DEFINE_integer("depth", 5, "Number of levels (paper: 5).")
     flags.DEFINE_float("dropout", 0.3, "Spatial dropout rate in the context modules.")
-    flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "depth2d"],
-                      "3D convolution implementation (auto: depth2d on CPU, native elsewhere).")
+    flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "depth2d", "direct"],
+                      "3D convolution implementation (auto: the hand-written 'direct' kernels on "
+                      "CPU, or 'depth2d' if they cannot be compiled; 'native' elsewhere).")
 
 
 def model_config_from_flags() -> ModelConfig:

@@ -1,0 +1,173 @@
+"""Hand-written CPU kernels for the 3×3×3 stride-1 convolution, called through the XLA FFI.
+
+XLA:CPU runs a 3D convolution's backward pass poorly: the weight gradient becomes a
+convolution over transposed activations (benchmarks/README.md). ``csrc/conv3d_cpu.cc``
+computes the forward map and the weight gradient directly on channels-last data; the input
+gradient of a stride-1 convolution is the forward map of the output gradient with the flipped,
+in/out-swapped kernel. :func:`conv3d_direct` ties them together with a ``custom_vjp``.
+
+The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
+for this machine (``-march=native``) and cached under ``$TIMM_JAX_CACHE`` (default
+``~/.cache/timm_jax``), keyed by the source, the flags, jaxlib's version and the CPU model, so
+a shared home directory never loads a build for another CPU. If the build fails (no compiler,
+no jaxlib headers), :func:`available` returns False after one warning and callers fall back to
+the pure-XLA convolution.
+
+Constraints of the kernels (checked by :func:`supports`): float32, kernel (3, 3, 3, Cin, Cout)
+with ``Cout % 8 == 0``, the same stride on every axis, SAME padding, CPU backend. The input
+gradient of a strided convolution (and of one with ``Cin % 8 != 0``) is left to XLA. Under
+``vmap`` the calls run sequentially over the mapped axis.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+
+__all__ = ["available", "conv3d_direct", "library_path", "supports"]
+
+_SOURCE = Path(__file__).parent / "csrc" / "conv3d_cpu.cc"
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
+_FORWARD = "timm_jax_conv3d_forward"
+_WEIGHT_GRAD = "timm_jax_conv3d_weight_grad"
+_log = logging.getLogger(__name__)
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = [line for line in f if line.startswith(("model name", "flags", "Features"))]
+        return "".join(sorted(set(info)))
+    except OSError:
+        return platform.processor()
+
+
+def library_path() -> Path:
+    """Where the compiled kernels for this machine live (built or not)."""
+    key = hashlib.sha256()
+    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
+                 platform.machine().encode(), _cpu_model().encode()):
+        key.update(part)
+    cache = Path(os.environ.get("TIMM_JAX_CACHE", Path.home() / ".cache" / "timm_jax"))
+    return cache / f"conv3d_cpu-{key.hexdigest()[:16]}.so"
+
+
+def _build(target: Path) -> None:
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set $CXX)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-o", tmp, str(_SOURCE)]
+    _log.info("compiling %s", " ".join(cmd))
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent builders never see a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernels are built (building them now if needed) and registered with XLA."""
+    try:
+        path = library_path()
+        if not path.exists():
+            _build(path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.Conv3dForward), platform="cpu")
+        jax.ffi.register_ffi_target(_WEIGHT_GRAD, jax.ffi.pycapsule(lib.Conv3dWeightGrad), platform="cpu")
+        return True
+    except Exception as e:  # any failure means: use the XLA convolution instead
+        warnings.warn(f"timm_jax: CPU convolution kernels unavailable, using XLA's ({e})", stacklevel=2)
+        return False
+
+
+def supports(x: jax.Array, kernel: jax.Array, strides) -> bool:
+    """Whether :func:`conv3d_direct` can compute ``conv3d(x, kernel, strides)`` here."""
+    return (
+        jax.default_backend() == "cpu"
+        and x.ndim == 5
+        and tuple(kernel.shape[:3]) == (3, 3, 3)
+        and kernel.shape[-1] % 8 == 0
+        and len(set(strides)) == 1
+        and x.dtype == jnp.float32
+        and kernel.dtype == jnp.float32
+        and available()
+    )
+
+
+def _same(shape, stride: int) -> tuple[list[int], dict]:
+    """Output spatial shape and kernel attributes of a SAME 3-tap convolution, padded as XLA
+    pads it (any odd total on the high side)."""
+    out = [-(-n // stride) for n in shape[1:4]]
+    pads = [max((o - 1) * stride + 3 - n, 0) // 2 for o, n in zip(out, shape[1:4])]
+    attrs = {"stride": stride, "pad_d": pads[0], "pad_h": pads[1], "pad_w": pads[2]}
+    return out, {k: np.int64(v) for k, v in attrs.items()}
+
+
+def _forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    out, attrs = _same(x.shape, stride)
+    result = jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(_FORWARD, result, vmap_method="sequential")(x, kernel, **attrs)
+
+
+def _weight_grad(x: jax.Array, dy: jax.Array, stride: int) -> jax.Array:
+    _, attrs = _same(x.shape, stride)
+    result = jax.ShapeDtypeStruct((3, 3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
+    return jax.ffi.ffi_call(_WEIGHT_GRAD, result, vmap_method="sequential")(x, dy, **attrs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv3d_direct(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """SAME-padded 3×3×3 convolution of ``x`` (B, D, H, W, Cin) with ``kernel``
+    (3, 3, 3, Cin, Cout) and the same ``stride`` on every axis; float32, CPU,
+    ``Cout % 8 == 0`` (see :func:`supports`). Equals
+    ``lax.conv_general_dilated(x, kernel, (stride,) * 3, "SAME", ("NDHWC", "DHWIO", "NDHWC"))``."""
+    return _forward(x, kernel, stride)
+
+
+def _conv_fwd(x, kernel, stride):
+    return _forward(x, kernel, stride), (x, kernel)
+
+
+def _conv_bwd(stride, res, dy):
+    x, kernel = res
+    dk = _weight_grad(x, dy, stride)
+    if stride == 1 and x.shape[-1] % 8 == 0:
+        # SAME stride 1 pads one voxel per side, so the input gradient is the same
+        # convolution of dy with the flipped kernel, in/out channels swapped
+        dx = _forward(dy, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), 1)
+    else:  # strided, or Cin % 8 != 0 (the network's input layer): XLA's transposed conv
+        from timm_jax.model import conv3d  # the depth-folded 2D formulation, fastest in XLA
+
+        _, vjp = jax.vjp(lambda v: conv3d(v, kernel, stride, "depth2d"), x)
+        (dx,) = vjp(dy)
+    return dx, dk
+
+
+conv3d_direct.defvjp(_conv_fwd, _conv_bwd)
