@@ -9,6 +9,8 @@
 - per-example Fisher: examples/s at 32³ and 64³ for several chunk sizes.
 
 The PyTorch reference step (benchmarks/torch_reference.py) is timed too when torch is installed.
+All steps of one configuration are timed interleaved (one call of each per round, medians), so
+load drifts on a shared machine hit every candidate alike and the ratios stay meaningful.
 
 Usage: python benchmarks/bench_steps.py [--quick] [--data demo_out/data]
 """
@@ -43,7 +45,8 @@ def batch(rng, b, s, cin=4, k=3):
     return {"image": x, "target": (x[..., :k] > 0.8).astype(np.float32)}
 
 
-def step_times(base, b, s, repeats, conv_impl="auto"):
+def step_fns(base, b, s, conv_impl="auto"):
+    """Jitted train step and T-IMM adaption step on one fixed batch, as blocking callables."""
     model = UNet3D(out_channels=3, base_filters=base, conv_impl=conv_impl)
     shape = (b, s, s, s, 4)
     params = init_params(model, jax.random.PRNGKey(0), shape)
@@ -56,8 +59,6 @@ def step_times(base, b, s, repeats, conv_impl="auto"):
     def run_train():
         holder["s"], m = train(holder["s"], data)
         jax.block_until_ready(m["loss"])
-    run_train()
-    t_train = median_time(run_train, repeats)
     # adaption through the merge of two sources (+ Fishers), per-layer logits
     p1 = init_params(model, jax.random.PRNGKey(0), shape)   # `params` was donated to the train step
     p2 = init_params(model, jax.random.PRNGKey(2), shape)
@@ -72,9 +73,21 @@ def step_times(base, b, s, repeats, conv_impl="auto"):
     def run_adapt():
         aholder["s"], m = adapt(aholder["s"], sources, fishers, data)
         jax.block_until_ready(m["loss"])
+    run_train()   # compile
     run_adapt()
-    t_adapt = median_time(run_adapt, repeats)
-    return t_train, t_adapt
+    return run_train, run_adapt
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds per callable, calling them in turn each round, so that the machine's
+    load drifts (this VM is shared) hit every candidate alike."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def pipeline_time(data_dir, steps):
@@ -127,9 +140,15 @@ def main():
     print(f"{'config':>6} {'batch':>12} {'conv':>8} {'train ms':>9} {'Mvox/s':>7} {'adapt ms':>9} "
           f"{'adapt/train':>11} {'torch ms':>9} {'jax/torch':>9}")
     for name, base, b, s in configs:
-        t_torch = torch_reference.step_time(base, s, b, args.repeats) if torch_reference else float("nan")
+        fns = {}
         for impl in args.conv_impls.split(","):
-            t_train, t_adapt = step_times(base, b, s, args.repeats, conv_impl=impl)
+            fns[("train", impl)], fns[("adapt", impl)] = step_fns(base, b, s, conv_impl=impl)
+        if torch_reference:
+            fns[("torch", "")] = torch_reference.make_step(base, s, b)
+        t = interleaved_medians(fns, args.repeats)
+        t_torch = t.get(("torch", ""), float("nan"))
+        for impl in args.conv_impls.split(","):
+            t_train, t_adapt = t[("train", impl)], t[("adapt", impl)]
             print(f"{name:>6} {f'{b}x{s}^3 b{base}':>12} {impl:>8} {t_train * 1e3:9.1f} "
                   f"{b * s ** 3 / t_train / 1e6:7.2f} {t_adapt * 1e3:9.1f} {t_adapt / t_train:11.2f} "
                   f"{t_torch * 1e3:9.1f} {t_train / t_torch:9.2f}", flush=True)

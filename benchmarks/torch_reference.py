@@ -65,8 +65,8 @@ def soft_dice_loss(logits, target, smooth=1e-5):
     return 1 - ((2 * inter + smooth) / (denom + smooth)).mean()
 
 
-def step_time(base: int, size: int, batch: int, repeats: int = 5) -> float:
-    """Median seconds of one Adam step (forward, backward, update) on random data."""
+def make_step(base: int, size: int, batch: int):
+    """One Adam step (forward, backward, update) on fixed random data, as a callable."""
     torch.manual_seed(0)
     net = IsenseeUNet(base=base)
     opt = torch.optim.Adam(net.parameters(), lr=5e-4)
@@ -79,6 +79,12 @@ def step_time(base: int, size: int, batch: int, repeats: int = 5) -> float:
         loss.backward()
         opt.step()
     step()
+    return step
+
+
+def step_time(base: int, size: int, batch: int, repeats: int = 5) -> float:
+    """Median seconds of one Adam step on random data."""
+    step = make_step(base, size, batch)
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()

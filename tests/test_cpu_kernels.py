@@ -1,6 +1,11 @@
 """The hand-written CPU convolution kernels (timm_jax/csrc/conv3d_cpu.cc) against XLA's
 native 3D convolution: outputs, both gradients, borders, strides, odd shapes, vmap,
 determinism and errors."""
+import os
+import platform
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -108,3 +113,28 @@ def test_kernel_rejects_inconsistent_shapes_with_a_clear_error():
     attrs = {k: np.int64(v) for k, v in dict(stride=1, pad_d=1, pad_h=1, pad_w=1).items()}
     with pytest.raises(Exception, match="conv3d_cpu: kernel must be"):
         jax.block_until_ready(call(x, kernel, **attrs))
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels")
+def test_avx2_build_matches_native(tmp_path):
+    # The machines here have AVX-512, which selects the larger tiles and the narrow-output
+    # kernels; build for AVX2 (x86-64-v3) in a fresh process to test the other code path.
+    script = (
+        "import jax, numpy as np\n"
+        "from timm_jax import cpu_kernels\n"
+        "from timm_jax.model import conv3d\n"
+        "assert cpu_kernels.available()\n"
+        "for cin, cout, stride, shape in [(8, 8, 1, (5, 6, 7)), (16, 24, 1, (4, 4, 9)), (8, 16, 2, (7, 5, 6))]:\n"
+        "    x = jax.random.normal(jax.random.key(0), (2, *shape, cin))\n"
+        "    k = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, cout)) * 0.1\n"
+        "    f = lambda impl: jax.value_and_grad(lambda x, k: (conv3d(x, k, stride, impl) ** 2).sum(), (0, 1))(x, k)\n"
+        "    (v1, g1), (v2, g2) = f('direct'), f('native')\n"
+        "    np.testing.assert_allclose(v1, v2, rtol=1e-5)\n"
+        "    for a, b in zip(g1, g2):\n"
+        "        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)\n"
+        "print(cpu_kernels.library_path())\n"
+    )
+    env = {**os.environ, "TIMM_JAX_MARCH": "x86-64-v3", "TIMM_JAX_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert str(tmp_path) in out.stdout

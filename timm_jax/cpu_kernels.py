@@ -6,12 +6,17 @@ computes the forward map and the weight gradient directly on channels-last data;
 gradient of a stride-1 convolution is the forward map of the output gradient with the flipped,
 in/out-swapped kernel. :func:`conv3d_direct` ties them together with a ``custom_vjp``.
 
-The C++ source is compiled on first use with the system C++ compiler (``$CXX``, else ``c++``)
-for this machine (``-march=native``) and cached under ``$TIMM_JAX_CACHE`` (default
-``~/.cache/timm_jax``), keyed by the source, the flags, jaxlib's version and the CPU model, so
-a shared home directory never loads a build for another CPU. If the build fails (no compiler,
-no jaxlib headers), :func:`available` returns False after one warning and callers fall back to
-the pure-XLA convolution.
+The C++ source is compiled on first use (a few seconds) with the system C++ compiler (``$CXX``,
+else ``c++``) for this machine (``-march=native``; ``$TIMM_JAX_MARCH`` overrides it, e.g.
+``x86-64-v3`` for a build that also runs on AVX2-only nodes) and cached under
+``$TIMM_JAX_CACHE`` (default ``~/.cache/timm_jax``), keyed by the source, the flags, jaxlib's
+version and the CPU model, so a shared home directory never loads a build for another CPU. If
+the build fails (no compiler, no jaxlib headers), :func:`available` returns False after one
+warning and callers fall back to the pure-XLA convolution.
+
+The kernels pick their register tiles at compile time: with AVX-512 (32 vector registers)
+larger tiles, and for 8 output channels a variant vectorised along the contraction; without
+it, smaller tiles. Both builds are tested (tests/test_cpu_kernels.py).
 
 Constraints of the kernels (checked by :func:`supports`): float32, kernel (3, 3, 3, Cin, Cout)
 with ``Cout % 8 == 0``, the same stride on every axis, SAME padding, CPU backend. The input
@@ -40,7 +45,7 @@ import numpy as np
 __all__ = ["available", "conv3d_direct", "library_path", "supports"]
 
 _SOURCE = Path(__file__).parent / "csrc" / "conv3d_cpu.cc"
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
+_FLAGS = ("-O3", "-std=c++17", "-ffp-contract=fast", "-shared", "-fPIC", "-w")
 _FORWARD = "timm_jax_conv3d_forward"
 _WEIGHT_GRAD = "timm_jax_conv3d_weight_grad"
 _log = logging.getLogger(__name__)
@@ -62,10 +67,14 @@ def _cpu_model() -> str:
         return platform.processor()
 
 
+def _flags() -> tuple[str, ...]:
+    return (*_FLAGS, f"-march={os.environ.get('TIMM_JAX_MARCH', 'native')}")
+
+
 def library_path() -> Path:
     """Where the compiled kernels for this machine live (built or not)."""
     key = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), " ".join(_FLAGS).encode(), jaxlib.__version__.encode(),
+    for part in (_SOURCE.read_bytes(), " ".join(_flags()).encode(), jaxlib.__version__.encode(),
                  platform.machine().encode(), _cpu_model().encode()):
         key.update(part)
     cache = Path(os.environ.get("TIMM_JAX_CACHE", Path.home() / ".cache" / "timm_jax"))
@@ -79,7 +88,7 @@ def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", "-o", tmp, str(_SOURCE)]
+    cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", "-o", tmp, str(_SOURCE)]
     _log.info("compiling %s", " ".join(cmd))
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
