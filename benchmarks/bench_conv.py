@@ -2,7 +2,8 @@
 kernels ("direct") on this backend.
 
 Times, for ``conv_impl`` in {native, depth2d, direct}:
-  1. one 3×3×3 convolution, 2×32³×16 → 16 channels: forward, and forward+backward;
+  1. one 3×3×3 convolution at the shapes of the demo and paper networks' finest levels:
+     forward, and forward+backward (GFLOP/s counts 3 convolutions' worth for the latter);
   2. a training-step-like ``value_and_grad`` of a mean-squared loss of the Isensee et al. (2017)
      UNet3D at (2×32³×4, base 8) and (1×64³×4, base 16).
 
@@ -34,21 +35,33 @@ def _time(fn, *args, repeats: int) -> tuple[float, float]:
     return statistics.median(times), min(times)
 
 
+CONV_SHAPES = [  # (batch, size, Cin, Cout): the finest levels of the demo and paper networks
+    (2, 32, 8, 8),
+    (2, 32, 16, 8),
+    (2, 32, 16, 16),
+    (1, 64, 16, 16),
+    (1, 64, 32, 16),
+]
+
+
 def bench_single_conv(repeats: int) -> list[tuple[str, str, tuple[float, float], str]]:
-    kx, kk = jax.random.split(jax.random.key(0))
-    x = jax.random.normal(kx, (2, 32, 32, 32, 16))
-    kernel = jax.random.normal(kk, (3, 3, 3, 16, 16)) * 0.1
-    flops = 2 * x.size * 27 * 16  # multiply-adds ×2, stride 1, SAME
     rows = []
-    for impl in IMPLS:
-        fwd = jax.jit(lambda x, k, impl=impl: conv3d(x, k, 1, impl))
-        fwd_bwd = jax.jit(
-            jax.value_and_grad(lambda x, k, impl=impl: jnp.sum(conv3d(x, k, 1, impl) ** 2), argnums=(0, 1))
-        )
-        t_f = _time(fwd, x, kernel, repeats=repeats)
-        t_fb = _time(fwd_bwd, x, kernel, repeats=repeats)
-        rows.append(("conv 3³ 2×32³×16→16 fwd", impl, t_f, f"{flops / t_f[0] / 1e6:.0f} GFLOP/s"))
-        rows.append(("conv 3³ 2×32³×16→16 fwd+bwd", impl, t_fb, ""))
+    for b, n, cin, cout in CONV_SHAPES:
+        kx, kk = jax.random.split(jax.random.key(0))
+        x = jax.random.normal(kx, (b, n, n, n, cin))
+        kernel = jax.random.normal(kk, (3, 3, 3, cin, cout)) * 0.1
+        flops = 2 * b * n**3 * 27 * cin * cout  # multiply-adds ×2, stride 1, SAME
+        label = f"conv 3³ {b}×{n}³×{cin}→{cout}"
+        for impl in IMPLS:
+            fwd = jax.jit(lambda x, k, impl=impl: conv3d(x, k, 1, impl))
+            fwd_bwd = jax.jit(
+                jax.value_and_grad(lambda x, k, impl=impl: jnp.sum(conv3d(x, k, 1, impl) ** 2), argnums=(0, 1))
+            )
+            reps = repeats if (impl != "native" or n <= 32) else 2
+            t_f = _time(fwd, x, kernel, repeats=reps)
+            t_fb = _time(fwd_bwd, x, kernel, repeats=reps)
+            rows.append((f"{label} fwd", impl, t_f, f"{flops / t_f[0] / 1e6:.0f} GFLOP/s"))
+            rows.append((f"{label} fwd+bwd", impl, t_fb, f"{3 * flops / t_fb[0] / 1e6:.0f} GFLOP/s"))
     return rows
 
 

@@ -128,6 +128,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the 64^3 configurations")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--data", default="demo_out/data", help="demo data for the pipeline-fed step")
+    ap.add_argument("--no-fisher", action="store_true", help="skip the Fisher throughput rows")
     ap.add_argument("--conv-impls", default="auto,depth2d",
                     help="comma-separated UNet3D conv_impl values to time the steps with")
     args = ap.parse_args()
@@ -158,6 +159,8 @@ def main():
               f"{t_data * 1e3:.1f} ms", flush=True)
     else:
         print(f"(no demo data in {args.data}: pipeline-fed step skipped)")
+    if args.no_fisher:
+        return
     print(f"{'fisher':>6} {'size':>5} {'chunk':>5} {'examples/s':>10}")
     for s, chunks, n in [(32, (1, 2, 4), 8)] + ([] if args.quick else [(64, (1, 2), 4)]):
         for c in chunks:

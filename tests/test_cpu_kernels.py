@@ -1,6 +1,6 @@
-"""The hand-written CPU convolution kernels (timm_jax/csrc/conv3d_cpu.cc) against XLA's
-native 3D convolution: outputs, both gradients, borders, strides, odd shapes, vmap,
-determinism and errors."""
+"""The hand-written CPU kernels (timm_jax/csrc/) against XLA: the 3×3×3 convolution against
+XLA's native 3D convolution (outputs, both gradients, borders, strides, odd shapes, vmap,
+determinism, errors, the AVX2 build) and instance normalisation against its JAX formulation."""
 import os
 import platform
 import subprocess
@@ -13,7 +13,7 @@ import pytest
 
 from timm_jax import cpu_kernels
 from timm_jax.cpu_kernels import conv3d_direct
-from timm_jax.model import conv3d
+from timm_jax.model import conv3d, instance_norm
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
@@ -138,3 +138,30 @@ def test_avx2_build_matches_native(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert str(tmp_path) in out.stdout
+
+
+@pytest.mark.parametrize("shape", [(2, 3 * 4096 + 5, 8), (1, 7, 3), (3, 1, 16), (2, 64, 24)])
+def test_instance_norm_kernels_match_the_jax_formulation(shape):
+    # several 4096-voxel blocks plus a remainder, channels not a multiple of 8, one voxel
+    x = jax.random.normal(jax.random.key(0), shape) * 3.0 + 1.0
+    c = shape[-1]
+    scale, bias = jnp.linspace(0.5, 1.5, c), jnp.linspace(-0.1, 0.1, c)
+    dy = jax.random.normal(jax.random.key(1), shape)
+
+    def run(cpu_kernel):
+        f = lambda x, s, b: instance_norm(x, s, b, 1e-5, cpu_kernel)
+        y, vjp = jax.vjp(f, x, scale, bias)
+        return (y, *vjp(dy))
+
+    assert cpu_kernels.norm_supported(x)
+    for got, want in zip(jax.jit(lambda: run(True))(), jax.jit(lambda: run(False))()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-4 * max(1.0, float(jnp.abs(want).max())))
+
+
+def test_instance_norm_kernels_per_example_under_vmap_and_deterministic():
+    x = jax.random.normal(jax.random.key(2), (3, 1, 5000, 8))
+    scale, bias = jnp.full((8,), 1.3), jnp.full((8,), 0.2)
+    loss = lambda s, xi, k: jnp.sum(jnp.tanh(instance_norm(xi, s, bias, 1e-5, k)))
+    per_example = lambda k: jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)(scale, x, k)
+    np.testing.assert_allclose(per_example(True), per_example(False), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(per_example(True), per_example(True))
