@@ -165,3 +165,27 @@ def test_instance_norm_kernels_per_example_under_vmap_and_deterministic():
     per_example = lambda k: jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)(scale, x, k)
     np.testing.assert_allclose(per_example(True), per_example(False), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(per_example(True), per_example(True))
+
+
+def test_without_a_compiler_everything_falls_back_to_xla_after_one_warning(tmp_path):
+    script = (
+        "import warnings, jax, jax.numpy as jnp\n"
+        "from timm_jax.model import UNet3D, init_params, resolve_conv_impl\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert resolve_conv_impl('auto') == 'depth2d'\n"
+        "    model = UNet3D(out_channels=2, base_filters=8, depth=2, num_segmentation_levels=1)\n"
+        "    p = init_params(model, jax.random.key(0), (1, 8, 8, 8, 1))\n"
+        "    assert model.apply({'params': p}, jnp.ones((1, 8, 8, 8, 1))).shape == (1, 8, 8, 8, 2)\n"
+        "print(len([x for x in w if 'CPU kernels unavailable' in str(x.message)]))\n"
+        "try:\n"
+        "    resolve_conv_impl('direct')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {**os.environ, "CXX": "false", "TIMM_JAX_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[0] == "1"  # one warning, however many convolutions asked
+    assert "conv_impl='direct' needs" in lines[1]

@@ -10,13 +10,13 @@ reductions over the voxels, which XLA:CPU ran up to 40× below memory speed
 (:func:`instance_norm_forward` / :func:`instance_norm_backward`, used by
 :func:`timm_jax.model.instance_norm`).
 
-The C++ source is compiled on first use (a few seconds) with the system C++ compiler (``$CXX``,
+The C++ sources are compiled on first use (a few seconds) with the system C++ compiler (``$CXX``,
 else ``c++``) for this machine (``-march=native``; ``$TIMM_JAX_MARCH`` overrides it, e.g.
 ``x86-64-v3`` for a build that also runs on AVX2-only nodes) and cached under
 ``$TIMM_JAX_CACHE`` (default ``~/.cache/timm_jax``), keyed by the source, the flags, jaxlib's
 version and the CPU model, so a shared home directory never loads a build for another CPU. If
 the build fails (no compiler, no jaxlib headers), :func:`available` returns False after one
-warning and callers fall back to the pure-XLA convolution.
+warning and callers fall back to the pure-XLA convolution and norm.
 
 The kernels pick their register tiles at compile time: with AVX-512 (32 vector registers)
 larger tiles, and for 8 output channels a variant vectorised along the contraction; without
@@ -48,11 +48,11 @@ import numpy as np
 
 __all__ = [
     "available",
-    "norm_supported",
     "conv3d_direct",
     "instance_norm_backward",
     "instance_norm_forward",
     "library_path",
+    "norm_supported",
     "supports",
 ]
 
@@ -130,7 +130,8 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_NORM_BACKWARD, jax.ffi.pycapsule(lib.InstanceNormBackward), platform="cpu")
         return True
     except Exception as e:  # any failure means: use the XLA convolution instead
-        warnings.warn(f"timm_jax: CPU convolution kernels unavailable, using XLA's ({e})", stacklevel=2)
+        warnings.warn(f"timm_jax: CPU kernels unavailable, using XLA's convolutions and norms ({e})",
+                      stacklevel=2)
         return False
 
 

@@ -12,11 +12,11 @@
 // kernel, so it needs no kernel of its own (timm_jax/cpu_kernels.py).
 //
 // Scheme: for one output row (b, d, h) and one of the nine (kd, kh) taps, the 3*Cin inputs
-// that output voxel w needs are contiguous once the input row is zero-padded along W, and so
-// is the matching (3*Cin, Cout) slab of the kernel. An output row is therefore nine small
-// matrix products; the tiles below keep a block of the result in vector registers. Output
-// voxels whose window leaves the input (one per side at most, for the shapes used here) read
-// a zero-filled copy of their window instead.
+// that output voxel w needs (its window) are contiguous in the input row, and so is the
+// matching (3*Cin, Cout) slab of the kernel. An output row is therefore nine small matrix
+// products with no im2col copy; the tiles below keep a block of the result in vector
+// registers. Output voxels whose window leaves the input (one per side for SAME padding)
+// read a zero-filled copy of their window instead.
 //
 // Work is split over XLA's intra-op thread pool in a number of chunks fixed by the shapes
 // alone; the weight gradient adds per-chunk partial sums in chunk order. Results therefore do
