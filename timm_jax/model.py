@@ -137,7 +137,7 @@ def conv3d(
     if impl != "native" and kernel.shape[:3] == (1, 1, 1) and strides == (1, 1, 1):
         # a 1³ convolution is a matrix product; as such XLA:CPU differentiates it without
         # the channel-major transposes of its convolution backward (4× faster at 64³×16)
-        y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(kernel.shape[3:])
+        y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[3:]), precision=precision)
         return y.reshape(*x.shape[:-1], kernel.shape[-1])
     if impl == "direct":
         if cpu_kernels.supports(x, kernel, strides):
