@@ -18,6 +18,14 @@ from timm_jax.model import conv3d, instance_norm
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
 
+def _fresh_process(script: str, **env) -> str:
+    """Runs `script` in a new Python with extra environment variables; returns its stdout."""
+    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env},
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def _native(x, kernel, stride):
     return conv3d(x, kernel, stride, "native")
 
@@ -134,10 +142,8 @@ def test_avx2_build_matches_native(tmp_path):
         "        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)\n"
         "print(cpu_kernels.library_path())\n"
     )
-    env = {**os.environ, "TIMM_JAX_MARCH": "x86-64-v3", "TIMM_JAX_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert str(tmp_path) in out.stdout
+    out = _fresh_process(script, TIMM_JAX_MARCH="x86-64-v3", TIMM_JAX_CACHE=str(tmp_path))
+    assert str(tmp_path) in out
 
 
 @pytest.mark.parametrize("shape", [(2, 3 * 4096 + 5, 8), (1, 7, 3), (3, 1, 16), (2, 64, 24)])
@@ -183,9 +189,6 @@ def test_without_a_compiler_everything_falls_back_to_xla_after_one_warning(tmp_p
         "except ValueError as e:\n"
         "    print(e)\n"
     )
-    env = {**os.environ, "CXX": "false", "TIMM_JAX_CACHE": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
+    lines = _fresh_process(script, CXX="false", TIMM_JAX_CACHE=str(tmp_path)).splitlines()
     assert lines[0] == "1"  # one warning, however many convolutions asked
     assert "conv_impl='direct' needs" in lines[1]

@@ -458,26 +458,20 @@ ffi::Error Conv3dWeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// Both kernels: thread pool, two float32 operands, one result, stride and low-side padding.
+auto Signature() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("pad_d")
+      .Attr<int64_t>("pad_h")
+      .Attr<int64_t>("pad_w");
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3dForward, Conv3dForwardImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_d")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3dWeightGrad, Conv3dWeightGradImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_d")
-                                  .Attr<int64_t>("pad_h")
-                                  .Attr<int64_t>("pad_w"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3dForward, Conv3dForwardImpl, Signature());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Conv3dWeightGrad, Conv3dWeightGradImpl, Signature());
