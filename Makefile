@@ -19,7 +19,7 @@ test: env
 	$(PY) -m pytest -q tests
 
 demo: env
-	$(PY) -m timm_jax.demo_pipeline --out=$(OUT)
+	$(PY) -m timm_jax.experiments.demo --out=$(OUT)
 
 bench: env
 	$(PY) benchmarks/bench_merge.py

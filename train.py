@@ -1,33 +1,37 @@
 """Train one model on one task (no transfer, transfer from a run, or from a fused checkpoint).
 
 Examples:
-  python train.py --data_dir=demo_out/parcellation --layout=parcellation --task_key=task1 --workdir=runs/m1
-  python train.py --data_dir=demo_out/brats --layout=brats --task_key=task3 --fraction=0.08 \
+  python train.py --data_dir=demo_out/data/parcellation --layout=parcellation --task_key=task1 \
+      --workdir=runs/m1
+  python train.py --data_dir=demo_out/data/brats --layout=brats --task_key=task3 --fraction=0.08 \
       --init=transfer --init_from=runs/m1 --workdir=runs/t3_from_m1
 Re-running the same command resumes from the latest checkpoint in --workdir.
 """
-from absl import app, flags
+
+from absl import flags
 
 from timm_jax import cli
-from timm_jax.runs import train_model
+from timm_jax.config import ModelConfig, TrainConfig
+from timm_jax.data.spec import DataSpec
+from timm_jax.errors import ConfigError
+from timm_jax.workflows.train import INITS, train_model
 
-cli.define_data_flags()
-cli.define_model_flags()
-cli.define_train_flags()
+cli.define_flags(DataSpec)
+cli.define_flags(ModelConfig)
+cli.define_flags(TrainConfig)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, config.json).")
-flags.DEFINE_enum("init", "random", ["random", "transfer", "fused"],
+flags.DEFINE_enum("init", "random", list(INITS),
                   "random (no transfer), transfer (from a trained run) or fused (from fuse.py).")
 flags.DEFINE_string("init_from", "", "Run directory to initialise from (with --init=transfer/fused).")
 FLAGS = flags.FLAGS
 
 
-@cli.report_errors
-def main(argv):
+def main():
     if not FLAGS.workdir:
-        raise flags.ValidationError("missing required flag: --workdir")
-    train_model(cli.data_spec_from_flags(), cli.model_config_from_flags(), cli.train_config_from_flags(),
+        raise ConfigError("missing required flag: --workdir")
+    train_model(cli.from_flags(DataSpec), cli.from_flags(ModelConfig), cli.from_flags(TrainConfig),
                 FLAGS.workdir, init=FLAGS.init, init_from=FLAGS.init_from)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -19,7 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from timm_jax.model import UNet3D, conv3d, count_params, init_params
+from timm_jax.nn.unet import UNet3D, conv3d, count_params, init_params
 
 IMPLS = ("native", "depth2d", "direct")
 

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timm_jax.merge import imm_merge, mixing_ratios, uniform_logits
-from timm_jax.model import UNet3D, count_params
-from timm_jax.partition import split
+from timm_jax.core.merge import imm_merge, mixing_ratios, uniform_logits
+from timm_jax.nn.unet import UNet3D, count_params
+from timm_jax.core.partition import split
 
 
 def timeit(fn, *args, repeats=20):

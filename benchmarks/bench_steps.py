@@ -24,11 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from timm_jax.fisher import fisher_diagonal, segmentation_log_likelihood
-from timm_jax.merge import init_logits
-from timm_jax.model import UNet3D, init_params, resolve_conv_impl
-from timm_jax.partition import split
-from timm_jax.steps import create_state, make_adaption_step, make_optimizer, make_train_step
+from timm_jax.core.fisher import fisher_diagonal, segmentation_log_likelihood
+from timm_jax.core.merge import init_logits
+from timm_jax.nn.unet import UNet3D, init_params, resolve_conv_impl
+from timm_jax.core.partition import split
+from timm_jax.training.steps import create_state, make_adaption_step, make_optimizer, make_train_step
 
 
 def median_time(fn, n: int) -> float:
@@ -92,7 +92,7 @@ def interleaved_medians(fns: dict, repeats: int) -> dict:
 
 def pipeline_time(data_dir, steps):
     """Train step at the demo configuration fed by the real grain pipeline on demo data."""
-    from timm_jax.experiment import DataSpec, resolve
+    from timm_jax.data.spec import DataSpec, resolve
     from timm_jax.data.pipeline import make_train_dataset
     data = resolve(DataSpec(data_dir=os.path.join(data_dir, "brats"), layout="brats", task_key="task3"))
     cases = data.load(data.train_ids[:8])

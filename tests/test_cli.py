@@ -27,7 +27,7 @@ def env(tmp_path_factory):
     e["JAX_PLATFORMS"] = "cpu"
     e["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
     e["PYTHONPATH"] = str(ROOT)
-    from timm_jax.data.demo import build_demo
+    from timm_jax.experiments.demo_data import build_demo
     build_demo(tmp / "data", seed=0, spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1,
                n_parc_test=1, n_brats_train=4, n_brats_val=1, n_brats_test=2, progress=False,
                make_preview=False)
@@ -98,9 +98,11 @@ def test_protocol_end_to_end(env):
 
 
 def _final_params(run_dir):
-    from timm_jax.checkpoint import load_params
-    from timm_jax.partition import to_flat_dict
-    return {k: np.asarray(v) for k, v in to_flat_dict(load_params(str(run_dir), which="latest")[0]).items()}
+    from timm_jax.core.partition import to_flat_dict
+    from timm_jax.training.rundir import RunDir
+    with RunDir.open(str(run_dir)) as run:
+        params = run.load_params("latest")[0]
+    return {k: np.asarray(v) for k, v in to_flat_dict(params).items()}
 
 
 def test_kill_and_resume_gives_the_same_result(env):
@@ -136,7 +138,7 @@ def test_kill_and_resume_gives_the_same_result(env):
     ("train.py", ["--workdir=W", "PARC1", "--init=transfer"], "--init=transfer needs --init_from"),
     ("train.py", ["--workdir=W", "PARC1", "--init_from=RUNS/m1"], "--init=random"),
     ("train.py", ["--workdir=W", "PARC1", "--init=transfer", "--init_from=nowhere"],
-     "checkpoint directory"),
+     "run directory"),
     ("train.py", ["--workdir=W", "PARC1", "--patch=10,16,16"], "must be divisible by 16"),
     ("train.py", ["--workdir=W", "PARC1", "--patch=16,16"], "--patch must be three integers"),
     ("train.py", ["--workdir=W", "--data_dir=DATA/brats", "--layout=parcellation", "--task_key=task3"],

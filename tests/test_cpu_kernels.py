@@ -1,4 +1,4 @@
-"""The hand-written CPU kernels (timm_jax/csrc/) against XLA: the 3×3×3 convolution against
+"""The hand-written CPU kernels (timm_jax/nn/csrc/) against XLA: the 3×3×3 convolution against
 XLA's native 3D convolution (outputs, both gradients, borders, strides, odd shapes, vmap,
 determinism, errors, the AVX2 build) and instance normalisation against its JAX formulation."""
 import os
@@ -11,9 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax import cpu_kernels
-from timm_jax.cpu_kernels import conv3d_direct
-from timm_jax.model import conv3d, instance_norm
+from timm_jax.nn import cpu_kernels
+from timm_jax.nn.cpu_kernels import conv3d_direct
+from timm_jax.nn.ops import instance_norm as _instance_norm
+from timm_jax.nn.unet import conv3d
+
+
+def instance_norm(x, scale, bias, epsilon, use_kernels=False):
+    return _instance_norm(x, scale, bias, epsilon, cpu_kernels if use_kernels else None)
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
@@ -129,8 +134,8 @@ def test_avx2_build_matches_native(tmp_path):
     # kernels; build for AVX2 (x86-64-v3) in a fresh process to test the other code path.
     script = (
         "import jax, numpy as np\n"
-        "from timm_jax import cpu_kernels\n"
-        "from timm_jax.model import conv3d\n"
+        "from timm_jax.nn import cpu_kernels\n"
+        "from timm_jax.nn.unet import conv3d\n"
         "assert cpu_kernels.available()\n"
         "for cin, cout, stride, shape in [(8, 8, 1, (5, 6, 7)), (16, 24, 1, (4, 4, 9)), (8, 16, 2, (7, 5, 6))]:\n"
         "    x = jax.random.normal(jax.random.key(0), (2, *shape, cin))\n"
@@ -176,7 +181,7 @@ def test_instance_norm_kernels_per_example_under_vmap_and_deterministic():
 def test_without_a_compiler_everything_falls_back_to_xla_after_one_warning(tmp_path):
     script = (
         "import warnings, jax, jax.numpy as jnp\n"
-        "from timm_jax.model import UNet3D, init_params, resolve_conv_impl\n"
+        "from timm_jax.nn.unet import UNet3D, init_params, resolve_conv_impl\n"
         "with warnings.catch_warnings(record=True) as w:\n"
         "    warnings.simplefilter('always')\n"
         "    assert resolve_conv_impl('auto') == 'depth2d'\n"

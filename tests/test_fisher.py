@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax.fisher import (bernoulli_log_likelihood, fisher_diagonal, segmentation_log_likelihood,
+from timm_jax.core.fisher import (bernoulli_log_likelihood, fisher_diagonal, segmentation_log_likelihood,
                              sampled_segmentation_log_likelihood, with_sample_keys)
 
 
@@ -91,7 +91,7 @@ def test_segmentation_log_likelihood_readds_batch_axis_and_true_fisher():
 
 
 def test_data_parallel_fisher_on_4_devices_equals_single_device():
-    """DESIGN.md pitfall: per-example grads of a sharded batch. 4 fake CPU devices (conftest)."""
+    """Pitfall (core/fisher.py docstring): per-example grads of a sharded batch. 4 fake CPU devices (conftest)."""
     devices = jax.devices()
     assert len(devices) == 4, "tests/conftest.py forces 4 host devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

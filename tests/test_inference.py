@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax import inference
-from timm_jax.inference import sliding_window_predict, window_starts
+from timm_jax.training import inference
+from timm_jax.training.inference import sliding_window_predict, window_starts
 
 W = jnp.array([0.7, -1.3], jnp.float32)
 

@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 import numpy as np
 
-from timm_jax import losses
+from timm_jax.core import losses
 
 
 def test_soft_dice_loss_matches_numpy():

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax.merge import (expand_logits, imm_merge, init_logits, layer_names, mixing_ratios,
+from timm_jax.core.merge import (expand_logits, imm_merge, init_logits, layer_names, mixing_ratios,
                             uniform_logits)
 
 EPS = 1e-8

@@ -1,12 +1,12 @@
-"""Tests for timm_jax.model: the Isensee et al. (2017) 3D U-Net and its two conv implementations."""
+"""Tests for timm_jax.nn.unet: the Isensee et al. (2017) 3D U-Net and its two conv implementations."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax import cpu_kernels
-from timm_jax.model import (
+from timm_jax.nn import cpu_kernels
+from timm_jax.nn.unet import (
     Conv3D,
     InstanceNorm,
     UNet3D,

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from timm_jax.partition import default_is_transferable, join, select_like, shape_mismatches, split
+from timm_jax.core.partition import default_is_transferable, join, select_like, shape_mismatches, split
 
 
 def params(cin=4, cout=3):
@@ -51,7 +51,7 @@ def test_rule_and_errors():
 
 
 def test_flat_dict_round_trip():
-    from timm_jax.partition import from_flat_dict, to_flat_dict
+    from timm_jax.core.partition import from_flat_dict, to_flat_dict
     p = params()
     flat = to_flat_dict(p)
     assert "conv_enc0_in/kernel" in flat and len(flat) == 8

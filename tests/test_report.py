@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from timm_jax import report
+from timm_jax.workflows import report
 
 
 def assert_png(path):

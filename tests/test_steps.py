@@ -4,10 +4,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from timm_jax.merge import init_logits, mixing_ratios
-from timm_jax.model import UNet3D, init_params
-from timm_jax.partition import split
-from timm_jax.steps import (create_state, fused_params, make_adaption_eval_step, make_adaption_step,
+from timm_jax.core.merge import init_logits, mixing_ratios
+from timm_jax.nn.unet import UNet3D, init_params
+from timm_jax.core.partition import split
+from timm_jax.training.steps import (create_state, fused_params, make_adaption_eval_step, make_adaption_step,
                             make_optimizer, make_train_step, materialise)
 
 
@@ -87,7 +87,7 @@ def test_plain_train_step_reduces_loss():
 
 
 def test_adaption_optimizer_has_two_rates_and_plateau_scales_both():
-    from timm_jax.steps import learning_rate, make_adaption_optimizer, scale_learning_rate
+    from timm_jax.training.steps import learning_rate, make_adaption_optimizer, scale_learning_rate
     params = {"logits": {"a": jnp.zeros(2)}, "task": {"b": jnp.zeros(3)}}
     opt = make_adaption_optimizer(0.1, 0.01)
     state = create_state(params, opt, jax.random.PRNGKey(0))

@@ -8,11 +8,12 @@ import jax
 import numpy as np
 import pytest
 
-from timm_jax.checkpoint import CheckpointError, load_params
 from timm_jax.config import ModelConfig, TrainConfig
-from timm_jax.model import init_params
-from timm_jax.steps import create_state, make_eval_step, make_optimizer, make_train_step
-from timm_jax.training import fit, volume_evaluator
+from timm_jax.errors import CheckpointError
+from timm_jax.nn.unet import build_model, init_params
+from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
+from timm_jax.training.loop import fit, volume_evaluator
+from timm_jax.training.rundir import RunDir, load_run, make_meta
 
 MODEL = ModelConfig(in_channels=2, out_channels=2, base_filters=2, depth=2, dropout_rate=0.3)
 CFG = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=2, max_epochs=4,
@@ -36,7 +37,7 @@ class Task(SimpleNamespace):
 @functools.lru_cache(maxsize=None)
 def _compiled():
     """Model, optimiser and jitted steps, built once so the tests compile once."""
-    model = MODEL.build()
+    model, _ = build_model(MODEL)
     opt = make_optimizer(1e-2)
     rng = np.random.default_rng(5)
     cases = [SimpleNamespace(image=rng.standard_normal((8, 8, 6, 2)).astype(np.float32),
@@ -51,14 +52,17 @@ def setup():
     return create_state(params, opt, jax.random.PRNGKey(1)), step, evaluate
 
 
-def run(workdir, **kw):
+META = make_meta("train", model=MODEL, data={"what": "random batches"})
+
+
+def run(workdir, meta=META, **kw):
     state, step, evaluate = setup()
-    return fit(workdir=str(workdir), state=state, train_step=step, evaluate=evaluate,
-               batches_from=batches_from, cfg=kw.pop("cfg", CFG),
-               meta={"run_key": "test", "model": MODEL.to_dict()}, log=lambda s: None, **kw)
+    with RunDir.create(str(workdir), meta) as rd:
+        return fit(rd, state=state, train_step=step, evaluate=evaluate, batches_from=batches_from,
+                   cfg=kw.pop("cfg", CFG), **kw)
 
 
-def test_resume_after_crash_equals_uninterrupted(tmp_path):
+def test_resume_after_crash_equals_uninterrupted(tmp_path, caplog):
     full, run_full = run(tmp_path / "a")
 
     class Crash(Exception):
@@ -69,12 +73,9 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
             raise Crash
     with pytest.raises(Crash):
         run(tmp_path / "b", after_epoch=crash)
-    logs = []
-    state, step, evaluate = setup()
-    resumed, run_res = fit(workdir=str(tmp_path / "b"), state=state, train_step=step,
-                           evaluate=evaluate, batches_from=batches_from, cfg=CFG,
-                           meta={"run_key": "test", "model": MODEL.to_dict()}, log=logs.append)
-    assert any("resuming from checkpoint at step 4 (epoch 2)" in l for l in logs)
+    caplog.set_level("INFO", logger="timm_jax")
+    resumed, run_res = run(tmp_path / "b")
+    assert "resuming from checkpoint at step 4 (epoch 2)" in caplog.text
     assert int(resumed.step) == int(full.step) == 8
     for a, b in zip(jax.tree_util.tree_leaves(full.params), jax.tree_util.tree_leaves(resumed.params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -83,23 +84,22 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path):
     lines = open(tmp_path / "b" / "metrics.jsonl").read().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2, 3, 4]
     # a finished run is not trained again
-    logs.clear()
-    state, step, evaluate = setup()
-    fit(workdir=str(tmp_path / "b"), state=state, train_step=step, evaluate=evaluate,
-        batches_from=batches_from, cfg=CFG, meta={"run_key": "test"}, log=logs.append)
-    assert any("already finished" in l for l in logs)
-    params, meta = load_params(str(tmp_path / "b"))
+    caplog.clear()
+    run(tmp_path / "b")
+    assert "already finished" in caplog.text
+    params, meta = load_run(str(tmp_path / "b"))
     assert meta["run"]["best_epoch"] >= 1 and "conv_enc0_in" in params
 
 
 def test_plateau_and_early_stopping(tmp_path):
     cfg = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1, max_epochs=30,
                       plateau_patience=1, early_stopping_patience=2, learning_rate=0.0)
-    state, step, evaluate = setup()
+    state, step, _ = setup()
     calls = iter([1.0, 0.5, 0.7, 0.8, 0.1])
-    final, summary = fit(workdir=str(tmp_path), state=state, train_step=step,
-                         evaluate=lambda p: {"loss": next(calls), "dice": [0.0], "dice_mean": 0.0},
-                         batches_from=batches_from, cfg=cfg, meta={"run_key": "x"}, log=lambda s: None)
+    with RunDir.create(str(tmp_path), META) as rd:
+        final, summary = fit(rd, state=state, train_step=step,
+                             evaluate=lambda p: {"loss": next(calls), "dice": [0.0], "dice_mean": 0.0},
+                             batches_from=batches_from, cfg=cfg)
     assert summary["epoch"] == 4 and summary["best_epoch"] == 2  # stopped after 2 bad epochs
     lrs = [r["lr"] for r in summary["history"]]
     assert lrs[3] == pytest.approx(lrs[2] * 0.5)  # reduced once after the first bad epoch
@@ -108,12 +108,10 @@ def test_plateau_and_early_stopping(tmp_path):
 def test_other_run_and_corrupt_checkpoint_errors(tmp_path):
     run(tmp_path / "a", cfg=TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1,
                                         max_epochs=1))
-    state, step, evaluate = setup()
-    with pytest.raises(CheckpointError, match="different run"):
-        fit(workdir=str(tmp_path / "a"), state=state, train_step=step, evaluate=evaluate,
-            batches_from=batches_from, cfg=CFG, meta={"run_key": "other"}, log=lambda s: None)
+    with pytest.raises(CheckpointError, match="train run with another configuration"):
+        run(tmp_path / "a", meta=make_meta("train", model=MODEL, data={"what": "other batches"}))
     with pytest.raises(CheckpointError, match="does not exist"):
-        load_params(str(tmp_path / "nope"))
+        load_run(str(tmp_path / "nope"))
     # damage the array data of the checkpoint
     root = tmp_path / "a" / "checkpoints"
     for d, _, files in os.walk(root):
@@ -122,4 +120,4 @@ def test_other_run_and_corrupt_checkpoint_errors(tmp_path):
                 with open(os.path.join(d, f), "wb") as fh:
                     fh.write(b"garbage")
     with pytest.raises(CheckpointError, match="could not be read"):
-        load_params(str(tmp_path / "a"))
+        load_run(str(tmp_path / "a"))

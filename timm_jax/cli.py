@@ -1,125 +1,142 @@
-"""absl flag definitions shared by ``train.py``, ``fuse.py`` and ``evaluate.py``.
+"""What the command-line entry points share: flags derived from the configs, logging, errors.
 
-The scripts call ``define_*`` at import, and ``*_from_flags`` inside ``main``; nothing else.
+* :func:`define_flags` / :func:`from_flags` — one absl flag per field of a config dataclass
+  (:mod:`timm_jax.config`, :class:`timm_jax.data.spec.DataSpec`), with the field's default and
+  help; the flag's name is the field's unless the field says otherwise.
+* :func:`run` — ``app.run`` with the library's progress lines on stdout and the error policy:
+  a :class:`timm_jax.errors.UserError` or a flag error prints ``error: <message>`` as one line
+  and exits with status 2; any other exception is a bug and keeps its traceback.
 """
+
 from __future__ import annotations
 
-from absl import flags
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Sequence
 
-from timm_jax.config import ModelConfig, TrainConfig
-from timm_jax.experiment import DataSpec
+from absl import app, flags
+
+from timm_jax.errors import ConfigError, UserError
 
 FLAGS = flags.FLAGS
 
-
-def define_data_flags(prefix: str = "") -> None:
-    p = prefix
-    flags.DEFINE_string(f"{p}data_dir", None, "Root of the data layout (<dir>/<case>/...).")
-    flags.DEFINE_enum(f"{p}layout", None, ["brats", "parcellation"], "Data layout.")
-    flags.DEFINE_string(f"{p}task_key", "", "Task of a demo manifest.json (task1, task2, task3): "
-                        "sets the labels and the split.")
-    flags.DEFINE_list(f"{p}labels", [], "Parcellation label ids to predict (real data).")
-    flags.DEFINE_string(f"{p}splits_file", "", "JSON with train/val/test case lists (default: a "
-                        "seeded split, or the manifest's).")
-    flags.DEFINE_integer(f"{p}split_seed", 0, "Seed of the split and of the data fraction.")
-    flags.DEFINE_float(f"{p}fraction", 1.0, "Fraction of the training cases used (nested, >= 1 case).")
-    flags.DEFINE_string(f"{p}normalisation", "histogram", "histogram (original) or zscore.")
-    flags.DEFINE_float(f"{p}spacing", 0.0, "Resample to this spacing in mm (0: keep).")
-    flags.DEFINE_string(f"{p}cache_dir", "", "Preprocessing cache (default <data_dir>/../.timm_cache).")
+__all__ = ["define_flags", "flag_fields", "from_flags", "parse_command", "run", "setup_logging"]
 
 
-def data_spec_from_flags(prefix: str = "") -> DataSpec:
-    p = prefix
-    missing = [f"--{p}{n}" for n in ("data_dir", "layout") if FLAGS[f"{p}{n}"].value is None]
-    if missing:
-        raise flags.ValidationError(f"missing required flag(s): {', '.join(missing)}")
-    pp = {"normalisation": FLAGS[f"{p}normalisation"].value}
-    if FLAGS[f"{p}spacing"].value:
-        pp["spacing"] = FLAGS[f"{p}spacing"].value
-    return DataSpec(data_dir=FLAGS[f"{p}data_dir"].value, layout=FLAGS[f"{p}layout"].value,
-                    task_key=FLAGS[f"{p}task_key"].value,
-                    labels=tuple(int(v) for v in FLAGS[f"{p}labels"].value),
-                    splits_file=FLAGS[f"{p}splits_file"].value, split_seed=FLAGS[f"{p}split_seed"].value,
-                    fraction=FLAGS[f"{p}fraction"].value, preprocess=pp,
-                    cache_dir=FLAGS[f"{p}cache_dir"].value)
+def flag_fields(cls) -> list[tuple[str, dataclasses.Field]]:
+    """``(flag name, field)`` for every field of ``cls`` that is a flag (not ``derived``)."""
+    return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls)
+            if not f.metadata.get("derived")]
 
 
-def define_model_flags() -> None:
-    flags.DEFINE_integer("base_filters", 16, "Filters at the finest level (paper: 16).")
-    flags.DEFINE_integer("depth", 5, "Number of levels (paper: 5).")
-    flags.DEFINE_float("dropout", 0.3, "Spatial dropout rate in the context modules.")
-    flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "depth2d", "direct"],
-                      "3D convolution implementation (auto: the hand-written 'direct' kernels on "
-                      "CPU, or 'depth2d' if they cannot be compiled; 'native' elsewhere).")
+def define_flags(cls, *, prefix: str = "") -> None:
+    """Define one absl flag per non-derived field of the config dataclass ``cls``."""
+    for name, f in flag_fields(cls):
+        name, default, help_ = prefix + name, f.default, f.metadata["help"]
+        choices = f.metadata.get("choices")
+        if choices:
+            flags.DEFINE_enum(name, default if default in choices else None, list(choices), help_)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(name, default, help_)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, help_)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, help_)
+        elif isinstance(default, str):
+            flags.DEFINE_string(name, default, help_)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(name, [str(v) for v in default], help_)
+        else:
+            raise TypeError(f"{cls.__name__}.{f.name}: no flag type for a default of type "
+                            f"{type(default).__name__}")
 
 
-def model_config_from_flags() -> ModelConfig:
-    return ModelConfig(base_filters=FLAGS.base_filters, depth=FLAGS.depth,
-                       dropout_rate=FLAGS.dropout, conv_impl=FLAGS.conv_impl)
+def from_flags(cls, *, prefix: str = ""):
+    """An instance of ``cls`` from the parsed flags defined by :func:`define_flags`."""
+    kw = {}
+    for name, f in flag_fields(cls):
+        value = FLAGS[prefix + name].value
+        if value is None:
+            value = f.default
+        elif isinstance(f.default, tuple):
+            item = f.metadata.get("item") or str
+            try:
+                value = tuple(item(v) for v in value)
+            except ValueError:
+                raise ConfigError(f"--{prefix}{name} takes {item.__name__} values separated by "
+                                  f"commas, got {','.join(value)}") from None
+        kw[f.name] = value
+    return cls(**kw)
 
 
-def define_train_flags(lr_default: float = 5e-4) -> None:
-    flags.DEFINE_float("learning_rate", lr_default, "Adam learning rate.")
-    flags.DEFINE_integer("batch_size", 2, "Patches per step.")
-    flags.DEFINE_list("patch", ["32", "32", "32"], "Patch shape D,H,W (divisible by 2^(depth-1)).")
-    flags.DEFINE_integer("steps_per_epoch", 20, "Training steps per epoch (validation after each).")
-    flags.DEFINE_integer("max_epochs", 100, "Maximum number of epochs.")
-    flags.DEFINE_integer("plateau_patience", 10, "Epochs without improvement before the LR is halved.")
-    flags.DEFINE_float("plateau_factor", 0.5, "LR factor on plateau.")
-    flags.DEFINE_integer("early_stopping_patience", 50, "Epochs without improvement before stopping.")
-    flags.DEFINE_float("foreground_rate", 0.33, "Probability that a patch is centred on foreground.")
-    flags.DEFINE_bool("augment", True, "Flips and intensity augmentation.")
-    flags.DEFINE_enum("loss", "dice", ["dice", "ce", "dice+ce"], "Training loss.")
-    flags.DEFINE_integer("seed", 0, "Seed of initialisation, dropout and patch sampling.")
-    flags.DEFINE_integer("num_workers", 0, "Input pipeline worker processes (0: in-process).")
+class _Stdout(logging.StreamHandler):
+    """A handler bound to whatever ``sys.stdout`` is when a record is emitted."""
+
+    def __init__(self):
+        super().__init__(sys.stdout)
+
+    def emit(self, record):
+        self.stream = sys.stdout
+        super().emit(record)
 
 
-def train_config_from_flags() -> TrainConfig:
-    try:
-        patch = tuple(int(v) for v in FLAGS.patch)
-    except ValueError:
-        raise flags.ValidationError(f"--patch must be three integers, got {FLAGS.patch}") from None
-    if len(patch) != 3:
-        raise flags.ValidationError(f"--patch must be three integers, got {FLAGS.patch}")
-    return TrainConfig(learning_rate=FLAGS.learning_rate, batch_size=FLAGS.batch_size, patch_shape=patch,
-                       steps_per_epoch=FLAGS.steps_per_epoch, max_epochs=FLAGS.max_epochs,
-                       plateau_patience=FLAGS.plateau_patience, plateau_factor=FLAGS.plateau_factor,
-                       early_stopping_patience=FLAGS.early_stopping_patience,
-                       foreground_rate=FLAGS.foreground_rate, augment=FLAGS.augment, loss=FLAGS.loss,
-                       seed=FLAGS.seed, num_workers=FLAGS.num_workers)
+def setup_logging(level: int = logging.INFO) -> None:
+    """Print the library's progress lines (the ``timm_jax`` logger) as plain lines on stdout;
+    keep other libraries (orbax logs every file operation at INFO) at warnings."""
+    logger = logging.getLogger("timm_jax")
+    if not any(isinstance(h, _Stdout) for h in logger.handlers):
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def report_errors(main):
-    """Wrap a script's main: expected errors print one clear line and exit with status 2."""
-    import os
-    import sys
-
-    from timm_jax.checkpoint import CheckpointError
-    from timm_jax.data.io import DataError
+def run(main: Callable[[], object]) -> None:
+    """Run a script's ``main()`` under absl with the error policy of this module."""
 
     def wrapped(argv):
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)   # orbax logs every file operation at INFO
-        import logging as std_logging
-        # a corrupt checkpoint leaves a failed orbax task whose traceback asyncio logs at exit,
-        # after our one-line error; the error itself is reported by CheckpointError
-        std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+        setup_logging()
         try:
             if len(argv) > 1:
-                raise flags.ValidationError(f"unexpected positional arguments: {argv[1:]}")
-            return main(argv)
-        except (CheckpointError, DataError, OSError, KeyError, ValueError, FloatingPointError,
-                flags.ValidationError) as e:
+                raise ConfigError(f"unexpected positional arguments: {argv[1:]}")
+            main()
+        except (UserError, flags.Error) as e:
             sys.stdout.flush()
-            sys.stderr.flush()
-            # Every checkpoint write has been waited for by now. After a failed restore, orbax's
-            # background threads print "Event loop is closed" tracebacks while the interpreter
-            # shuts down, burying the one-line error: silence the process's own output first,
-            # then write the error to the original stderr and leave.
-            stderr = os.dup(2)
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, 1)
-            os.dup2(devnull, 2)
-            os.write(stderr, f"error: {e}\n".encode())
-            os._exit(2)
-    return wrapped
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            sys.exit(2)
+
+    app.run(wrapped)
+
+
+def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues], None],
+                  argv: Sequence[str] | None, *, positional: str = "") -> flags.FlagValues | int:
+    """Parse the flags of a ``python -m`` command into their own :class:`absl.flags.FlagValues`
+    (so that library modules define no global flags). ``argv`` excludes the program name
+    (``None``: ``sys.argv[1:]``); ``positional`` names a string flag that may instead be given as
+    the one positional argument (then it is required). ``define`` marks other required flags with
+``flags.mark_flag_as_required(name, flag_values=fv)``. Returns the parsed
+    flags, or an exit status: 0 after ``--help``, 2 after a flag error (printed as one line)."""
+    fv = flags.FlagValues()
+    define(fv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: {prog} [flags]{f' [{positional.upper()}]' if positional else ''}\n\n"
+              f"{doc.strip()}\n\n{fv.get_help()}")
+        return 0
+    try:
+        rest = fv([prog, *argv])[1:]
+        if positional and len(rest) == 1 and fv[positional].value is None:
+            fv[positional].value = rest.pop()
+        if rest:
+            raise flags.Error(f"unexpected positional arguments: {rest}")
+        if positional and fv[positional].value is None:
+            raise flags.Error(f"missing {positional.upper()} (the positional argument or --{positional})")
+    except flags.Error as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return fv

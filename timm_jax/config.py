@@ -1,69 +1,164 @@
-"""Configuration objects shared by the scripts (stored in every checkpoint's metadata)."""
+"""Every setting of the network, the optimisation, the fusion and the evaluation, written once.
+
+Each field of the frozen dataclasses below carries its default and its help text; the scripts'
+absl flags are derived from them (:mod:`timm_jax.cli`), and the dataclasses are what the
+library functions take and what every checkpoint's metadata stores (``to_dict`` /
+``from_dict``). A field made with :func:`setting` is a flag (named after the field unless
+``flag=`` says otherwise); a field made with :func:`derived` is filled in by the code from the
+data (e.g. the number of input channels) and has no flag. The data description,
+:class:`timm_jax.data.spec.DataSpec`, is built the same way.
+
+This module imports only :mod:`timm_jax.errors`, so every layer may use it.
+"""
+
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
-from timm_jax.model import UNet3D
+from timm_jax.errors import ConfigError
+
+CONV_IMPLS = ("auto", "native", "depth2d", "direct")
+LOSSES = ("dice", "ce", "dice+ce")
+
+
+def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (),
+            item: type | None = None) -> Any:
+    """A configuration field that the scripts expose as ``--<flag or field name>``.
+
+    ``choices`` makes an enum flag; ``item`` is the element type of a tuple field (a list flag).
+    """
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "item": item}
+    if isinstance(default, (list, dict)):
+        raise TypeError("use a tuple default (configs are frozen)")
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def derived(default: Any, help: str) -> Any:
+    """A field set by the code from the data or the sources (stored, but not a flag)."""
+    return dataclasses.field(default=default, metadata={"help": help, "derived": True})
+
+
+class Config:
+    """Mixin: JSON round trip and ``replace`` for the frozen config dataclasses."""
+
+    def to_dict(self) -> dict:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """Build from a stored dict; unknown keys are ignored, missing ones take the default."""
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d[f.name]
+                kw[f.name] = tuple(v) if isinstance(f.default, tuple) and v is not None else v
+        return cls(**kw)
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+def _check_choice(value: Any, name: str, choices: tuple) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Config):
     """The network. Defaults are the paper's (Isensee 3D U-Net, ~8.3 M parameters for 4→3)."""
-    in_channels: int = 4
-    out_channels: int = 3
-    base_filters: int = 16
-    depth: int = 5
-    dropout_rate: float = 0.3
-    conv_impl: str = "auto"
 
-    def build(self) -> UNet3D:
-        return UNet3D(out_channels=self.out_channels, base_filters=self.base_filters,
-                      depth=self.depth, dropout_rate=self.dropout_rate, conv_impl=self.conv_impl,
-                      num_segmentation_levels=min(3, self.depth - 1))
+    in_channels: int = derived(4, "Input channels (the layout's modalities).")
+    out_channels: int = derived(3, "Output channels (the task's labels or regions).")
+    base_filters: int = setting(16, "Filters at the finest level (paper: 16).")
+    depth: int = setting(5, "Number of resolution levels (paper: 5).")
+    dropout_rate: float = setting(0.3, "Spatial dropout rate in the context modules.", flag="dropout")
+    conv_impl: str = setting(
+        "auto", "3D convolution implementation: auto (the C++ 'direct' kernels on CPU, 'depth2d' "
+        "if they cannot be built; 'native' elsewhere), native, depth2d or direct. Resolved once "
+        "when the model is built; checkpoints record the resolved name.", choices=CONV_IMPLS)
+
+    def __post_init__(self):
+        _check_choice(self.conv_impl, "conv_impl", CONV_IMPLS)
 
     @property
     def divisor(self) -> int:
+        """Spatial sizes must be multiples of this (2^(depth-1))."""
         return 2 ** (self.depth - 1)
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
-
-    def same_architecture(self, other: "ModelConfig") -> bool:
+    def same_architecture(self, other: ModelConfig) -> bool:
         """Same width/depth: parameters transfer (channel counts may differ, see partition)."""
         return (self.base_filters, self.depth) == (other.base_filters, other.depth)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Config):
     """Optimisation schedule (the original: Adam 5e-4, plateau ×0.5 after 10, stop after 50 epochs)."""
-    learning_rate: float = 5e-4
-    batch_size: int = 2
-    patch_shape: tuple = (32, 32, 32)
-    steps_per_epoch: int = 20
-    max_epochs: int = 100
-    plateau_patience: int = 10
-    plateau_factor: float = 0.5
-    min_learning_rate: float = 1e-6
-    early_stopping_patience: int = 50
-    foreground_rate: float = 0.33
-    augment: bool = True
-    loss: str = "dice"
-    seed: int = 0
-    num_workers: int = 0
 
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["patch_shape"] = list(self.patch_shape)
-        return d
+    learning_rate: float = setting(5e-4, "Adam learning rate.")
+    batch_size: int = setting(2, "Patches per step (the global batch).")
+    patch_shape: tuple = setting((32, 32, 32), "Patch shape D,H,W (divisible by 2^(depth-1)).",
+                                 flag="patch", item=int)
+    steps_per_epoch: int = setting(20, "Training steps per epoch (validation after each).")
+    max_epochs: int = setting(100, "Maximum number of epochs.")
+    plateau_patience: int = setting(10, "Epochs without improvement before the LR is reduced.")
+    plateau_factor: float = setting(0.5, "LR factor on plateau.")
+    min_learning_rate: float = setting(1e-6, "The LR is never reduced below this.")
+    early_stopping_patience: int = setting(50, "Epochs without improvement before stopping.")
+    foreground_rate: float = setting(0.33, "Probability that a patch is centred on foreground.")
+    augment: bool = setting(True, "Flips and intensity augmentation.")
+    loss: str = setting("dice", "Training loss.", choices=LOSSES)
+    seed: int = setting(0, "Seed of initialisation, dropout and patch sampling.")
+    num_workers: int = setting(0, "Input pipeline worker processes (0: in-process).")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
-        if "patch_shape" in kw:
-            kw["patch_shape"] = tuple(kw["patch_shape"])
-        return cls(**kw)
+    def __post_init__(self):
+        if len(self.patch_shape) != 3 or not all(isinstance(p, int) and p > 0 for p in self.patch_shape):
+            raise ConfigError(f"--patch must be three integers D,H,W (> 0), got {list(self.patch_shape)}")
+        if self.batch_size < 1 or self.steps_per_epoch < 1 or self.max_epochs < 1:
+            raise ConfigError("--batch_size, --steps_per_epoch and --max_epochs must be >= 1")
+        if not self.learning_rate >= 0:
+            raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
+        _check_choice(self.loss, "loss", LOSSES)
+
+
+@dataclass(frozen=True)
+class FuseConfig(Config):
+    """How ``fuse.py`` fuses the sources (the adaption stage's schedule is a :class:`TrainConfig`)."""
+
+    method: str = setting("timm", "imm: equal ratios; timm: learn the ratios (adaption stage).",
+                          choices=("imm", "timm"))
+    imm_mode: str = setting("mode", "mode-IMM (Fisher-weighted) or mean-IMM.", choices=("mode", "mean"))
+    granularity: str = setting("layer", "One mixing logit vector per leaf, per layer or for the model.",
+                               choices=("leaf", "layer", "global"))
+    fisher: str = setting("empirical", "Fisher with the reference labels (empirical) or labels "
+                          "sampled from the model (true).", choices=("empirical", "true"))
+    fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
+    logits_learning_rate: float = setting(0.05, "Adam learning rate of the mixing logits in the "
+                                          "adaption stage (task-specific leaves use --learning_rate).")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if f.metadata.get("choices"):
+                _check_choice(getattr(self, f.name), f.name, f.metadata["choices"])
+
+
+@dataclass(frozen=True)
+class EvalConfig(Config):
+    """Whole-volume evaluation of a checkpoint."""
+
+    split: str = setting("test", "Split to evaluate: train, val or test.")
+    patch: tuple = setting((), "Sliding-window patch D,H,W (default: whole volume in one pass).", item=int)
+    overlap: float = setting(0.5, "Sliding-window overlap fraction.")
+    hd95: bool = setting(True, "Also compute the 95th-percentile Hausdorff distance.")
+    save_predictions: bool = setting(False, "Write predicted label maps as NIfTI (source affine).")
+
+    def __post_init__(self):
+        if self.patch and len(self.patch) != 3:
+            raise ConfigError(f"--patch must be three integers D,H,W, got {list(self.patch)}")
+        if not 0 <= self.overlap < 1:
+            raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")

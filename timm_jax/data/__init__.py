@@ -10,7 +10,7 @@ Modules (each usable on its own):
 * :mod:`~timm_jax.data.preprocess` — ``PreprocessConfig``, ``preprocess_case``, ``load_preprocessed``.
 * :mod:`~timm_jax.data.splits` — ``make_splits``, ``fraction_subset``, ``splits_from_manifest``.
 * :mod:`~timm_jax.data.pipeline` — ``make_train_dataset`` (grain, deterministic, resumable).
-* :mod:`~timm_jax.data.demo` — ``build_demo`` and ``python -m timm_jax.data.demo --out DIR``.
+* :mod:`~timm_jax.experiments.demo_data` — ``build_demo`` and ``python -m timm_jax.experiments.demo_data --out DIR``.
 """
 from timm_jax.data.io import LAYOUTS, Case, DataError, Layout, Problem, list_cases, load_case, save_nifti
 from timm_jax.data.pipeline import AugmentConfig, make_train_batches, make_train_dataset

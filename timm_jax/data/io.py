@@ -24,6 +24,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from timm_jax.errors import UserError
+
 __all__ = [
     "Case",
     "DataError",
@@ -55,7 +57,7 @@ class Problem:
         return f"{self.path}: {self.message}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Raised when a case or a data set cannot be used; the message names each file and its problem."""
 
     def __init__(self, problems: "Sequence[Problem] | str"):

@@ -7,13 +7,15 @@ exits 0 when all is well; otherwise it prints **every** problem (file and what i
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
+from absl import flags
+
+from timm_jax import cli
 
 from timm_jax.data.io import LAYOUTS, Case, DataError, Problem, inspect_case, list_cases
 
@@ -74,17 +76,23 @@ def validate_dataset(
     return summaries, problems
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m timm_jax.data.validate",
-        description="Check every case of a data folder; exit 0 if all load cleanly, 1 otherwise.",
-    )
-    parser.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
-    parser.add_argument("--no-labels", action="store_true", help="allow cases without a label file (inference)")
-    parser.add_argument("dir", type=Path, help="data folder")
-    args = parser.parse_args(argv)
+def _define(fv) -> None:
+    flags.DEFINE_enum("layout", None, sorted(LAYOUTS), "Data layout.", flag_values=fv)
+    flags.mark_flag_as_required("layout", flag_values=fv)
+    flags.DEFINE_string("dir", None, "Data folder (or give it as the one positional argument).",
+                        flag_values=fv)
+    flags.DEFINE_bool("labels", True, "Require a label file per case (--nolabels for inference data).",
+                      flag_values=fv)
 
-    summaries, problems = validate_dataset(args.dir, args.layout, require_labels=not args.no_labels)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m timm_jax.data.validate --layout=brats DIR``: exit 0 if every case loads, 1 if not."""
+    fv = cli.parse_command("python -m timm_jax.data.validate",
+                           "Check every case of a data folder; exit 0 if all load cleanly, 1 otherwise.",
+                           _define, argv, positional="dir")
+    if isinstance(fv, int):
+        return fv
+    summaries, problems = validate_dataset(Path(fv.dir), fv.layout, require_labels=fv.labels)
     if problems:
         n_bad = len({p.case_id for p in problems})
         for p in problems:

@@ -1,6 +1,6 @@
 """The demo data set: synthetic MR-like images on real brain anatomy, in the real on-disk layouts.
 
-``python -m timm_jax.data.demo --out DIR [--seed S] [--spacing MM] [--small]`` writes::
+``python -m timm_jax.experiments.demo_data --out DIR [--seed S] [--spacing MM] [--small]`` writes::
 
     DIR/manifest.json                                        provenance, tasks, every case's source and split
     DIR/parcellation/<case>/{t1,t2,labels}.nii.gz             labels 0..14 (1-7 task 1, 8-14 task 2)
@@ -31,7 +31,6 @@ that no training or validation case uses. Everything is a deterministic function
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import functools
@@ -42,6 +41,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
 from timm_jax.data.io import save_nifti
 from timm_jax.data.tasks import brats_regions, parcellation_labels
@@ -611,7 +611,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         counts.setdefault(c["task"], {}).setdefault(c["split"], 0)
         counts[c["task"]][c["split"]] += 1
     return {
-        "generator": {"name": "timm_jax.data.demo", "version": GENERATOR_VERSION},
+        "generator": {"name": "timm_jax.experiments.demo_data", "version": GENERATOR_VERSION},
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
         "parameters": params,
@@ -642,10 +642,8 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
 def preview(out_dir, png_path) -> Path:
     """PNG montage: for each task one test case, its contrasts and labels overlaid in three planes."""
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
 
     from timm_jax.data.io import load_case
 
@@ -662,9 +660,10 @@ def preview(out_dir, png_path) -> Path:
         labels = np.where(np.isin(case.labels, ids), case.labels, 0)
         rows.append((key, entry, case, labels, ids))
 
-    cmap_colors = plt.get_cmap("tab20")(np.linspace(0, 1, 20))
+    cmap_colors = matplotlib.colormaps["tab20"](np.linspace(0, 1, 20))
     n_cols = 5
-    fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.6 * n_cols, 2.7 * len(rows)), squeeze=False)
+    fig = Figure(figsize=(2.6 * n_cols, 2.7 * len(rows)))
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (key, entry, case, labels, ids) in enumerate(rows):
         if labels.any():
             centre = [int(round(v)) for v in np.argwhere(labels > 0).mean(0)]
@@ -702,29 +701,36 @@ def preview(out_dir, png_path) -> Path:
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png_path, dpi=90)
-    plt.close(fig)
     return png_path
 
 
 # ----------------------------------------------------------------------------------- CLI
-_SMALL = dict(spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1, n_parc_test=2,
-              n_brats_train=6, n_brats_val=2, n_brats_test=2)
+def _define(fv) -> None:
+    flags.DEFINE_string("out", None, "Output folder.", flag_values=fv)
+    flags.mark_flag_as_required("out", flag_values=fv)
+    flags.DEFINE_integer("seed", 0, "Seed of everything.", flag_values=fv)
+    flags.DEFINE_float("spacing", None, "Voxel size in mm (default 3, --small: 6).", flag_values=fv)
+    flags.DEFINE_bool("small", False, "The 'smoke' preset: a few cases at coarse spacing.", flag_values=fv)
+    flags.DEFINE_bool("preview", True, "Write preview.png (--nopreview: don't).", flag_values=fv)
+    flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m timm_jax.data.demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--spacing", type=float, default=None, help="voxel size in mm (default 3, --small: 6)")
-    parser.add_argument("--small", action="store_true", help="a few cases at coarse spacing, for smoke tests")
-    parser.add_argument("--no-preview", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    args = parser.parse_args(argv)
-    kwargs: dict[str, Any] = dict(_SMALL) if args.small else {}
-    if args.spacing is not None:
-        kwargs["spacing"] = args.spacing
+    """``python -m timm_jax.experiments.demo_data --out DIR``; ``argv`` excludes the program name."""
+    from timm_jax import cli
+    from timm_jax.experiments.presets import SCALES
+
+    # the flags the argparse version had
+    argv = ["--nopreview" if a == "--no-preview" else a for a in (sys.argv[1:] if argv is None else argv)]
+    fv = cli.parse_command("python -m timm_jax.experiments.demo_data", __doc__.split("\n")[0],
+                           _define, argv)
+    if isinstance(fv, int):
+        return fv
+    kwargs: dict[str, Any] = dict(SCALES["smoke"].data) if fv.small else {}
+    if fv.spacing is not None:
+        kwargs["spacing"] = fv.spacing
     try:
-        build_demo(args.out, seed=args.seed, progress=not args.quiet, make_preview=not args.no_preview, **kwargs)
+        build_demo(fv.out, seed=fv.seed, progress=not fv.quiet, make_preview=fv.preview, **kwargs)
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

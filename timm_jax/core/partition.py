@@ -1,6 +1,6 @@
 """Split a parameter pytree into the transferable set 𝒫 and the task-specific set 𝒮.
 
-T-IMM (DESIGN.md) fuses only the transferable leaves: every convolution kernel and bias except
+T-IMM (docs/method.md) fuses only the transferable leaves: every convolution kernel and bias except
 the segmentation heads. Instance-norm scales/offsets, the heads, and any leaf whose shape differs
 between a source and the target model (e.g. the first convolution with 2 vs 4 input channels)
 are task-specific: they are freshly initialised for the target task.
@@ -15,8 +15,8 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from timm_jax.core import PyTree
 
-PyTree = Any
 
 
 def _keyname(k) -> str:

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import shutil
 
 import numpy as np
 
-from timm_jax.report import markdown_table, plot_per_case, plot_prediction, write_report
+from timm_jax.workflows.report import markdown_table, plot_per_case, plot_prediction, write_report
 
 CHANNELS = ("ET", "TC", "WT")
+_log = logging.getLogger(__name__)
 
 
 def _per_case(eval_dir: str) -> dict[str, float]:
@@ -29,7 +31,7 @@ def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, f
                "mean": m["dice_mean"]["mean"], "n": summary["n_cases"]}
         rows.append(row)
     table = markdown_table(rows, ["method", *CHANNELS, "mean", "n"])
-    print("\nMean Dice on the held-out test cases (task 3, tumour regions):\n" + table + "\n", flush=True)
+    _log.info("\nMean Dice on the held-out test cases (task 3, tumour regions):\n%s\n", table)
 
     per_case = {method: _per_case(os.path.join(run, "eval_test")) for method, (run, _) in results.items()}
     cases = sorted(next(iter(per_case.values())))
@@ -66,9 +68,10 @@ def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, f
         "task-specific leaves, through the merge) before its fine-tuning, so T-IMM sees more task-3 "
         "steps than the other rows — as in the paper's protocol. A single seed and 10 test cases: "
         "differences of a few Dice points are within run-to-run noise at this scale.")
+    adaption = timm_meta.get("adaption") or {}
     notes = (f"{verdict} Mean over the other methods: "
              f"{np.mean([r['mean'] for r in others]):.3f}. The T-IMM adaption stage kept epoch "
-             f"{timm_meta.get('best_epoch')} (validation loss {timm_meta.get('best_val_loss', float('nan')):.4f}). "
+             f"{adaption.get('best_epoch')} (validation loss {adaption.get('best_val_loss', float('nan')):.4f}). "
              "Per-run metrics are in `runs/<run>/metrics.jsonl`, per-case results in "
              "`runs/<run>/eval_test/per_case.csv`.")
     if forgetting:
@@ -76,7 +79,7 @@ def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, f
                   "task 2 (M2 heads)": res["m2"]["metrics"]["dice_mean"]["mean"]}
                  for method, res in forgetting.items()]
         ftable = markdown_table(frows, ["weights", "task 1 (M1 heads)", "task 2 (M2 heads)"])
-        print("Forgetting (mean Dice on the test cases of tasks 1 and 2):\n" + ftable + "\n", flush=True)
+        _log.info("Forgetting (mean Dice on the test cases of tasks 1 and 2):\n%s\n", ftable)
         table = (table + "\n\n**Forgetting** (paper Table 4): mean Dice on the test cases of tasks 1 and 2 "
                  "when the transferable weights are taken from the row's model and the norms and heads "
                  "from M1 (task 1) or M2 (task 2).\n\n" + ftable)
@@ -91,16 +94,14 @@ def write_demo_report(out: str, results: dict, *, manifest: dict, scale: dict, f
 
 
 def _preview(run_dir: str, png: str) -> None:
-    from timm_jax.checkpoint import load_params
-    from timm_jax.config import ModelConfig
-    from timm_jax.experiment import DataSpec, resolve
-    from timm_jax.inference import sliding_window_predict
+    from timm_jax.data.spec import DataSpec, resolve
+    from timm_jax.training.inference import sliding_window_predict
+    from timm_jax.workflows.train import load_model
 
-    params, meta = load_params(run_dir)
-    model = ModelConfig.from_dict(meta["model"]).build()
+    _, model, model_cfg, params, meta = load_model(run_dir)
     data = resolve(DataSpec.from_dict(meta["data"]))
     case = data.load(data.splits["test"][:1])[0]
     probs = sliding_window_predict(lambda p, x: model.apply({"params": p}, x), params, case.image,
-                                   patch_shape=None, divisor=2 ** (model.depth - 1))
+                                   patch_shape=None, divisor=model_cfg.divisor)
     plot_prediction(case.image[..., 1], case.labels, data.task.decode(probs), png,
                     title=f"{case.case_id}: T1ce, reference, T-IMM prediction")

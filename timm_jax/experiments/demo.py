@@ -1,7 +1,7 @@
 """``make demo``: the paper's protocol (section 4) end to end on the built-in demo data.
 
 1. Build the demo data set (synthetic images on real Desikan–Killiany anatomy, see
-   ``timm_jax.data.demo``) unless it exists.
+   ``timm_jax.experiments.demo_data``) unless it exists.
 2. Train M1 on task 1 (deep grey structures) from scratch, and M2 on task 2 (lobes and white
    matter) incrementally from M1 — the paper's HCP tasks 1 and 2.
 3. On task 3 (tumours, BraTS layout and regions) with a small fraction of the training cases,
@@ -18,61 +18,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from timm_jax import cli
+from timm_jax.experiments.presets import SCALES
 
 flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, report).")
-flags.DEFINE_enum("scale", "full", ["full", "smoke"], "full: the README's demo; smoke: a minutes-long "
-                  "check of the whole pipeline on a tiny data set (used by the tests).")
+flags.DEFINE_enum("scale", "full", list(SCALES), "A preset of timm_jax.experiments.presets: full (the "
+                  "README's demo) or smoke (a minutes-long check of the whole pipeline, for the tests).")
 flags.DEFINE_float("fraction", 0.08, "Fraction of the tumour task's training cases (paper: 4 %, 8 %).")
 flags.DEFINE_integer("seed", 0, "Seed of data generation, initialisation and sampling.")
 FLAGS = flags.FLAGS
 
 
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    data: dict
-    base_filters: int
-    depth: int
-    patch: tuple
-    source_epochs: int
-    target_epochs: int
-    adapt_epochs: int
-    steps_per_epoch: int
-    plateau: int
-    early_stop: int
-    learning_rate: float     # the paper's 5e-4 converges too slowly for a CPU-sized demo
-
-
-SCALES = {
-    "full": Scale(data=dict(spacing=3.0), base_filters=8, depth=5, patch=(32, 32, 32),
-                  source_epochs=20, target_epochs=12, adapt_epochs=6, steps_per_epoch=20,
-                  plateau=3, early_stop=5, learning_rate=1e-3),
-    "smoke": Scale(data=dict(spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1, n_parc_test=1,
-                             n_brats_train=6, n_brats_val=1, n_brats_test=2),
-                   base_filters=4, depth=3, patch=(16, 16, 16), source_epochs=2, target_epochs=2,
-                   adapt_epochs=2, steps_per_epoch=2, plateau=1, early_stop=2, learning_rate=1e-3),
-}
-
 METHODS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
 
 
 def _log(msg: str) -> None:
-    print(msg, flush=True)
+    logging.getLogger("timm_jax.experiments.demo").info(msg)
 
 
 def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: int = 0) -> str:
     # imports here so `--help` is fast
     import jax
 
-    from timm_jax.config import ModelConfig, TrainConfig
-    from timm_jax.data.demo import build_demo
-    from timm_jax.experiment import DataSpec
-    from timm_jax.fusion import fuse_models
-    from timm_jax.runs import evaluate_forgetting, evaluate_model, train_model
+    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig, TrainConfig
+    from timm_jax.data.spec import DataSpec
+    from timm_jax.experiments.demo_data import build_demo
+    from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
+    from timm_jax.workflows.fuse import fuse_models
+    from timm_jax.workflows.train import train_model
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     scale = SCALES[scale_name]
@@ -98,47 +77,43 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     d = lambda name: os.path.join(runs, name)  # noqa: E731
 
     _log("== M1: task 1 from scratch")
-    train_model(parc("task1"), model, train, d("m1"), log=_log)
+    train_model(parc("task1"), model, train, d("m1"))
     _log("== M2: task 2, incrementally from M1")
-    train_model(parc("task2"), model, train, d("m2"), init="transfer", init_from=d("m1"), log=_log)
+    train_model(parc("task2"), model, train, d("m2"), init="transfer", init_from=d("m1"))
 
     target = dataclasses.replace(train, max_epochs=scale.target_epochs)
     adapt = dataclasses.replace(train, max_epochs=scale.adapt_epochs)
     _log("== fusion: IMM (mode-IMM, equal ratios) and T-IMM (adaption stage)")
-    fuse_models([d("m1"), d("m2")], tumour, d("imm_fused"), method="imm", adapt_cfg=adapt, log=_log)
-    timm_meta = fuse_models([d("m1"), d("m2")], tumour, d("timm_fused"), method="timm",
-                            granularity="layer", adapt_cfg=adapt, log=_log)
+    fuse_models([d("m1"), d("m2")], tumour, d("imm_fused"), FuseConfig(method="imm"), adapt)
+    timm_meta = fuse_models([d("m1"), d("m2")], tumour, d("timm_fused"),
+                            FuseConfig(method="timm", granularity="layer"), adapt)
     inits = {"no transfer": ("random", ""), "M1": ("transfer", d("m1")), "M2": ("transfer", d("m2")),
              "IMM": ("fused", d("imm_fused")), "T-IMM": ("fused", d("timm_fused"))}
     results = {}
     for method, (init, src) in inits.items():
         name = "t3_" + method.lower().replace(" ", "_").replace("-", "")
         _log(f"== task 3 ({fraction:.0%} of training cases): {method}")
-        train_model(tumour, model, target, d(name), init=init, init_from=src, log=_log)
-        results[method] = (d(name), evaluate_model(d(name), split_name="test", log=_log))
+        train_model(tumour, model, target, d(name), init=init, init_from=src)
+        results[method] = (d(name), evaluate_model(d(name), EvalConfig(split="test")))
 
     _log("== forgetting (paper Table 4): the sources' tasks with their own task-specific leaves")
-    forgetting = {"M1 / M2 themselves": {"m1": evaluate_model(d("m1"), log=_log, hd95=False),
-                                         "m2": evaluate_model(d("m2"), log=_log, hd95=False)}}
+    no_hd95 = EvalConfig(hd95=False)
+    forgetting = {"M1 / M2 themselves": {"m1": evaluate_model(d("m1"), no_hd95),
+                                         "m2": evaluate_model(d("m2"), no_hd95)}}
     for method, run in (("T-IMM fused init", d("timm_fused")), ("T-IMM fine-tuned", d("t3_timm"))):
-        forgetting[method] = evaluate_forgetting(run, [d("m1"), d("m2")], hd95=False, log=_log)
+        forgetting[method] = evaluate_forgetting(run, [d("m1"), d("m2")], no_hd95)
 
-    from timm_jax.demo_report import write_demo_report
+    from timm_jax.experiments.demo_report import write_demo_report
     report = write_demo_report(out, results, manifest=manifest, scale=dataclasses.asdict(scale),
                                fraction=fraction, timm_meta=timm_meta, minutes=(time.time() - t0) / 60,
                                forgetting=forgetting)
     return report
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    from absl import logging
-    logging.set_verbosity(logging.WARNING)
+def main():
     report = run_demo(FLAGS.out, FLAGS.scale, FLAGS.fraction, FLAGS.seed)
     _log(f"report: {os.path.abspath(report)}")
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -22,31 +22,28 @@ leaky ReLU. With the defaults (``base_filters=16``, ``depth=5``), 4 input channe
 and 3 outputs the network has 30 convolutions, 27 instance norms and 8,269,561
 parameters.
 
-Parameter naming (a contract used by :mod:`timm_jax.partition`): the params dict is
+Parameter naming (a contract used by :func:`timm_jax.core.partition.default_is_transferable`): the params dict is
 flat, with entries ``conv_enc{l}_{in,ctx1,ctx2}``, ``conv_dec{l}_{up,loc1,loc2}``
 (each ``{"kernel": (kd, kh, kw, Cin, Cout), "bias": (Cout,)}``), a ``norm_*`` entry
 with the same suffix after every such convolution (``{"scale": (C,), "bias": (C,)}``)
 and ``head{l}`` for the segmentation heads.
 
-Three implementations of the 3D convolution give the same numbers:
+Three implementations of the 3D convolution give the same numbers (``conv_impl``):
+``"native"`` and ``"depth2d"`` (pure JAX, :mod:`timm_jax.nn.ops`) and ``"direct"``, the
+hand-written CPU kernels (:mod:`timm_jax.nn.cpu_kernels`, XLA FFI) for the 3³ float32
+convolutions and the instance norms, several times faster than XLA's backward pass on CPU.
+``"auto"`` picks ``"direct"`` on the CPU backend (``"depth2d"`` if the kernels cannot be built
+there) and ``"native"`` elsewhere. It is resolved once, when the module is constructed (never
+inside a jit trace), so ``UNet3D(...).conv_impl`` is always the implementation that runs and
+is what checkpoints record.
 
-* ``"native"``: :func:`jax.lax.conv_general_dilated` with NDHWC/DHWIO layouts
-  (cuDNN on GPU).
-* ``"depth2d"``: the sum over the ``kd`` depth taps of 2D convolutions of
-  depth-shifted slices, with depth folded into the batch axis. XLA's CPU backend
-  runs 2D convolutions several times faster than 3D ones.
-* ``"direct"``: hand-written CPU kernels (:mod:`timm_jax.cpu_kernels`, XLA FFI) for the
-  3³ float32 convolutions, forward and backward (the strided ones' input gradient stays in
-  XLA); ``"depth2d"`` for the others (1³). Several times faster than XLA's backward pass
-  on CPU.
-
-``"auto"`` picks ``"direct"`` on the CPU backend (``"depth2d"`` if the kernels cannot be
-built there) and ``"native"`` elsewhere.
+Layer names and order (:func:`layer_order`) are this network's business: reports that list
+layers in network order (the mixing-ratio figure) ask this module, not the fusion code.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -54,38 +51,29 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from timm_jax import cpu_kernels
+from timm_jax.config import CONV_IMPLS, ModelConfig
+from timm_jax.nn import cpu_kernels, ops
+from timm_jax.nn.ops import as_triple, instance_norm, upsample_nearest
 
 __all__ = [
     "Conv3D",
     "InstanceNorm",
     "UNet3D",
+    "build_model",
     "conv3d",
     "count_convs",
     "count_norms",
     "count_params",
     "init_params",
     "instance_norm",
+    "layer_order",
     "resolve_conv_impl",
     "upsample_nearest",
 ]
 
-CONV_IMPLS = ("native", "depth2d", "direct", "auto")
-
-Triple = Tuple[int, int, int]
-
-
-def _triple(v: int | Sequence[int], name: str) -> Triple:
-    if isinstance(v, int):
-        return (v, v, v)
-    v = tuple(int(i) for i in v)
-    if len(v) != 3:
-        raise ValueError(f"{name} must be an int or a sequence of 3 ints, got {v!r}")
-    return v  # type: ignore[return-value]
-
 
 def resolve_conv_impl(impl: str) -> str:
-    """Resolves ``"auto"``: ``"direct"`` on the CPU backend when its kernels build there,
+    """Resolve ``"auto"``: ``"direct"`` on the CPU backend when its kernels build there,
     else ``"depth2d"``; ``"native"`` on other backends. ``"direct"`` asked for explicitly
     must be usable."""
     if impl not in CONV_IMPLS:
@@ -102,77 +90,15 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def _same_pads(size: int, k: int, s: int) -> Tuple[int, int]:
-    """SAME padding exactly as XLA/lax computes it: ``out = ceil(size/s)``, extra on the high side."""
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return total // 2, total - total // 2
-
-
-def conv3d(
-    x: jax.Array,
-    kernel: jax.Array,
-    strides: int | Sequence[int] = 1,
-    impl: str = "native",
-    precision: Any = None,
-) -> jax.Array:
-    """SAME-padded 3D convolution of ``x`` (B, D, H, W, Cin) with ``kernel`` (kd, kh, kw, Cin, Cout).
-
-    ``impl="native"`` calls :func:`jax.lax.conv_general_dilated` directly.
-    ``impl="direct"`` calls :func:`timm_jax.cpu_kernels.conv3d_direct` where it applies
-    (3³ kernel, equal strides, float32, ``Cout % 8 == 0``) and ``"depth2d"`` otherwise.
-    ``impl="depth2d"`` computes the same map as
-
-        y[:, d] = Σ_k conv2d(x_pad[:, d·s_d + k], kernel[k])
-
-    where ``x_pad`` is ``x`` padded along depth with lax's SAME padding: for each depth tap
-    ``k`` the strided slice ``x_pad[:, k::s_d][:D_out]`` is reshaped to (B·D_out, H, W, Cin)
-    and convolved in 2D (SAME, strides ``(s_h, s_w)``) with ``kernel[k]``. With both, a 1³
-    stride-1 kernel is a matrix product over the channels.
-    """
-    if x.ndim != 5:
-        raise ValueError(f"conv3d expects a 5-D (B, D, H, W, C) input, got shape {x.shape}")
-    strides = _triple(strides, "strides")
+def conv3d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = 1, impl: str = "native",
+           precision: Any = None) -> jax.Array:
+    """SAME-padded 3D convolution of ``x`` (B, D, H, W, Cin) with ``kernel`` (kd, kh, kw, Cin, Cout)
+    by any implementation: ``"native"`` / ``"depth2d"`` (:func:`timm_jax.nn.ops.conv3d`) or
+    ``"direct"`` (:func:`timm_jax.nn.cpu_kernels.conv3d`); ``"auto"`` is resolved first."""
     impl = resolve_conv_impl(impl)
-    if impl != "native" and kernel.shape[:3] == (1, 1, 1) and strides == (1, 1, 1):
-        # a 1³ convolution is a matrix product; as such XLA:CPU differentiates it without
-        # the channel-major transposes of its convolution backward (4× faster at 64³×16)
-        y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.reshape(kernel.shape[3:]), precision=precision)
-        return y.reshape(*x.shape[:-1], kernel.shape[-1])
     if impl == "direct":
-        if cpu_kernels.supports(x, kernel, strides):
-            return cpu_kernels.conv3d_direct(x, kernel, strides[0])
-        impl = "depth2d"
-    if impl == "native":
-        return jax.lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=strides,
-            padding="SAME",
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
-            precision=precision,
-        )
-    b, d, h, w, c = x.shape
-    kd = kernel.shape[0]
-    sd = strides[0]
-    d_out = -(-d // sd)
-    lo, hi = _same_pads(d, kd, sd)
-    if lo or hi:
-        x = jnp.pad(x, ((0, 0), (lo, hi), (0, 0), (0, 0), (0, 0)))
-    out = None
-    for k in range(kd):
-        xs = jax.lax.slice_in_dim(x, k, k + (d_out - 1) * sd + 1, stride=sd, axis=1)
-        xs = xs.reshape(b * d_out, h, w, c)
-        yk = jax.lax.conv_general_dilated(
-            xs,
-            kernel[k],
-            window_strides=strides[1:],
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-            precision=precision,
-        )
-        out = yk if out is None else out + yk
-    return out.reshape(b, d_out, *out.shape[1:])
+        return cpu_kernels.conv3d(x, kernel, strides)
+    return ops.conv3d(x, kernel, strides, impl, precision)
 
 
 class Conv3D(nn.Module):
@@ -186,14 +112,14 @@ class Conv3D(nn.Module):
     kernel_size: int | Sequence[int] = 3
     strides: int | Sequence[int] = 1
     impl: str = "auto"
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.xavier_uniform()
     bias_init: Any = nn.initializers.zeros_init()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        ks = _triple(self.kernel_size, "kernel_size")
+        ks = as_triple(self.kernel_size, "kernel_size")
         kernel = self.param(
             "kernel", self.kernel_init, (*ks, x.shape[-1], self.features), self.param_dtype
         )
@@ -203,66 +129,18 @@ class Conv3D(nn.Module):
         return y + bias.astype(dtype)
 
 
-def _instance_stats(x: jax.Array) -> Tuple[jax.Array, jax.Array]:
-    """Per (sample, channel) mean and variance of ``x`` (B, V, C) over V, in two passes (exact
-    when |mean| >> std), as contractions: XLA:CPU's reduction over a middle axis ran 40×
-    below memory speed at (1, 64³, 16) (100 ms vs 2.5 ms), its contractions did not."""
-    v = x.shape[1]
-    mean = jnp.einsum("bvc,v->bc", x, jnp.full((v,), 1.0 / v, x.dtype))
-    centred = x - mean[:, None]
-    return mean, jnp.einsum("bvc,bvc->bc", centred, centred) / v
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def instance_norm(
-    x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, cpu_kernel: bool = False
-) -> jax.Array:
-    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` for ``x`` (B, V, C), statistics per
-    (sample, channel) over V. The gradient is written out (the textbook batch-norm backward,
-    per sample) so that autodiff emits no reductions of its own. ``cpu_kernel``: use the
-    hand-written CPU kernels (:mod:`timm_jax.cpu_kernels`) where they apply (float32, CPU)."""
-    return _instance_norm_fwd(x, scale, bias, epsilon, cpu_kernel)[0]
-
-
-def _instance_norm_fwd(x, scale, bias, epsilon, cpu_kernel):
-    if cpu_kernel and cpu_kernels.norm_supported(x):
-        y, mean, rstd = cpu_kernels.instance_norm_forward(x, scale, bias, epsilon)
-        return y, (x, mean, rstd, scale)
-    mean, var = _instance_stats(x)
-    rstd = jax.lax.rsqrt(var + epsilon)
-    mul = rstd * scale
-    y = x * mul[:, None] + (bias - mean * mul)[:, None]
-    return y, (x, mean, rstd, scale)
-
-
-def _instance_norm_bwd(epsilon, cpu_kernel, res, dy):
-    x, mean, rstd, scale = res
-    if cpu_kernel and cpu_kernels.norm_supported(x):
-        dx, sum_dy, sum_dy_xhat = cpu_kernels.instance_norm_backward(x, mean, rstd, scale, dy)
-        return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
-    v = x.shape[1]
-    xhat = (x - mean[:, None]) * rstd[:, None]
-    sum_dy = jnp.einsum("bvc,v->bc", dy, jnp.ones((v,), dy.dtype))
-    sum_dy_xhat = jnp.einsum("bvc,bvc->bc", dy, xhat)
-    dx = (scale * rstd)[:, None] * (dy - (sum_dy / v)[:, None] - xhat * (sum_dy_xhat / v)[:, None])
-    return dx, sum_dy_xhat.sum(0), sum_dy.sum(0)
-
-
-instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)
-
-
 class InstanceNorm(nn.Module):
     """Instance normalisation: per sample and channel over the spatial axes (1, 2, 3).
 
     ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with learnable ``scale`` (ones) and
-    ``bias`` (zeros) of shape (C,); see :func:`instance_norm` (``cpu_kernel``: its CPU
-    kernels, which :class:`UNet3D` uses with ``conv_impl="direct"``). Statistics are computed in at
+    ``bias`` (zeros) of shape (C,); see :func:`timm_jax.nn.ops.instance_norm` (``cpu_kernel``: with
+    the CPU kernels, which :class:`UNet3D` uses with ``conv_impl="direct"``). Statistics are computed in at
     least float32 (float64 inputs stay float64, so finite-difference checks work). Requires a
     batched 5-D input, so a lone volume can never be mistaken for a batch.
     """
 
     epsilon: float = 1e-5
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
     param_dtype: Any = jnp.float32
     cpu_kernel: bool = False
 
@@ -275,17 +153,9 @@ class InstanceNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros_init(), (c,), self.param_dtype)
         acc = jnp.promote_types(x.dtype, jnp.float32)
         xf = x.astype(acc).reshape(x.shape[0], -1, c)
-        y = instance_norm(xf, scale.astype(acc), bias.astype(acc), self.epsilon, self.cpu_kernel)
+        kernels = cpu_kernels if self.cpu_kernel else None
+        y = instance_norm(xf, scale.astype(acc), bias.astype(acc), self.epsilon, kernels)
         return y.reshape(x.shape).astype(self.dtype if self.dtype is not None else x.dtype)
-
-
-def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
-    """Nearest-neighbour upsampling of the three spatial axes of (B, D, H, W, C) by ``factor``."""
-    b, d, h, w, c = x.shape
-    x = jnp.broadcast_to(
-        x[:, :, None, :, None, :, None, :], (b, d, factor, h, factor, w, factor, c)
-    )
-    return x.reshape(b, d * factor, h * factor, w * factor, c)
 
 
 class UNet3D(nn.Module):
@@ -303,7 +173,8 @@ class UNet3D(nn.Module):
       negative_slope: leaky ReLU slope.
       num_segmentation_levels: number of deep-supervision heads (finest levels);
         at most ``depth - 1``.
-      conv_impl: ``"native"``, ``"depth2d"`` or ``"auto"`` (see :func:`conv3d`).
+      conv_impl: ``"native"``, ``"depth2d"``, ``"direct"`` or ``"auto"`` (see :func:`conv3d`);
+        resolved when the module is constructed (``"auto"`` never survives construction).
       dtype: computation dtype (``None``: float32 / the input's). Parameters stay float32.
     """
 
@@ -314,7 +185,13 @@ class UNet3D(nn.Module):
     negative_slope: float = 1e-2
     num_segmentation_levels: int = 3
     conv_impl: str = "auto"
-    dtype: Optional[Any] = None
+    dtype: Any | None = None
+
+    def __post_init__(self):
+        # resolve "auto" here, outside any trace: the C++ kernels are built (or found missing)
+        # once, and the attribute then names the implementation that runs
+        object.__setattr__(self, "conv_impl", resolve_conv_impl(self.conv_impl))
+        super().__post_init__()
 
     def _check(self, x: jax.Array) -> None:
         if self.depth < 2:
@@ -324,7 +201,6 @@ class UNet3D(nn.Module):
                 f"num_segmentation_levels must be in [1, depth-1] = [1, {self.depth - 1}], "
                 f"got {self.num_segmentation_levels}"
             )
-        resolve_conv_impl(self.conv_impl)
         if x.ndim != 5:
             raise ValueError(
                 f"UNet3D expects a 5-D channels-last input (B, D, H, W, C), got shape "
@@ -347,7 +223,7 @@ class UNet3D(nn.Module):
                 "UNet3D(train=True) applies spatial dropout and needs an rng: "
                 "apply(..., train=True, rngs={'dropout': key})"
             )
-        impl = resolve_conv_impl(self.conv_impl)
+        impl = self.conv_impl
         if self.dtype is not None:
             x = x.astype(self.dtype)
 
@@ -422,3 +298,30 @@ def count_norms(params: Mapping) -> int:
 def count_params(params: Mapping) -> int:
     """Total number of scalar parameters (works on arrays and ``jax.ShapeDtypeStruct`` leaves)."""
     return int(sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def build_model(cfg: ModelConfig) -> tuple[UNet3D, ModelConfig]:
+    """The network of a :class:`~timm_jax.config.ModelConfig`, and the config with ``conv_impl``
+    resolved (what a checkpoint should record)."""
+    model = UNet3D(out_channels=cfg.out_channels, base_filters=cfg.base_filters, depth=cfg.depth,
+                   dropout_rate=cfg.dropout_rate, conv_impl=cfg.conv_impl,
+                   num_segmentation_levels=min(3, cfg.depth - 1))
+    return model, cfg.replace(conv_impl=model.conv_impl)
+
+
+_STAGE = {"in": 0, "ctx1": 1, "ctx2": 2, "up": 0, "loc1": 1, "loc2": 2}
+
+
+def layer_order(names: Sequence[str]) -> list[str]:
+    """Module names (``conv_enc0_in``, ``conv_dec2_up``, ``head0``, ...) sorted in network order:
+    encoder levels top-down, then decoder levels bottom-up, each stage in order, then the rest."""
+
+    def key(name: str):
+        part = name.split("_")
+        if len(part) >= 3 and part[1][:3] in ("enc", "dec") and part[1][3:].isdigit():
+            lvl = int(part[1][3:])
+            pos = _STAGE.get(part[2], 3)
+            return (0, lvl, pos, "") if part[1].startswith("enc") else (1, -lvl, pos, "")
+        return (2, 0, 0, name)
+
+    return sorted(names, key=key)

@@ -7,8 +7,11 @@ channels-last data; the input gradient of a stride-1 convolution is the forward 
 output gradient with the flipped, in/out-swapped kernel. :func:`conv3d_direct` ties them
 together with a ``custom_vjp``. ``csrc/instance_norm_cpu.cc`` does instance normalisation's
 reductions over the voxels, which XLA:CPU ran up to 40× below memory speed
-(:func:`instance_norm_forward` / :func:`instance_norm_backward`, used by
-:func:`timm_jax.model.instance_norm`).
+(:func:`instance_norm_forward` / :func:`instance_norm_backward`, passed to
+:func:`timm_jax.nn.ops.instance_norm` by the network).
+
+This module builds on the pure-JAX ops (:mod:`timm_jax.nn.ops`) for what the kernels do not
+cover; the ops never import it. :func:`conv3d` is the network's entry point.
 
 The C++ sources are compiled on first use (a few seconds) with the system C++ compiler (``$CXX``,
 else ``c++``) for this machine (``-march=native``; ``$TIMM_JAX_MARCH`` overrides it, e.g.
@@ -46,8 +49,11 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from timm_jax.nn import ops
+
 __all__ = [
     "available",
+    "conv3d",
     "conv3d_direct",
     "instance_norm_backward",
     "instance_norm_forward",
@@ -191,14 +197,22 @@ def _conv_bwd(stride, res, dy):
         # convolution of dy with the flipped kernel, in/out channels swapped
         dx = _forward(dy, jnp.flip(kernel, (0, 1, 2)).swapaxes(3, 4), 1)
     else:  # strided, or Cin % 8 != 0 (the network's input layer): XLA's transposed conv
-        from timm_jax.model import conv3d  # the depth-folded 2D formulation, fastest in XLA
-
-        _, vjp = jax.vjp(lambda v: conv3d(v, kernel, stride, "depth2d"), x)
+        # in the depth-folded 2D formulation, the fastest in XLA
+        _, vjp = jax.vjp(lambda v: ops.conv3d(v, kernel, stride, "depth2d"), x)
         (dx,) = vjp(dy)
     return dx, dk
 
 
 conv3d_direct.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, strides=1) -> jax.Array:
+    """``conv3d(impl="direct")``: :func:`conv3d_direct` where it applies (:func:`supports`), else
+    the depth-folded pure-JAX formulation (:func:`timm_jax.nn.ops.conv3d`, ``"depth2d"``)."""
+    strides = ops.as_triple(strides, "strides")
+    if supports(x, kernel, strides):
+        return conv3d_direct(x, kernel, strides[0])
+    return ops.conv3d(x, kernel, strides, "depth2d")
 
 
 def norm_supported(x: jax.Array) -> bool:

@@ -2,7 +2,7 @@
 
 For every transferable leaf ``i`` (one array of the parameter pytree) and every source ``t``
 there is a parameter ``θ_t^i``, a diagonal Fisher ``F_t^i`` of the same shape and a scalar
-mixing logit ``β_t^i``. Following the T-IMM paper (Eqs. 3-5, restated in DESIGN.md):
+mixing logit ``β_t^i``. Following the T-IMM paper (Eqs. 3-5, restated in docs/method.md):
 
     α_t^i = σ(β_t^i) / Σ_s σ(β_s^i)                                (mixing ratios, Σ_t α_t^i = 1)
     θ^i   = (Σ_t α_t^i F_t^i θ_t^i) / (Σ_t α_t^i F_t^i + ε)          (mode-IMM, element-wise)
@@ -22,8 +22,8 @@ from typing import Any, Literal, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timm_jax.core import PyTree
 
-PyTree = Any
 Granularity = Literal["leaf", "layer", "global"]
 
 DEFAULT_EPS = 1e-8

@@ -1,4 +1,9 @@
-"""Figures and a Markdown report of an experiment (matplotlib, Agg backend).
+"""Figures and a Markdown report of an experiment.
+
+Figures are drawn on :class:`matplotlib.figure.Figure` objects and saved as PNG; the global
+pyplot state and backend are never touched, so calling these from a notebook leaves its
+backend alone.
+
 
 * :func:`plot_mixing_ratios` — stacked bars of the mixing ratio α_t of every source model
   per transferable layer, like Figure 5 of the T-IMM paper (Appendix B).
@@ -13,15 +18,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
+import numpy as np
+from matplotlib.colors import ListedColormap
+from matplotlib.figure import Figure
 
 __all__ = [
     "markdown_table",
@@ -32,12 +35,11 @@ __all__ = [
 ]
 
 
-def _save(fig: "plt.Figure", png_path: str) -> str:
+def _save(fig: Figure, png_path: str) -> str:
     parent = os.path.dirname(os.fspath(png_path))
     if parent:
         os.makedirs(parent, exist_ok=True)
     fig.savefig(png_path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
     return os.fspath(png_path)
 
 
@@ -70,10 +72,11 @@ def plot_mixing_ratios(
             )
         alpha[i] = row
     height = max(2.5, 0.28 * len(names) + 1.2)
-    fig, ax = plt.subplots(figsize=(7.5, height))
+    fig = Figure(figsize=(7.5, height))
+    ax = fig.subplots()
     y = np.arange(len(names))
     left = np.zeros(len(names))
-    colors = plt.get_cmap("tab10")
+    colors = matplotlib.colormaps["tab10"]
     for t, src in enumerate(sources):
         ax.barh(y, alpha[:, t], left=left, color=colors(t % 10), edgecolor="white",
                 linewidth=0.5, label=src)
@@ -91,7 +94,7 @@ def plot_mixing_ratios(
 
 
 def plot_per_case(
-    per_method: Mapping[str, Sequence[float]], png_path: str, baseline: Optional[str] = None
+    per_method: Mapping[str, Sequence[float]], png_path: str, baseline: str | None = None
 ) -> str:
     """Per-case comparison of methods (paper Figure 4). Returns ``png_path``.
 
@@ -116,8 +119,9 @@ def plot_per_case(
         raise ValueError(f"plot_per_case: baseline {baseline!r} is not one of the methods {methods}")
     others = [m for m in methods if m != baseline]
     paired = baseline is not None and bool(others)
-    fig, axes = plt.subplots(1, 2 if paired else 1, figsize=(12 if paired else 6, 4.2), squeeze=False)
-    colors = plt.get_cmap("tab10")
+    fig = Figure(figsize=(12 if paired else 6, 4.2))
+    axes = fig.subplots(1, 2 if paired else 1, squeeze=False)
+    colors = matplotlib.colormaps["tab10"]
 
     ax = axes[0, 0]
     data = [values[m][np.isfinite(values[m])] for m in methods]
@@ -153,7 +157,7 @@ def plot_per_case(
 
 
 def _overlay_cmap(max_label: int) -> ListedColormap:
-    base = plt.get_cmap("tab10" if max_label <= 10 else "tab20")
+    base = matplotlib.colormaps["tab10" if max_label <= 10 else "tab20"]
     return ListedColormap([base(i % base.N) for i in range(max(max_label, 1))])
 
 
@@ -199,7 +203,8 @@ def plot_prediction(
     if hi <= lo:
         hi = lo + 1.0
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 3)
     for ax, lab, name in zip(axes, (None, tru, prd), ("image", "ground truth", "prediction")):
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
         if lab is not None:
@@ -259,7 +264,7 @@ def write_report(
     title: str,
     intro: str,
     table_md: str,
-    figures: Sequence[Tuple[str, str]],
+    figures: Sequence[tuple[str, str]],
     notes: str,
 ) -> None:
     """Writes a Markdown report to ``path``.
@@ -269,7 +274,7 @@ def write_report(
     ``(caption, relative png path)`` entry, and ``## Notes`` with ``notes`` (sections with
     empty content are left out). Parent directories are created.
     """
-    parts: List[str] = [f"# {title}".rstrip(), ""]
+    parts: list[str] = [f"# {title}".rstrip(), ""]
     if intro and intro.strip():
         parts += [intro.strip(), ""]
     if table_md and table_md.strip():

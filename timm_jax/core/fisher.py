@@ -1,6 +1,6 @@
 """Diagonal Fisher information of a model on its own task's data.
 
-The empirical Fisher (DESIGN.md; Kirkpatrick et al. 2017, Lee et al. 2017) is
+The empirical Fisher (docs/method.md; Kirkpatrick et al. 2017, Lee et al. 2017) is
 
     F = (1/N) Σ_n (∂ log p(y_n | x_n, θ) / ∂θ)²
 
@@ -10,9 +10,13 @@ examples; squared gradients are summed on the device chunk by chunk, so memory d
 with the data set. The "true" Fisher replaces the reference labels y_n by labels sampled from
 the model's own predictive distribution (:func:`sampled_segmentation_log_likelihood`).
 
-Note (DESIGN.md pitfalls): a per-example function must re-add the batch axis (``x[None]``)
-before calling a network with instance norm, and ``jit(vmap(grad))`` must not be given a batch
-sharded across devices; here every chunk lives on one device.
+Pitfalls measured on this stack (jax 0.10): a per-example function must re-add the batch axis
+(``x[None]``) before calling a network with instance norm (Flax's norms would otherwise treat
+depth as the batch axis); ``jit(vmap(grad))`` given a batch *sharded across devices* returned
+wrong convolution-kernel gradients on CPU, and ``shard_map`` with default checks sums the
+per-example gradients over devices. Here a chunk either lives on one device, or is split over a
+mesh with ``shard_map`` after casting the parameters to device-varying (``lax.pcast``), which
+is tested against the single-device result on 4 fake devices.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timm_jax.core import PyTree
 
-PyTree = Any
 LogLikelihood = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
 
 
@@ -49,7 +53,7 @@ def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
     per-example gradients of its examples and the squared sums are ``psum``-ed.
 
     The parameters are cast to device-varying first (``lax.pcast``): otherwise shard_map would
-    treat the gradient w.r.t. replicated parameters as a cross-device sum (DESIGN.md pitfall).
+    treat the gradient w.r.t. replicated parameters as a cross-device sum (the pitfall in the module docstring).
     """
     from jax.sharding import PartitionSpec as P
     grad_fn = jax.grad(log_likelihood)

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from timm_jax import losses
-from timm_jax.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
-from timm_jax.partition import join
+from timm_jax.core import losses
+from timm_jax.core.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
+from timm_jax.core.partition import join
+from timm_jax.core import PyTree
 
-PyTree = Any
 Batch = dict
 
 

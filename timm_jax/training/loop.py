@@ -1,0 +1,156 @@
+"""The epoch loop shared by training, T-IMM adaption and fine-tuning.
+
+Validation after every epoch; reduce-on-plateau of the learning rate; early stopping on the
+validation loss; ``latest`` and ``best`` checkpoints of a :class:`~timm_jax.training.rundir.RunDir`;
+progress lines (logged); metrics in ``<run>/metrics.jsonl``. A killed run, started again with the same arguments, resumes from its
+latest checkpoint and, because the step RNG, the optimiser state (learning rate included) and
+the input pipeline position are all restored, ends with the same result as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+
+from timm_jax.config import TrainConfig
+from timm_jax.errors import DivergenceError
+from timm_jax.training.rundir import RunDir
+from timm_jax.training.steps import TrainState, learning_rate, scale_learning_rate
+
+_log = logging.getLogger(__name__)
+
+
+def state_dict(state: TrainState) -> dict:
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+
+
+def from_state_dict(d: dict) -> TrainState:
+    return TrainState(step=d["step"], params=d["params"], opt_state=d["opt_state"], rng=d["rng"])
+
+
+def pad_to_multiple(x: np.ndarray, divisor: int, spatial_axes=(0, 1, 2)) -> np.ndarray:
+    pads = [(0, 0)] * x.ndim
+    for a in spatial_axes:
+        pads[a] = (0, (-x.shape[a]) % divisor)
+    return np.pad(x, pads)
+
+
+def volume_evaluator(eval_step: Callable, cases: list, task, divisor: int) -> Callable:
+    """``evaluate(params) -> {"loss", "dice": [per channel], "dice_mean"}`` over whole volumes.
+
+    Each case is padded (zeros) to a multiple of ``divisor`` and evaluated as a batch of one; the
+    loss and the per-channel Dice are averaged over cases.
+    """
+    if not cases:
+        raise ValueError("validation needs at least one case")
+    volumes = []
+    for c in cases:
+        img = pad_to_multiple(np.asarray(c.image, np.float32), divisor)
+        tgt = pad_to_multiple(np.asarray(task.targets(c.labels), np.float32), divisor)
+        volumes.append({"image": img[None], "target": tgt[None]})
+
+    def evaluate(params) -> dict:
+        ls, ds = [], []
+        for v in volumes:
+            out = eval_step(params, v)
+            ls.append(float(out["loss"]))
+            ds.append(np.asarray(out["dice"])[0])
+        dice = np.mean(ds, axis=0)
+        return {"loss": float(np.mean(ls)), "dice": [float(d) for d in dice],
+                "dice_mean": float(np.mean(dice))}
+
+    return evaluate
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Callable,
+        batches_from: Callable[[int], Iterator[dict]], cfg: TrainConfig, name: str = "train",
+        after_epoch: Callable[[int], None] | None = None) -> tuple[TrainState, dict]:
+    """Run (or resume) a training loop in ``run``; returns the final state and the run summary.
+
+    Args:
+      run: the run directory, opened with :meth:`RunDir.create` (which checked that its
+        checkpoints, if any, are of this configuration). ``run.meta`` is stored in every
+        checkpoint, with the loop's progress under ``"run"``.
+      state: the freshly initialised state (used as-is, or as the structure to restore into).
+      train_step: ``(state, batch) -> (state, {"loss"})``.
+      evaluate: ``params -> {"loss", "dice", "dice_mean"}`` on the validation set.
+      batches_from: ``start_step -> iterator of batches`` from that global step on.
+      cfg: schedule (epochs, patience, plateau).
+      name: the tag of the progress lines (``[train]``, ``[adapt]``).
+      after_epoch: called with the epoch number after each checkpoint (tests use it to crash).
+    """
+    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0,
+                "plateau_epochs": 0, "history": [], "finished": False}
+    if run.latest_step() is not None:
+        restored, old = run.restore(state_dict(state))
+        state = from_state_dict(restored)
+        progress.update(old["run"])
+        _log.info("[%s] resuming from checkpoint at step %d (epoch %d) in %s", name, int(state.step),
+                  progress["epoch"], run.path)
+        if progress["finished"]:
+            _log.info("[%s] run already finished (best val loss %.4f at epoch %d)", name,
+                      progress["best_loss"], progress["best_epoch"])
+            return state, progress
+    batches = batches_from(int(state.step))
+    voxels = cfg.batch_size * int(np.prod(cfg.patch_shape))
+    t_start = time.time()
+    epochs_done = 0
+    while progress["epoch"] < cfg.max_epochs:
+        t0 = time.time()
+        train_losses = []
+        for _ in range(cfg.steps_per_epoch):
+            state, m = train_step(state, next(batches))
+            train_losses.append(m["loss"])
+        train_loss = float(np.mean(jax.device_get(train_losses)))
+        if not np.isfinite(train_loss):
+            raise DivergenceError(
+                f"[{name}] training loss is {train_loss} in epoch {progress['epoch'] + 1} (step "
+                f"{int(state.step)}); lower the learning rate. The last good checkpoint is in {run.path}")
+        t_train = time.time() - t0
+        val = evaluate(state.params)
+        progress["epoch"] += 1
+        epochs_done += 1
+        lr = learning_rate(state)
+        improved = val["loss"] < progress["best_loss"] - 1e-6
+        if improved:
+            progress.update(best_loss=val["loss"], best_epoch=progress["epoch"], bad_epochs=0,
+                            plateau_epochs=0)
+        else:
+            progress["bad_epochs"] += 1
+            progress["plateau_epochs"] += 1
+            if progress["plateau_epochs"] >= cfg.plateau_patience:
+                new_lr = max(lr * cfg.plateau_factor, cfg.min_learning_rate)
+                if new_lr < lr:
+                    state = scale_learning_rate(state, new_lr / lr, cfg.min_learning_rate)
+                    _log.info("[%s] validation loss has not improved for %d epochs: learning rate "
+                              "%.2e -> %.2e", name, progress["plateau_epochs"], lr, new_lr)
+                progress["plateau_epochs"] = 0
+        record = {"epoch": progress["epoch"], "step": int(state.step), "train_loss": train_loss,
+                  "val_loss": val["loss"], "val_dice": val["dice"], "val_dice_mean": val["dice_mean"],
+                  "lr": lr, "voxels_per_s": voxels * cfg.steps_per_epoch / max(t_train, 1e-9),
+                  "epoch_s": time.time() - t0}
+        progress["history"].append(record)
+        stop = progress["bad_epochs"] >= cfg.early_stopping_patience
+        progress["finished"] = stop or progress["epoch"] >= cfg.max_epochs
+        run.save(int(state.step), state_dict(state), dict(run.meta, run=progress), best=improved)
+        run.write_metrics(progress["history"])
+        per_epoch = (time.time() - t_start) / epochs_done
+        _log.info("[%s] epoch %d/%d step %d loss %.4f val_loss %.4f val_dice %.3f%s  %.2f Mvox/s  ETA %s",
+                  name, progress["epoch"], cfg.max_epochs, int(state.step), train_loss, val["loss"],
+                  val["dice_mean"], " *" if improved else "", record["voxels_per_s"] / 1e6,
+                  _fmt_eta(per_epoch * (cfg.max_epochs - progress["epoch"])))
+        if after_epoch is not None:
+            after_epoch(progress["epoch"])
+        if stop:
+            _log.info("[%s] early stopping: no improvement for %d epochs", name, progress["bad_epochs"])
+            break
+    return state, progress

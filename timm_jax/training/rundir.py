@@ -1,0 +1,275 @@
+"""The run directory: one type that every script and workflow reads and writes runs through.
+
+A run directory holds::
+
+    config.json             the run's metadata (written when the run is created)
+    checkpoints/latest/<step>/{state,meta}    the last few checkpoints, for resuming
+    checkpoints/best/<step>/{state,meta}      the checkpoint with the best validation loss
+    metrics.jsonl           one JSON record per epoch
+
+:class:`RunDir` owns the metadata schema (:func:`make_meta`: ``kind``, ``model``, ``train``,
+``data``, ``run_key`` and whatever the workflow adds), the "is this the same configuration?"
+check, the kind check and the orbax checkpoints. Open it as a context manager; its orbax
+managers are closed on exit, also after an error.
+
+* ``RunDir.create(path, meta)`` — a run to write. If the directory already holds checkpoints
+  of another configuration (another ``run_key``) it refuses with :class:`CheckpointError`
+  before anything is computed; if they were written with another convolution implementation it
+  says so (the results then differ in float rounding).
+* ``RunDir.open(path, kinds=...)`` — an existing run to read; refuses a missing directory, one
+  without checkpoints, or one of another kind.
+
+orbax writes each checkpoint into a temporary folder and renames it when complete, so a process
+killed at any point leaves either the previous checkpoint or the new one. ``meta`` carries
+everything on the host side that a resumed run needs (configuration, split, epoch, counters,
+history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from timm_jax.core import PyTree
+from timm_jax.errors import CheckpointError
+
+__all__ = ["KINDS", "RunDir", "load_run", "make_meta", "run_key"]
+
+KINDS = ("train", "adaption", "fused")
+_log = logging.getLogger(__name__)
+
+
+def _dictify(obj: Any) -> Any:
+    return obj.to_dict() if hasattr(obj, "to_dict") else obj
+
+
+def run_key(meta: dict) -> str:
+    """Hash of what a run's result depends on: everything in ``meta`` except its progress
+    (``run``), the key itself and the convolution implementation (same maths, other rounding)."""
+    keyed = {k: v for k, v in meta.items() if k not in ("run", "run_key")}
+    if isinstance(keyed.get("model"), dict):
+        keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "conv_impl"}
+    blob = json.dumps(_jsonable(keyed), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def make_meta(kind: str, *, model, data, train=None, **extra) -> dict:
+    """The metadata of a run: ``kind`` (one of :data:`KINDS`), the configs as dicts, any extra
+    JSON-able fields, and the ``run_key`` over all of them."""
+    if kind not in KINDS:
+        raise ValueError(f"run kind must be one of {KINDS}, got {kind!r}")
+    meta = {"kind": kind, "model": _dictify(model), "train": _dictify(train), "data": _dictify(data),
+            **{k: _dictify(v) for k, v in extra.items()}}
+    meta = _jsonable(meta)
+    meta["run_key"] = run_key(meta)
+    return meta
+
+
+class RunDir:
+    """A run directory (see the module docstring). Use :meth:`create` or :meth:`open`."""
+
+    def __init__(self, path: str, *, max_to_keep: int = 2):
+        self.path = os.path.abspath(os.path.expanduser(path))
+        root = os.path.join(self.path, "checkpoints")
+        opts = dict(create=True)
+        self._managers = {
+            "latest": ocp.CheckpointManager(
+                os.path.join(root, "latest"),
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **opts)),
+            "best": ocp.CheckpointManager(
+                os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)),
+        }
+        self.meta: dict = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def create(cls, path: str, meta: dict) -> RunDir:
+        """Open ``path`` to write the run described by ``meta`` (from :func:`make_meta`).
+
+        Refuses a directory whose checkpoints belong to another configuration; ``self.meta`` is
+        ``meta``, and :attr:`previous` the metadata of the latest checkpoint already there (or
+        ``None`` for a new run). Writes ``config.json``.
+        """
+        run = cls(path)
+        try:
+            run.meta = meta
+            run.previous = None
+            which = "latest" if run.latest_step("latest") is not None else "best"
+            if run.latest_step(which) is not None:
+                old = run.read_meta(which)
+                if old.get("run_key") != meta.get("run_key"):
+                    raise CheckpointError(
+                        f"{run.path} already holds checkpoints of a {old.get('kind', 'train')} run with "
+                        f"another configuration (run key {old.get('run_key')} vs {meta.get('run_key')}); use a "
+                        "new directory or the original flags")
+                old_impl = (old.get("model") or {}).get("conv_impl")
+                new_impl = (meta.get("model") or {}).get("conv_impl")
+                if old_impl != new_impl:
+                    _log.warning("%s was written with conv_impl=%s and continues with conv_impl=%s: "
+                                 "the same maths, but results differ in float rounding",
+                                 run.path, old_impl, new_impl)
+                run.previous = old
+            _write_json(os.path.join(run.path, "config.json"), meta)
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    @classmethod
+    def open(cls, path: str, kinds: Sequence[str] = KINDS) -> RunDir:
+        """Open an existing run to read it; ``path`` may also be its ``checkpoints`` folder.
+
+        Raises :class:`CheckpointError` if it does not exist, has no checkpoint, or is of a kind
+        other than ``kinds``. ``self.meta`` is the metadata of its best (else latest) checkpoint.
+        """
+        path = os.path.abspath(os.path.expanduser(path))
+        if os.path.basename(path) == "checkpoints":
+            path = os.path.dirname(path)
+        if not os.path.isdir(path):
+            raise CheckpointError(f"run directory {path} does not exist")
+        if not os.path.isdir(os.path.join(path, "checkpoints")):
+            raise CheckpointError(f"{path} is not a run directory: it has no checkpoints/ folder")
+        run = cls(path)
+        try:
+            which = run.best_or_latest()
+            run.meta = run.read_meta(which)
+            kind = run.meta.get("kind", "train")
+            if kind not in kinds:
+                raise CheckpointError(f"{path} is a {kind!r} run directory; expected "
+                                      f"{' or '.join(repr(k) for k in kinds)}")
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Wait for pending writes and close the orbax managers (idempotent)."""
+        for m in self._managers.values():
+            m.wait_until_finished()
+            m.close()
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def kind(self) -> str:
+        return self.meta.get("kind", "train")
+
+    def latest_step(self, which: str = "latest") -> int | None:
+        return self._managers[which].latest_step()
+
+    def best_or_latest(self) -> str:
+        """``"best"`` if the run has a best checkpoint, else ``"latest"``; an error if neither."""
+        for which in ("best", "latest"):
+            if self.latest_step(which) is not None:
+                return which
+        raise CheckpointError(f"no checkpoint in {self.path}/checkpoints (neither best nor latest)")
+
+    def _step(self, which: str, step: int | None) -> int:
+        step = self.latest_step(which) if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.path}/checkpoints/{which}")
+        return step
+
+    def read_meta(self, which: str = "latest", step: int | None = None) -> dict:
+        """The metadata stored with a checkpoint."""
+        step = self._step(which, step)
+        try:
+            return self._managers[which].restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many types for damaged files
+            raise CheckpointError(f"checkpoint metadata {self.path}/checkpoints/{which}/{step}/meta "
+                                  f"could not be read (corrupt?): {type(e).__name__}: {e}") from e
+
+    def restore(self, target: PyTree | None = None, which: str = "latest",
+                step: int | None = None) -> tuple[PyTree, dict]:
+        """``(state, meta)`` of a checkpoint. ``target`` gives the structure (arrays or
+        ShapeDtypeStructs); ``None`` reads the structure stored in the checkpoint."""
+        step = self._step(which, step)
+        meta = self.read_meta(which, step)
+        restore = ocp.args.StandardRestore(None if target is None else _abstract(target))
+        try:
+            out = self._managers[which].restore(step, args=ocp.args.Composite(state=restore))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.path}/checkpoints/{which}/{step} could not be "
+                                  f"read (corrupt or of another structure): {type(e).__name__}: {e}") from e
+        return out.state, meta
+
+    def load_params(self, which: str | None = None) -> tuple[dict, dict]:
+        """Model params (numpy) and meta of the ``best`` checkpoint (else ``latest``). The params
+        structure is read from the checkpoint itself, so no model is needed."""
+        which = which or self.best_or_latest()
+        state, meta = self.restore(None, which)
+        if not isinstance(state, dict) or "params" not in state:
+            raise CheckpointError(f"checkpoint {self.path}/checkpoints/{which} holds no 'params'")
+        return jax.tree_util.tree_map(np.asarray, state["params"]), meta
+
+    # ------------------------------------------------------------------ writing
+    def save(self, step: int, state: PyTree, meta: dict, *, best: bool = False) -> None:
+        """Save ``latest`` (and ``best``). ``best`` is written and finished first, so a process
+        killed in between resumes from the previous ``latest`` with ``best`` at least as new as
+        the resumed metadata says; a step already present is not written again."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(_jsonable(meta)))
+        if best and step not in self._managers["best"].all_steps():
+            self._managers["best"].save(step, args=args, force=True)
+            self._managers["best"].wait_until_finished()
+        if step not in self._managers["latest"].all_steps():
+            self._managers["latest"].save(step, args=args, force=True)
+        for m in self._managers.values():
+            m.wait_until_finished()
+
+    def write_metrics(self, records: list[dict]) -> None:
+        """``metrics.jsonl``: one line per record, replaced atomically."""
+        tmp = os.path.join(self.path, "metrics.jsonl.tmp")
+        with open(tmp, "w") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+        os.replace(tmp, os.path.join(self.path, "metrics.jsonl"))
+
+
+def load_run(path: str, kinds: Sequence[str] = KINDS) -> tuple[dict, dict]:
+    """Params and meta of a finished run's best (else latest) checkpoint."""
+    with RunDir.open(path, kinds) as run:
+        return run.load_params()
+
+
+def _write_json(path: str, obj: Any) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+def _abstract(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype),
+        tree)
+
+
+def _jsonable(obj):
+    """Round-trip through json so tuples and numpy scalars become plain JSON values."""
+    return json.loads(json.dumps(obj, default=_default))
+
+
+def _default(o):
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"cannot store {type(o).__name__} in checkpoint metadata")

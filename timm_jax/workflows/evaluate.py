@@ -1,0 +1,92 @@
+"""Evaluate a run on a split of its task, and the forgetting of source tasks: what ``evaluate.py`` calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+from timm_jax.config import EvalConfig
+from timm_jax.core.partition import join, select_like, split
+from timm_jax.data.io import LAYOUTS
+from timm_jax.data.spec import DataSpec, resolve
+from timm_jax.errors import CheckpointError, ConfigError
+from timm_jax.training.inference import sliding_window_predict
+from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, write_results
+from timm_jax.training.rundir import RunDir, load_run
+from timm_jax.workflows.train import load_model
+
+__all__ = ["evaluate_forgetting", "evaluate_model"]
+
+_log = logging.getLogger(__name__)
+
+
+def evaluate_model(run_dir: str, cfg: EvalConfig = EvalConfig(), *, out_dir: str = "", data_dir: str = "",
+                   params_override=None, spec_override: DataSpec | None = None) -> dict:
+    """Whole-volume evaluation of a run's best checkpoint on one split of its task.
+
+    Writes ``<out_dir>/per_case.csv`` and ``summary.json`` (and ``predictions/*.nii.gz``);
+    returns the summary. ``cfg.patch=()`` predicts each volume in one pass; otherwise a
+    Gaussian-weighted sliding window with ``cfg.overlap``. ``params_override`` evaluates other
+    parameters of the same architecture, ``spec_override`` other data.
+    """
+    run_dir, model, model_cfg, params, meta = load_model(run_dir)
+    if params_override is not None:
+        params = params_override
+    spec = spec_override or DataSpec.from_dict(meta["data"])
+    if data_dir:
+        spec = spec.replace(data_dir=data_dir)
+    data = resolve(spec)
+    if not data.splits.get(cfg.split):
+        raise ConfigError(f"--split={cfg.split} has no cases (have {sorted(data.splits)})")
+    n_in = len(LAYOUTS[spec.layout].modalities)
+    if (n_in, data.task.num_channels) != (model_cfg.in_channels, model_cfg.out_channels):
+        raise CheckpointError(f"{run_dir} is a {model_cfg.in_channels}→{model_cfg.out_channels} channel "
+                              f"model, the data need {n_in}→{data.task.num_channels}")
+    out_dir = out_dir or os.path.join(run_dir, f"eval_{cfg.split}")
+    os.makedirs(out_dir, exist_ok=True)
+    apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    ids = data.splits[cfg.split]
+    _log.info("[evaluate] %s: %d %s cases of task %s", run_dir, len(ids), cfg.split, data.task.name)
+    rows = []
+    for cid, case in zip(ids, data.load(ids)):
+        probs = sliding_window_predict(apply_fn, params, case.image, patch_shape=cfg.patch or None,
+                                       overlap=cfg.overlap, divisor=model_cfg.divisor)
+        rows.append({"case": cid, **evaluate_case(probs, data.task.targets(case.labels),
+                                                  data.task.channel_names, spacing=case.spacing,
+                                                  compute_hd95=cfg.hd95)})
+        if cfg.save_predictions:
+            save_prediction_nifti(data.task.decode(probs), case.affine,
+                                  os.path.join(out_dir, "predictions", f"{cid}.nii.gz"))
+    summary = write_results(rows, os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"),
+                            extra={"run": run_dir, "split": cfg.split, "task": data.task.name,
+                                   "channels": list(data.task.channel_names)})
+    m = summary["metrics"]
+    _log.info("[evaluate] mean Dice %.3f %s -> %s", m["dice_mean"]["mean"],
+              " ".join(f"{c} {m[f'dice_{c}']['mean']:.3f}" for c in data.task.channel_names), out_dir)
+    return summary
+
+
+def evaluate_forgetting(run_dir: str, source_dirs: Sequence[str], cfg: EvalConfig = EvalConfig(), *,
+                        out_dir: str = "") -> dict:
+    """Paper Table 4: how well a fused or fine-tuned model still solves the source tasks.
+
+    For each source run, the run's transferable leaves are combined with the *source's*
+    task-specific leaves (norms, heads, shape-mismatched leaves) and evaluated on the source's
+    own split. Writes ``<out_dir>/<source>/`` per source and ``forgetting.json``.
+    """
+    with RunDir.open(run_dir, ("train", "fused")) as run:
+        params, _ = run.load_params()
+        out_dir = out_dir or os.path.join(run.path, "forgetting")
+    results = {}
+    for src in source_dirs:
+        src_params, _ = load_run(src, ("train",))
+        part = split(src_params, reference=params)
+        combo = join(select_like(params, part.transferable), part.task_specific)
+        name = os.path.basename(os.path.normpath(src))
+        _log.info("[forgetting] %s with the task-specific leaves of %s", run_dir, src)
+        results[name] = evaluate_model(src, cfg, params_override=combo, out_dir=os.path.join(out_dir, name))
+    with open(os.path.join(out_dir, "forgetting.json"), "w") as f:
+        json.dump({k: v["metrics"]["dice_mean"] for k, v in results.items()}, f, indent=2)
+    return results

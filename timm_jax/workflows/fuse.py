@@ -1,0 +1,276 @@
+"""Fuse T >= 1 trained runs into an initialisation for a target task (IMM or T-IMM): what
+``fuse.py`` calls.
+
+The work is split the way the data flow:
+
+1. :func:`load_sources` — read the source runs and check they are models of one architecture.
+2. :func:`source_fisher` — each source's diagonal Fisher on its own task's training cases
+   (whole volumes, per-example gradients), cached in ``<source>/fisher/`` and reused while the
+   source's checkpoint and the settings are unchanged.
+3. :func:`fusion_partition` — the target network's transferable / task-specific split; a leaf
+   whose shape differs from any source's is task-specific.
+4. :func:`adaption_stage` (``method="timm"`` only) — train the mixing logits and the freshly
+   initialised task-specific leaves through the merge until the validation loss stops
+   improving; the best epoch is kept. ``method="imm"`` keeps equal ratios (α = 1/T).
+5. :func:`materialise_fusion` and :func:`save_fusion` — the full target params as a run
+   directory of kind ``fused``, plus the mixing ratios per layer as JSON, CSV and a figure.
+
+:func:`fuse_models` runs them in order. A second call with the same request finds the result
+and does nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from timm_jax.config import FuseConfig, ModelConfig, TrainConfig
+from timm_jax.core import PyTree
+from timm_jax.core.fisher import (
+    fisher_diagonal,
+    sampled_segmentation_log_likelihood,
+    segmentation_log_likelihood,
+    with_sample_keys,
+)
+from timm_jax.core.merge import expand_logits, init_logits, mixing_ratios
+from timm_jax.core.partition import (
+    Partition,
+    default_is_transferable,
+    from_flat_dict,
+    select_like,
+    split,
+    to_flat_dict,
+)
+from timm_jax.data.spec import DataSpec, resolve
+from timm_jax.errors import CheckpointError
+from timm_jax.nn.unet import build_model, init_params, layer_order
+from timm_jax.training.loop import fit, pad_to_multiple, state_dict, volume_evaluator
+from timm_jax.training.rundir import RunDir, make_meta
+from timm_jax.training.steps import (
+    create_state,
+    fused_params,
+    make_adaption_eval_step,
+    make_adaption_optimizer,
+    make_adaption_step,
+)
+from timm_jax.workflows.report import plot_mixing_ratios
+from timm_jax.workflows.train import load_model, model_config_for, train_batches
+
+__all__ = [
+    "Sources",
+    "adaption_stage",
+    "fuse_models",
+    "fusion_partition",
+    "layer_ratios",
+    "load_sources",
+    "materialise_fusion",
+    "save_fusion",
+    "source_fisher",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sources:
+    """The source runs of a fusion: directories, short names, params and metadata."""
+
+    dirs: list[str]
+    names: list[str]
+    params: list[dict]
+    metas: list[dict]
+    model_cfg: ModelConfig      # the shared architecture (the first source's config)
+
+    def request(self) -> list:
+        """What the fusion depends on about each source: path, configuration, trained epochs."""
+        return [[d, m.get("run_key"), (m.get("run") or {}).get("best_epoch")]
+                for d, m in zip(self.dirs, self.metas)]
+
+
+def load_sources(source_dirs: Sequence[str]) -> Sources:
+    """Read the source runs (models trained with ``train.py``) and check their architectures agree."""
+    if not source_dirs:
+        raise CheckpointError("fuse needs at least one --source run directory")
+    loaded = []
+    for d in source_dirs:
+        try:
+            loaded.append(load_model(d, kinds=("train",)))
+        except CheckpointError as e:
+            raise CheckpointError(f"--source {d}: {e}") from e
+    first = loaded[0].cfg
+    for d, src in zip(source_dirs[1:], loaded[1:]):
+        if not src.cfg.same_architecture(first):
+            raise CheckpointError(f"source {d} (base {src.cfg.base_filters}, depth {src.cfg.depth}) is of "
+                                  f"another architecture than {source_dirs[0]} (base {first.base_filters}, "
+                                  f"depth {first.depth})")
+    return Sources(dirs=[s.path for s in loaded],
+                   names=[os.path.basename(os.path.normpath(d)) for d in source_dirs],
+                   params=[s.params for s in loaded], metas=[s.meta for s in loaded], model_cfg=first)
+
+
+def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int = 0) -> dict:
+    """Diagonal Fisher of a trained run on its own training cases (cached beside its checkpoint).
+
+    ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model.
+    The cache ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
+    configuration and the settings, and written atomically.
+    """
+    if kind not in ("empirical", "true"):
+        raise ValueError(f"Fisher kind must be 'empirical' or 'true', got {kind!r}")
+    with RunDir.open(source_dir, ("train",)) as run:
+        source_dir = run.path
+        step = run.latest_step(run.best_or_latest())
+    key = {"step": step, "kind": kind, "max_examples": max_examples, "run_key": run.meta.get("run_key")}
+    cache = os.path.join(source_dir, "fisher", f"fisher_{kind}.npz")
+    if os.path.isfile(cache):
+        try:
+            with np.load(cache, allow_pickle=False) as z:
+                if json.loads(str(z["__key__"])) == key:
+                    _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
+                    return from_flat_dict({k: z[k] for k in z.files if k != "__key__"})
+        except (OSError, ValueError, KeyError):
+            _log.warning("[fuse] Fisher cache %s unreadable; recomputing", cache)
+    _, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
+    data = resolve(DataSpec.from_dict(meta["data"]))
+    ids = list(meta.get("train_ids") or data.train_ids)
+    if max_examples:
+        ids = ids[:max_examples]
+    cases = data.load(ids)
+    apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
+    _log.info("[fuse] Fisher of %s (%s) on %d training cases of task %s", source_dir, kind, len(ids),
+              data.task.name)
+    # one whole volume per batch (padded only to the network's divisor): memory does not grow
+    # with the data set, and no case is padded to another case's size
+    batches = ((pad_to_multiple(c.image, model_cfg.divisor)[None],
+                pad_to_multiple(data.task.targets(c.labels), model_cfg.divisor)[None]) for c in cases)
+    if kind == "empirical":
+        ll = segmentation_log_likelihood(apply_fn)
+    else:
+        ll = sampled_segmentation_log_likelihood(apply_fn)
+        batches = with_sample_keys(batches, jax.random.PRNGKey(0))
+    fisher = fisher_diagonal(ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1)
+    fisher = jax.tree_util.tree_map(np.asarray, fisher)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
+    os.replace(tmp, cache)
+    return fisher
+
+
+def fusion_partition(fresh: dict, sources: Sources) -> Partition:
+    """Split the target's freshly initialised params: a leaf whose shape differs from ANY source's
+    is task-specific (e.g. the first convolution when the input channels differ)."""
+    mismatched = sorted({m for p in sources.params for m in split(fresh, reference=p).mismatched})
+    part = split(fresh, is_transferable=lambda names: (
+        default_is_transferable(names) and "/".join(names) not in mismatched))
+    part.mismatched = mismatched
+    return part
+
+
+def adaption_stage(out_dir: str, meta: dict, *, model, data, part: Partition, src_tr, fishers,
+                   cfg: FuseConfig, adapt_cfg: TrainConfig, rng) -> tuple[PyTree, dict, dict]:
+    """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
+    ``(logits, task_specific, summary)``."""
+    T = len(src_tr)
+    logits = init_logits(part.transferable, T, cfg.granularity)
+    train_cases = data.load(data.train_ids)
+    val_cases = data.load(data.splits["val"])
+    optimizer = make_adaption_optimizer(cfg.logits_learning_rate, adapt_cfg.learning_rate)
+    state = create_state({"logits": logits, "task": part.task_specific}, optimizer, rng)
+    step = make_adaption_step(model, optimizer, granularity=cfg.granularity, loss=adapt_cfg.loss)
+    eval_step = make_adaption_eval_step(model, granularity=cfg.granularity, loss=adapt_cfg.loss)
+    evaluate = volume_evaluator(lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task,
+                                2 ** (model.depth - 1))
+    adapt_meta = {**meta, "kind": "adaption"}
+    with RunDir.create(os.path.join(out_dir, "adaption"), adapt_meta) as run:
+        final, progress = fit(run, state=state, train_step=lambda s, b: step(s, src_tr, fishers, b),
+                              evaluate=evaluate, batches_from=train_batches(train_cases, data.task, adapt_cfg),
+                              cfg=adapt_cfg, name="adapt")
+        best, _ = run.restore(state_dict(final), which="best")
+    summary = {"best_epoch": progress["best_epoch"], "best_val_loss": progress["best_loss"],
+               "epochs": progress["epoch"]}
+    return best["params"]["logits"], best["params"]["task"], summary
+
+
+def materialise_fusion(src_tr, fishers, logits, task_specific, granularity: str) -> dict:
+    """The full target params (numpy): the merged transferable leaves joined with 𝒮."""
+    fuse = jax.jit(lambda s, f, lg, t: fused_params(s, f, lg, t, granularity=granularity))
+    return jax.tree_util.tree_map(np.asarray, fuse(src_tr, fishers, logits, task_specific))
+
+
+def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
+    """Mixing ratios per layer (a module's kernel, else its first leaf), in network order."""
+    ratios = mixing_ratios(logits_per_leaf)
+    out = {}
+    for name in layer_order(list(ratios)):
+        node = ratios[name]
+        leaf = node["kernel"] if "kernel" in node else next(iter(node.values()))
+        out[name] = [float(a) for a in np.asarray(leaf)]
+    return out
+
+
+def save_fusion(out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]],
+                source_names: list[str]) -> None:
+    """The ``fused`` run directory: checkpoint, and ``mixing_ratios.{json,csv,png}``."""
+    with RunDir.create(out_dir, meta) as run:
+        run.save(0, {"params": params}, meta, best=True)
+    with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
+        json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
+    with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["layer", *source_names])
+        for layer, r in ratios.items():
+            w.writerow([layer, *[f"{a:.6f}" for a in r]])
+    plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+
+
+def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, cfg: FuseConfig = FuseConfig(),
+                adapt_cfg: TrainConfig = TrainConfig()) -> dict:
+    """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its metadata."""
+    sources = load_sources(source_dirs)
+    data = resolve(target)
+    model, model_cfg = build_model(model_config_for(data, sources.model_cfg))
+    timm = cfg.method == "timm"
+    meta = make_meta("fused", model=model_cfg, data=target, train=adapt_cfg if timm else None, fuse=cfg,
+                     sources=sources.request(), task=data.task.to_dict(), splits=data.splits,
+                     train_ids=data.train_ids)
+    with RunDir.create(out_dir, meta) as run:
+        if run.latest_step("best") is not None:
+            _log.info("[fuse] %s already holds this fusion; nothing to do", out_dir)
+            return run.read_meta("best")
+    patch = tuple(adapt_cfg.patch_shape)
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(adapt_cfg.seed))
+    part = fusion_partition(init_params(model, init_rng, (1, *patch, model_cfg.in_channels)), sources)
+    src_tr = [jax.tree_util.tree_map(jnp.asarray, select_like(p, part.transferable)) for p in sources.params]
+    fishers = None
+    if cfg.imm_mode == "mode":
+        fishers = [jax.tree_util.tree_map(jnp.asarray, select_like(
+            source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples), part.transferable))
+            for d in sources.dirs]
+    mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
+    _log.info("[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, %d "
+              "task-specific%s", cfg.method.upper(), cfg.imm_mode, len(sources.dirs), sources.names,
+              data.task.name, len(jax.tree_util.tree_leaves(part.transferable)),
+              len(jax.tree_util.tree_leaves(part.task_specific)), mismatched)
+    logits = init_logits(part.transferable, len(sources.dirs), cfg.granularity)
+    task_specific, summary = part.task_specific, {}
+    if timm:
+        logits, task_specific, summary = adaption_stage(
+            out_dir, meta, model=model, data=data, part=part, src_tr=src_tr, fishers=fishers, cfg=cfg,
+            adapt_cfg=adapt_cfg, rng=state_rng)
+    params = materialise_fusion(src_tr, fishers, logits, task_specific, cfg.granularity)
+    ratios = layer_ratios(expand_logits(logits, part.transferable, cfg.granularity))
+    meta = {**meta, "adaption": summary, "ratios": ratios, "mismatched": part.mismatched}
+    save_fusion(out_dir, params, meta, ratios, sources.names)
+    _log.info("[fuse] wrote fused checkpoint and mixing ratios to %s", out_dir)
+    return meta
