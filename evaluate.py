@@ -16,8 +16,12 @@ cli.define_flags(EvalConfig)
 flags.DEFINE_string("run", None, "Run directory (train.py workdir or fuse.py output).")
 flags.DEFINE_string("out", "", "Output directory (default <run>/eval_<split>, or <run>/forgetting).")
 flags.DEFINE_string("data_dir", "", "Override the run's data directory (e.g. data moved).")
-flags.DEFINE_list("forgetting", [], "Source runs: evaluate the run's transferable params with each "
-                  "source's task-specific leaves on that source's task (paper Table 4).")
+flags.DEFINE_list(
+    "forgetting",
+    [],
+    "Source runs: evaluate the run's transferable params with each "
+    "source's task-specific leaves on that source's task (paper Table 4).",
+)
 FLAGS = flags.FLAGS
 
 

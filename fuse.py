@@ -27,8 +27,13 @@ def main():
         raise ConfigError("missing required flag: --out")
     if not FLAGS.source:
         raise ConfigError("missing required flag: --source (one or more run directories)")
-    fuse_models(FLAGS.source, cli.from_flags(DataSpec), FLAGS.out, cli.from_flags(FuseConfig),
-                cli.from_flags(TrainConfig))
+    fuse_models(
+        FLAGS.source,
+        cli.from_flags(DataSpec),
+        FLAGS.out,
+        cli.from_flags(FuseConfig),
+        cli.from_flags(TrainConfig),
+    )
 
 
 if __name__ == "__main__":

@@ -20,8 +20,12 @@ cli.define_flags(DataSpec)
 cli.define_flags(ModelConfig)
 cli.define_flags(TrainConfig)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, config.json).")
-flags.DEFINE_enum("init", "random", list(INITS),
-                  "random (no transfer), transfer (from a trained run) or fused (from fuse.py).")
+flags.DEFINE_enum(
+    "init",
+    "random",
+    list(INITS),
+    "random (no transfer), transfer (from a trained run) or fused (from fuse.py).",
+)
 flags.DEFINE_string("init_from", "", "Run directory to initialise from (with --init=transfer/fused).")
 FLAGS = flags.FLAGS
 
@@ -29,8 +33,14 @@ FLAGS = flags.FLAGS
 def main():
     if not FLAGS.workdir:
         raise ConfigError("missing required flag: --workdir")
-    train_model(cli.from_flags(DataSpec), cli.from_flags(ModelConfig), cli.from_flags(TrainConfig),
-                FLAGS.workdir, init=FLAGS.init, init_from=FLAGS.init_from)
+    train_model(
+        cli.from_flags(DataSpec),
+        cli.from_flags(ModelConfig),
+        cli.from_flags(TrainConfig),
+        FLAGS.workdir,
+        init=FLAGS.init,
+        init_from=FLAGS.init_from,
+    )
 
 
 if __name__ == "__main__":

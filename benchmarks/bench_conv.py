@@ -8,8 +8,10 @@ Times, for ``conv_impl`` in {native, depth2d, direct}:
      UNet3D at (2×32³×4, base 8) and (1×64³×4, base 16).
 
 Everything is jitted; compilation and a warm-up call are excluded; the median (and minimum) of
-several runs is reported. The UNet step runs in training mode (spatial dropout on). Usage: ``python benchmarks/bench_conv.py [--repeats N] [--skip-large]``.
+several runs is reported. The UNet step runs in training mode (spatial dropout on).
+Usage: ``python benchmarks/bench_conv.py [--repeats N] [--skip-large]``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,7 +57,9 @@ def bench_single_conv(repeats: int) -> list[tuple[str, str, tuple[float, float],
         for impl in IMPLS:
             fwd = jax.jit(lambda x, k, impl=impl: conv3d(x, k, 1, impl))
             fwd_bwd = jax.jit(
-                jax.value_and_grad(lambda x, k, impl=impl: jnp.sum(conv3d(x, k, 1, impl) ** 2), argnums=(0, 1))
+                jax.value_and_grad(
+                    lambda x, k, impl=impl: jnp.sum(conv3d(x, k, 1, impl) ** 2), argnums=(0, 1)
+                )
             )
             reps = repeats if (impl != "native" or n <= 32) else 2
             t_f = _time(fwd, x, kernel, repeats=reps)

@@ -12,6 +12,7 @@ stable statistic on a shared machine.
 
 Usage: python benchmarks/bench_merge.py [--repeats 20] [--sources 2,4,8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from timm_jax.core.merge import imm_merge, mixing_ratios, uniform_logits
-from timm_jax.nn.unet import UNet3D, count_params
 from timm_jax.core.partition import split
+from timm_jax.nn.unet import UNet3D, count_params
 
 
 def timeit(fn, *args, repeats=20):
@@ -60,6 +61,7 @@ def stack_merge(params_list, fishers, logits, eps=1e-8):
         th, f = jnp.stack(xs[:T]), jnp.stack(xs[T:])
         a = alpha.reshape((T,) + (1,) * (th.ndim - 1))
         return jnp.sum(a * f * th, 0) / (jnp.sum(a * f, 0) + eps)
+
     return jax.tree_util.tree_map(leaf, alphas, *params_list, *fishers)
 
 
@@ -69,15 +71,24 @@ def main():
     ap.add_argument("--sources", default="2,4,8")
     args = ap.parse_args()
     model = UNet3D(out_channels=3)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 16, 4))))["params"]
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 16, 4))))[
+        "params"
+    ]
     transferable = split(shapes).transferable
     n_all, n = count_params(shapes), count_params(transferable)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
-          f"network {n_all:,} params, {n:,} transferable; best of {args.repeats}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({jax.devices()[0].device_kind}); "
+        f"network {n_all:,} params, {n:,} transferable; best of {args.repeats}"
+    )
     rng = np.random.default_rng(0)
     make = lambda positive=False: jax.tree_util.tree_map(  # noqa: E731
-        lambda s: jnp.asarray(np.abs(rng.standard_normal(s.shape, np.float32)) if positive
-                              else rng.standard_normal(s.shape, np.float32)), transferable)
+        lambda s: jnp.asarray(
+            np.abs(rng.standard_normal(s.shape, np.float32))
+            if positive
+            else rng.standard_normal(s.shape, np.float32)
+        ),
+        transferable,
+    )
     merge = jax.jit(imm_merge)
     naive = jax.jit(stack_merge)
     print(f"{'T':>2} {'mode':>5} {'ms':>8} {'GB/s':>7} {'copy GB/s':>9} {'fraction':>8} {'stack ms':>9}")
@@ -90,9 +101,16 @@ def main():
             bw_jax, bw_np = copy_bandwidth(traffic, args.repeats)
             copy_bw = max(bw_jax, bw_np)
             t = timeit(merge, params, fis, logits, repeats=args.repeats)
-            t_naive = timeit(naive, params, fishers, logits, repeats=args.repeats) if fis is not None else float("nan")
-            print(f"{T:>2} {mode:>5} {t * 1e3:8.2f} {traffic / t / 1e9:7.1f} {copy_bw / 1e9:9.1f} "
-                  f"{traffic / t / copy_bw:8.2f} {t_naive * 1e3:9.2f}", flush=True)
+            t_naive = (
+                timeit(naive, params, fishers, logits, repeats=args.repeats)
+                if fis is not None
+                else float("nan")
+            )
+            print(
+                f"{T:>2} {mode:>5} {t * 1e3:8.2f} {traffic / t / 1e9:7.1f} {copy_bw / 1e9:9.1f} "
+                f"{traffic / t / copy_bw:8.2f} {t_naive * 1e3:9.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ same soft Dice on sigmoid outputs, the optimiser Adam.
 
 Usage: python benchmarks/torch_reference.py [--base 8] [--size 32] [--batch 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,18 +22,23 @@ import torch.nn.functional as F
 
 class ConvBlock(nn.Sequential):
     def __init__(self, cin, cout, k=3, stride=1):
-        super().__init__(nn.Conv3d(cin, cout, k, stride=stride, padding=k // 2),
-                         nn.InstanceNorm3d(cout, affine=True), nn.LeakyReLU(1e-2))
+        super().__init__(
+            nn.Conv3d(cin, cout, k, stride=stride, padding=k // 2),
+            nn.InstanceNorm3d(cout, affine=True),
+            nn.LeakyReLU(1e-2),
+        )
 
 
 class IsenseeUNet(nn.Module):
     def __init__(self, cin=4, cout=3, base=16, depth=5, dropout=0.3, heads=3):
         super().__init__()
-        f = [base * 2 ** l for l in range(depth)]
+        f = [base * 2**l for l in range(depth)]
         self.enc_in, self.ctx = nn.ModuleList(), nn.ModuleList()
         for l in range(depth):
             self.enc_in.append(ConvBlock(cin if l == 0 else f[l - 1], f[l], stride=1 if l == 0 else 2))
-            self.ctx.append(nn.Sequential(ConvBlock(f[l], f[l]), nn.Dropout3d(dropout), ConvBlock(f[l], f[l])))
+            self.ctx.append(
+                nn.Sequential(ConvBlock(f[l], f[l]), nn.Dropout3d(dropout), ConvBlock(f[l], f[l]))
+            )
         self.up, self.loc = nn.ModuleList(), nn.ModuleList()
         for l in range(depth - 2, -1, -1):
             self.up.append(ConvBlock(f[l + 1], f[l]))
@@ -78,6 +84,7 @@ def make_step(base: int, size: int, batch: int):
         loss = soft_dice_loss(net(x), y)
         loss.backward()
         opt.step()
+
     step()
     return step
 
@@ -101,8 +108,10 @@ def main():
     args = ap.parse_args()
     n = sum(p.numel() for p in IsenseeUNet(base=args.base).parameters())
     t = step_time(args.base, args.size, args.batch)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads: {args.batch}x{args.size}^3 base "
-          f"{args.base} ({n:,} params): {t * 1e3:.1f} ms/step")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads: {args.batch}x{args.size}^3 base "
+        f"{args.base} ({n:,} params): {t * 1e3:.1f} ms/step"
+    )
 
 
 if __name__ == "__main__":

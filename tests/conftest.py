@@ -1,4 +1,5 @@
 """Test configuration: fast CPU compilation and absl flags parsed (grain reads one at worker start)."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")

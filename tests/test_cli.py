@@ -3,6 +3,7 @@
 Runs the real scripts in subprocesses on a tiny generated demo set (6 mm, 32^3 volumes) with a
 tiny network, sharing a persistent compilation cache.
 """
+
 import csv
 import json
 import os
@@ -28,16 +29,34 @@ def env(tmp_path_factory):
     e["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
     e["PYTHONPATH"] = str(ROOT)
     from timm_jax.experiments.demo_data import build_demo
-    build_demo(tmp / "data", seed=0, spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1,
-               n_parc_test=1, n_brats_train=4, n_brats_val=1, n_brats_test=2, progress=False,
-               make_preview=False)
+
+    build_demo(
+        tmp / "data",
+        seed=0,
+        spacing=6.0,
+        n_parc_task1=4,
+        n_parc_task2=4,
+        n_parc_val=1,
+        n_parc_test=1,
+        n_brats_train=4,
+        n_brats_val=1,
+        n_brats_test=2,
+        progress=False,
+        make_preview=False,
+    )
     return tmp, e
 
 
 def run(env, script, *args, check=True):
     tmp, e = env
-    p = subprocess.run([sys.executable, str(ROOT / script), *args], env=e, cwd=tmp,
-                       capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        env=e,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if check and p.returncode != 0:
         raise AssertionError(f"{script} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
     return p
@@ -56,23 +75,54 @@ def test_protocol_end_to_end(env):
     r = tmp / "runs"
     out = run(env, "train.py", *parc(tmp, "task1"), f"--workdir={r}/m1", *NET, *SCHED).stdout
     assert "epoch 2/2" in out and "val_dice" in out and "Mvox/s" in out
-    out = run(env, "train.py", *parc(tmp, "task2"), f"--workdir={r}/m2", "--init=transfer",
-              f"--init_from={r}/m1", *NET, *SCHED).stdout
+    out = run(
+        env,
+        "train.py",
+        *parc(tmp, "task2"),
+        f"--workdir={r}/m2",
+        "--init=transfer",
+        f"--init_from={r}/m1",
+        *NET,
+        *SCHED,
+    ).stdout
     assert "transfer from" in out and "task-specific leaves re-initialised" in out
-    out = run(env, "fuse.py", f"--source={r}/m1,{r}/m2", *brats(tmp), "--method=imm",
-              f"--out={r}/imm", "--patch=16,16,16").stdout
+    out = run(
+        env,
+        "fuse.py",
+        f"--source={r}/m1,{r}/m2",
+        *brats(tmp),
+        "--method=imm",
+        f"--out={r}/imm",
+        "--patch=16,16,16",
+    ).stdout
     assert "shape-mismatched: conv_enc0_in/kernel" in out
     assert (r / "m1" / "fisher" / "fisher_empirical.npz").is_file()
-    out = run(env, "fuse.py", f"--source={r}/m1,{r}/m2", *brats(tmp), "--method=timm",
-              "--granularity=layer", f"--out={r}/timm", *SCHED).stdout
+    out = run(
+        env,
+        "fuse.py",
+        f"--source={r}/m1,{r}/m2",
+        *brats(tmp),
+        "--method=timm",
+        "--granularity=layer",
+        f"--out={r}/timm",
+        *SCHED,
+    ).stdout
     assert "Fisher of" in out and "cached" in out and "[adapt] epoch 2/2" in out
     ratios = json.loads((r / "timm" / "mixing_ratios.json").read_text())
     assert ratios["sources"] == ["m1", "m2"]
     assert all(abs(sum(v) - 1) < 1e-5 for v in ratios["ratios"].values())
     assert (r / "timm" / "mixing_ratios.png").stat().st_size > 1000
     assert (r / "timm" / "mixing_ratios.csv").read_text().startswith("layer,m1,m2")
-    out = run(env, "train.py", *brats(tmp), f"--workdir={r}/t3", "--init=fused", f"--init_from={r}/timm",
-              *NET, *SCHED).stdout
+    out = run(
+        env,
+        "train.py",
+        *brats(tmp),
+        f"--workdir={r}/t3",
+        "--init=fused",
+        f"--init_from={r}/timm",
+        *NET,
+        *SCHED,
+    ).stdout
     assert "initialised from fused checkpoint" in out
     lines = (r / "t3" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["epoch"] for l in lines] == [1, 2]
@@ -87,6 +137,7 @@ def test_protocol_end_to_end(env):
     mean = np.mean([float(x["dice_mean"]) for x in rows])
     assert abs(summary["metrics"]["dice_mean"]["mean"] - mean) < 1e-6
     import nibabel as nib
+
     pred = nib.load(r / "t3" / "eval_test" / "predictions" / f"{rows[0]['case']}.nii.gz")
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
     # forgetting mode (paper Table 4): fused transferable leaves + each source's task-specific ones
@@ -100,6 +151,7 @@ def test_protocol_end_to_end(env):
 def _final_params(run_dir):
     from timm_jax.core.partition import to_flat_dict
     from timm_jax.training.rundir import RunDir
+
     with RunDir.open(str(run_dir)) as run:
         params = run.load_params("latest")[0]
     return {k: np.asarray(v) for k, v in to_flat_dict(params).items()}
@@ -111,8 +163,14 @@ def test_kill_and_resume_gives_the_same_result(env):
     args = [*parc(tmp, "task1"), *NET, *sched]
     run(env, "train.py", *args, f"--workdir={tmp}/full")
     killed = tmp / "killed"
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, f"--workdir={killed}"], env=e,
-                         cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--workdir={killed}"],
+        env=e,
+        cwd=tmp,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     latest = killed / "checkpoints" / "latest"
     while time.time() < deadline and p.poll() is None:
@@ -132,26 +190,33 @@ def test_kill_and_resume_gives_the_same_result(env):
     assert [x["val_loss"] for x in full] == [x["val_loss"] for x in res]
 
 
-@pytest.mark.parametrize("case", [
-    ("train.py", ["--layout=parcellation"], "missing required flag: --workdir"),
-    ("train.py", ["--workdir=W", "--layout=parcellation"], "missing required flag(s): --data_dir"),
-    ("train.py", ["--workdir=W", "PARC1", "--init=transfer"], "--init=transfer needs --init_from"),
-    ("train.py", ["--workdir=W", "PARC1", "--init_from=RUNS/m1"], "--init=random"),
-    ("train.py", ["--workdir=W", "PARC1", "--init=transfer", "--init_from=nowhere"],
-     "run directory"),
-    ("train.py", ["--workdir=W", "PARC1", "--patch=10,16,16"], "must be divisible by 16"),
-    ("train.py", ["--workdir=W", "PARC1", "--patch=16,16"], "--patch must be three integers"),
-    ("train.py", ["--workdir=W", "--data_dir=DATA/brats", "--layout=parcellation", "--task_key=task3"],
-     "is a brats task"),
-    ("train.py", ["--workdir=W", "--data_dir=nowhere", "--layout=brats"], "does not exist"),
-    ("fuse.py", ["--out=O", "PARC1"], "missing required flag: --source"),
-    ("evaluate.py", [], "missing required flag: --run"),
-    ("evaluate.py", ["--run=nowhere"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("train.py", ["--layout=parcellation"], "missing required flag: --workdir"),
+        ("train.py", ["--workdir=W", "--layout=parcellation"], "missing required flag(s): --data_dir"),
+        ("train.py", ["--workdir=W", "PARC1", "--init=transfer"], "--init=transfer needs --init_from"),
+        ("train.py", ["--workdir=W", "PARC1", "--init_from=RUNS/m1"], "--init=random"),
+        ("train.py", ["--workdir=W", "PARC1", "--init=transfer", "--init_from=nowhere"], "run directory"),
+        ("train.py", ["--workdir=W", "PARC1", "--patch=10,16,16"], "must be divisible by 16"),
+        ("train.py", ["--workdir=W", "PARC1", "--patch=16,16"], "--patch must be three integers"),
+        (
+            "train.py",
+            ["--workdir=W", "--data_dir=DATA/brats", "--layout=parcellation", "--task_key=task3"],
+            "is a brats task",
+        ),
+        ("train.py", ["--workdir=W", "--data_dir=nowhere", "--layout=brats"], "does not exist"),
+        ("fuse.py", ["--out=O", "PARC1"], "missing required flag: --source"),
+        ("evaluate.py", [], "missing required flag: --run"),
+        ("evaluate.py", ["--run=nowhere"], "does not exist"),
+    ],
+)
 def test_bad_flags_give_clear_errors(env, case):
     tmp, _ = env
     script, args, msg = case
-    sub = {"PARC1": parc(tmp, "task1"), }
+    sub = {
+        "PARC1": parc(tmp, "task1"),
+    }
     full = []
     for a in args:
         full += sub.get(a, [a.replace("DATA", f"{tmp}/data").replace("RUNS", f"{tmp}/runs")])
@@ -164,29 +229,80 @@ def test_bad_flags_give_clear_errors(env, case):
 def test_checkpoint_errors(env):
     tmp, _ = env
     r = tmp / "ckerr"
-    run(env, "train.py", *parc(tmp, "task1"), f"--workdir={r}/src", "--base_filters=2", "--depth=3",
-        "--patch=16,16,16", "--steps_per_epoch=1", "--max_epochs=1")
+    run(
+        env,
+        "train.py",
+        *parc(tmp, "task1"),
+        f"--workdir={r}/src",
+        "--base_filters=2",
+        "--depth=3",
+        "--patch=16,16,16",
+        "--steps_per_epoch=1",
+        "--max_epochs=1",
+    )
     # another architecture
-    p = run(env, "train.py", *parc(tmp, "task2"), f"--workdir={r}/x", "--init=transfer",
-            f"--init_from={r}/src", *NET, "--patch=16,16,16", check=False)
+    p = run(
+        env,
+        "train.py",
+        *parc(tmp, "task2"),
+        f"--workdir={r}/x",
+        "--init=transfer",
+        f"--init_from={r}/src",
+        *NET,
+        "--patch=16,16,16",
+        check=False,
+    )
     assert p.returncode == 2 and "another architecture" in p.stderr
     # a fused init from a plain run and vice versa
-    p = run(env, "train.py", *parc(tmp, "task2"), f"--workdir={r}/x", "--init=fused",
-            f"--init_from={r}/src", "--base_filters=2", "--depth=3", "--patch=16,16,16", check=False)
+    p = run(
+        env,
+        "train.py",
+        *parc(tmp, "task2"),
+        f"--workdir={r}/x",
+        "--init=fused",
+        f"--init_from={r}/src",
+        "--base_filters=2",
+        "--depth=3",
+        "--patch=16,16,16",
+        check=False,
+    )
     assert p.returncode == 2 and "not a fuse.py output" in p.stderr
     # same workdir, other configuration
-    p = run(env, "train.py", *parc(tmp, "task1"), f"--workdir={r}/src", "--base_filters=2", "--depth=3",
-            "--patch=16,16,16", "--steps_per_epoch=1", "--max_epochs=1", "--learning_rate=0.1", check=False)
+    p = run(
+        env,
+        "train.py",
+        *parc(tmp, "task1"),
+        f"--workdir={r}/src",
+        "--base_filters=2",
+        "--depth=3",
+        "--patch=16,16,16",
+        "--steps_per_epoch=1",
+        "--max_epochs=1",
+        "--learning_rate=0.1",
+        check=False,
+    )
     assert p.returncode == 2 and "another configuration" in p.stderr
     # corrupt checkpoint data
     for d, _, files in os.walk(r / "src" / "checkpoints"):
         for f in files:
             if "state" in d and not f.startswith("_"):
                 Path(d, f).write_bytes(b"garbage")
-    p = run(env, "train.py", *parc(tmp, "task2"), f"--workdir={r}/y", "--init=transfer",
-            f"--init_from={r}/src", "--base_filters=2", "--depth=3", "--patch=16,16,16", check=False)
+    p = run(
+        env,
+        "train.py",
+        *parc(tmp, "task2"),
+        f"--workdir={r}/y",
+        "--init=transfer",
+        f"--init_from={r}/src",
+        "--base_filters=2",
+        "--depth=3",
+        "--patch=16,16,16",
+        check=False,
+    )
     assert p.returncode == 2 and "could not be read" in p.stderr and "src" in p.stderr
     # the one-line error names the checkpoint (orbax's background threads may interleave their
     # own tracebacks of the same failed read before it, so look for it on its own line)
-    assert any(line.strip().startswith("error: checkpoint ") and "could not be read" in line
-               for line in p.stderr.splitlines()), p.stderr[-2000:]
+    assert any(
+        line.strip().startswith("error: checkpoint ") and "could not be read" in line
+        for line in p.stderr.splitlines()
+    ), p.stderr[-2000:]

@@ -1,6 +1,7 @@
 """The hand-written CPU kernels (timm_jax/nn/csrc/) against XLA: the 3×3×3 convolution against
 XLA's native 3D convolution (outputs, both gradients, borders, strides, odd shapes, vmap,
 determinism, errors, the AVX2 build) and instance normalisation against its JAX formulation."""
+
 import os
 import platform
 import subprocess
@@ -20,13 +21,15 @@ from timm_jax.nn.unet import conv3d
 def instance_norm(x, scale, bias, epsilon, use_kernels=False):
     return _instance_norm(x, scale, bias, epsilon, cpu_kernels if use_kernels else None)
 
+
 pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU kernels")
 
 
 def _fresh_process(script: str, **env) -> str:
     """Runs `script` in a new Python with extra environment variables; returns its stdout."""
-    out = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env},
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
@@ -51,12 +54,12 @@ def test_kernels_build_and_load():
     "batch,spatial,cin,cout,stride",
     [
         (2, (8, 8, 8), 8, 8, 1),
-        (1, (7, 5, 6), 3, 16, 1),     # odd sizes, Cin not a multiple of 8 (XLA input gradient)
-        (2, (6, 9, 4), 16, 24, 1),    # Cout = 24: three 8-wide vectors per tile
-        (1, (1, 2, 3), 8, 8, 1),      # dims of 1-3 voxels: every voxel is a border voxel
-        (1, (4, 4, 35), 8, 32, 1),    # long rows: every tile width 16/8/4/2/1 is used
-        (2, (8, 8, 8), 8, 16, 2),     # stride 2, even sizes: padding on the high side only
-        (1, (7, 5, 6), 16, 8, 2),     # stride 2, odd sizes: padding on both sides
+        (1, (7, 5, 6), 3, 16, 1),  # odd sizes, Cin not a multiple of 8 (XLA input gradient)
+        (2, (6, 9, 4), 16, 24, 1),  # Cout = 24: three 8-wide vectors per tile
+        (1, (1, 2, 3), 8, 8, 1),  # dims of 1-3 voxels: every voxel is a border voxel
+        (1, (4, 4, 35), 8, 32, 1),  # long rows: every tile width 16/8/4/2/1 is used
+        (2, (8, 8, 8), 8, 16, 2),  # stride 2, even sizes: padding on the high side only
+        (1, (7, 5, 6), 16, 8, 2),  # stride 2, odd sizes: padding on both sides
         (1, (3, 6, 7), 8, 64, 2),
     ],
 )
@@ -111,9 +114,9 @@ def test_unsupported_inputs_fall_back_to_xla():
     x, kernel = _data(1, (4, 4, 4), 8, 8)
     assert cpu_kernels.supports(x, kernel, (1, 1, 1))
     assert not cpu_kernels.supports(x.astype(jnp.bfloat16), kernel, (1, 1, 1))  # float32 only
-    assert not cpu_kernels.supports(x, kernel[..., :6], (1, 1, 1))        # Cout % 8 != 0
-    assert not cpu_kernels.supports(x, kernel[:1, :1, :1], (1, 1, 1))     # 1³ kernel
-    assert not cpu_kernels.supports(x, kernel, (2, 1, 2))                 # unequal strides
+    assert not cpu_kernels.supports(x, kernel[..., :6], (1, 1, 1))  # Cout % 8 != 0
+    assert not cpu_kernels.supports(x, kernel[:1, :1, :1], (1, 1, 1))  # 1³ kernel
+    assert not cpu_kernels.supports(x, kernel, (2, 1, 2))  # unequal strides
     # conv3d(impl="direct") still computes those, through the depth-folded 2D formulation
     y = conv3d(x, kernel[..., :6], (2, 1, 2), "direct")
     np.testing.assert_allclose(y, _native(x, kernel[..., :6], (2, 1, 2)), rtol=1e-5, atol=1e-5)
@@ -137,10 +140,12 @@ def test_avx2_build_matches_native(tmp_path):
         "from timm_jax.nn import cpu_kernels\n"
         "from timm_jax.nn.unet import conv3d\n"
         "assert cpu_kernels.available()\n"
-        "for cin, cout, stride, shape in [(8, 8, 1, (5, 6, 7)), (16, 24, 1, (4, 4, 9)), (8, 16, 2, (7, 5, 6))]:\n"
+        "cases = [(8, 8, 1, (5, 6, 7)), (16, 24, 1, (4, 4, 9)), (8, 16, 2, (7, 5, 6))]\n"
+        "for cin, cout, stride, shape in cases:\n"
         "    x = jax.random.normal(jax.random.key(0), (2, *shape, cin))\n"
         "    k = jax.random.normal(jax.random.key(1), (3, 3, 3, cin, cout)) * 0.1\n"
-        "    f = lambda impl: jax.value_and_grad(lambda x, k: (conv3d(x, k, stride, impl) ** 2).sum(), (0, 1))(x, k)\n"
+        "    loss = lambda x, k, impl: (conv3d(x, k, stride, impl) ** 2).sum()\n"
+        "    f = lambda impl: jax.value_and_grad(loss, (0, 1))(x, k, impl)\n"
         "    (v1, g1), (v2, g2) = f('direct'), f('native')\n"
         "    np.testing.assert_allclose(v1, v2, rtol=1e-5)\n"
         "    for a, b in zip(g1, g2):\n"
@@ -173,7 +178,9 @@ def test_instance_norm_kernels_per_example_under_vmap_and_deterministic():
     x = jax.random.normal(jax.random.key(2), (3, 1, 5000, 8))
     scale, bias = jnp.full((8,), 1.3), jnp.full((8,), 0.2)
     loss = lambda s, xi, k: jnp.sum(jnp.tanh(instance_norm(xi, s, bias, 1e-5, k)))
-    per_example = lambda k: jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)(scale, x, k)
+    per_example = lambda k: jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, None)), static_argnums=2)(
+        scale, x, k
+    )
     np.testing.assert_allclose(per_example(True), per_example(False), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(per_example(True), per_example(True))
 

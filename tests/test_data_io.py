@@ -1,4 +1,5 @@
 """Loaders of both layouts, every validation error, and the validate command's exit codes."""
+
 import gzip
 import subprocess
 import sys
@@ -190,7 +191,9 @@ def test_trailing_singleton_axis_is_accepted(tmp_path):
 
 def test_error_shape_mismatch(tmp_path):
     write_brats(tmp_path, "C", overrides={"t1ce": (_image(1, (6, 7, 6)), AFFINE)})
-    _check_both(tmp_path, "C", "brats", "C_t1ce.nii.gz", "shape (6, 7, 6) differs from C_t1.nii.gz's (6, 7, 5)")
+    _check_both(
+        tmp_path, "C", "brats", "C_t1ce.nii.gz", "shape (6, 7, 6) differs from C_t1.nii.gz's (6, 7, 5)"
+    )
 
 
 def test_error_affine_mismatch(tmp_path):

@@ -1,4 +1,5 @@
 """The grain training pipeline: shapes, determinism across worker counts, resume, foreground rate."""
+
 import itertools
 
 import numpy as np
@@ -19,7 +20,7 @@ def _cases(n=3, shape=(16, 14, 12), seed=0):
         img[:2] = 0.0
         lab = np.zeros(shape, np.int32)
         lo = [min(s // 3, s - 4) for s in shape]
-        lab[lo[0]:lo[0] + 4, lo[1]:lo[1] + 4, lo[2]:lo[2] + 3] = rng.choice([1, 2, 4], size=(4, 4, 3))
+        lab[lo[0] : lo[0] + 4, lo[1] : lo[1] + 4, lo[2] : lo[2] + 3] = rng.choice([1, 2, 4], size=(4, 4, 3))
         cases.append(Case(f"c{i}", img, lab, np.eye(4), ("t1", "t1ce", "t2", "flair")))
     return cases
 
@@ -113,8 +114,9 @@ def test_foreground_oversampling_rate(rate):
     lab = np.zeros(shape, np.int32)
     lab[19:21, 19:21, 19:21] = 5
     task = parcellation_labels([5])
-    sampler = PatchSampler([Case("c", img, lab, np.eye(4), ("t1",))], task, PATCH, seed=11,
-                           foreground_rate=rate, augment=False)
+    sampler = PatchSampler(
+        [Case("c", img, lab, np.eye(4), ("t1",))], task, PATCH, seed=11, foreground_rate=rate, augment=False
+    )
     n = 1500
     hits = forced = 0
     for i in range(n):
@@ -132,7 +134,9 @@ def test_foreground_oversampling_rate(rate):
 
 def test_small_volumes_are_padded_to_the_patch():
     cases = _cases(n=1, shape=(5, 9, 6))
-    (batch,) = _take(make_train_dataset(cases, brats_regions(), patch_shape=(8, 12, 8), batch_size=2, seed=0), 1)
+    (batch,) = _take(
+        make_train_dataset(cases, brats_regions(), patch_shape=(8, 12, 8), batch_size=2, seed=0), 1
+    )
     assert batch["image"].shape == (2, 8, 12, 8, 4)
     # everything from the case is inside the patch, padding is zero
     assert batch["target"][0].any(-1).sum() == cases[0].labels.astype(bool).sum()

@@ -1,4 +1,5 @@
 """Preprocessing (crop, normalise, resample, pad) against hand-computed small cases, and its cache."""
+
 import dataclasses
 import importlib.util
 import os
@@ -94,8 +95,11 @@ def test_resample_downsampling_samples_exact_positions():
     out = resample(_case(vol, lab, np.diag([1.0, 2.0, 1.0, 1.0])), 3.0)
     # r = (3, 1.5, 3): x = 1, 4; y = 0.25, 1.75, 3.25, 4.75; z = 1
     assert out.shape == (2, 4, 1)
-    np.testing.assert_allclose(out.image[:, 0, 0, 0], [vol[1, 0, 1] * 0.75 + vol[1, 1, 1] * 0.25,
-                                                      vol[4, 0, 1] * 0.75 + vol[4, 1, 1] * 0.25], rtol=1e-6)
+    np.testing.assert_allclose(
+        out.image[:, 0, 0, 0],
+        [vol[1, 0, 1] * 0.75 + vol[1, 1, 1] * 0.25, vol[4, 0, 1] * 0.75 + vol[4, 1, 1] * 0.25],
+        rtol=1e-6,
+    )
     np.testing.assert_array_equal(out.labels[:, :, 0], lab[np.ix_([1, 4], [0, 2, 3, 5], [1])][..., 0])
     assert out.spacing == pytest.approx((3.0, 3.0, 3.0))
 

@@ -1,4 +1,5 @@
 """Seeded splits and nested data fractions."""
+
 import random
 
 import pytest

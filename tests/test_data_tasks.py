@@ -1,4 +1,5 @@
 """Tasks: label maps to target channels and back."""
+
 import numpy as np
 import pytest
 
@@ -14,10 +15,12 @@ def test_brats_targets_are_nested_regions():
     assert t.dtype == np.float32 and t.shape == (1, 1, 4, 3)
     np.testing.assert_array_equal(
         t[0, 0],
-        [[0, 0, 0],  # background
-         [1, 1, 0],  # necrosis: WT, TC
-         [1, 0, 0],  # oedema: WT
-         [1, 1, 1]],  # enhancing: all
+        [
+            [0, 0, 0],  # background
+            [1, 1, 0],  # necrosis: WT, TC
+            [1, 0, 0],  # oedema: WT
+            [1, 1, 1],
+        ],  # enhancing: all
     )
 
 
@@ -25,13 +28,15 @@ def test_brats_decode_inverts_targets_and_follows_paint_order():
     task = brats_regions()
     lm = np.random.default_rng(0).choice([0, 1, 2, 4], size=(5, 6, 7))
     np.testing.assert_array_equal(task.decode(task.targets(lm)), lm)
-    probs = np.array([
-        [0.9, 0.2, 0.1],  # WT only -> 2
-        [0.9, 0.7, 0.4],  # TC \ ET -> 1
-        [0.9, 0.7, 0.6],  # ET -> 4
-        [0.4, 0.2, 0.6],  # ET alone still 4 (ET painted last)
-        [0.5, 0.5, 0.5],  # threshold is strict
-    ])
+    probs = np.array(
+        [
+            [0.9, 0.2, 0.1],  # WT only -> 2
+            [0.9, 0.7, 0.4],  # TC \ ET -> 1
+            [0.9, 0.7, 0.6],  # ET -> 4
+            [0.4, 0.2, 0.6],  # ET alone still 4 (ET painted last)
+            [0.5, 0.5, 0.5],  # threshold is strict
+        ]
+    )
     np.testing.assert_array_equal(task.decode(probs), [2, 1, 4, 4, 0])
 
 
@@ -44,9 +49,7 @@ def test_parcellation_targets_select_label_ids():
     task = parcellation_labels([3, 7, 12], ["a", "b", "c"])
     lm = np.array([0, 3, 5, 7, 12, 99])
     t = task.targets(lm)
-    np.testing.assert_array_equal(
-        t, [[0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]]
-    )
+    np.testing.assert_array_equal(t, [[0, 0, 0], [1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 0, 1], [0, 0, 0]])
     # unlisted labels (5, 99) are background unless known_labels restricts them
     strict = parcellation_labels([3, 7, 12], known_labels=range(0, 15))
     with pytest.raises(DataError, match="99"):
@@ -57,11 +60,13 @@ def test_parcellation_targets_select_label_ids():
 
 def test_parcellation_decode():
     task = parcellation_labels([8, 9, 14])
-    probs = np.array([
-        [0.6, 0.7, 0.1],  # argmax 9
-        [0.4, 0.3, 0.2],  # nothing above 0.5 -> 0
-        [0.1, 0.2, 0.95],  # 14
-    ])
+    probs = np.array(
+        [
+            [0.6, 0.7, 0.1],  # argmax 9
+            [0.4, 0.3, 0.2],  # nothing above 0.5 -> 0
+            [0.1, 0.2, 0.95],  # 14
+        ]
+    )
     out = task.decode(probs)
     assert out.dtype == np.int32
     np.testing.assert_array_equal(out, [9, 0, 14])
@@ -70,7 +75,10 @@ def test_parcellation_decode():
 
 
 def test_task_serialisation_roundtrip_and_manifest():
-    for task in (brats_regions(), parcellation_labels([1, 2], ["x", "y"], name="t1", known_labels=[0, 1, 2, 3])):
+    for task in (
+        brats_regions(),
+        parcellation_labels([1, 2], ["x", "y"], name="t1", known_labels=[0, 1, 2, 3]),
+    ):
         d = task.to_dict()
         assert Task.from_dict(d) == task
     manifest = {"tasks": {"task3": {"task": brats_regions("task3").to_dict()}}}

@@ -1,4 +1,5 @@
 """`make demo`'s pipeline at smoke scale: every stage runs, the report has the table and figures."""
+
 import os
 import subprocess
 import sys
@@ -11,8 +12,14 @@ def test_demo_pipeline_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "demo"
-    p = subprocess.run([sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],
-                       env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     for method in ("no transfer", "M1", "M2", "IMM", "T-IMM"):
         assert f"| {method} |" in p.stdout
@@ -23,8 +30,14 @@ def test_demo_pipeline_smoke(tmp_path):
         assert (out / "figures" / fig).stat().st_size > 1000
         assert f"figures/{fig}" in report
     # a second invocation reuses every finished run
-    p2 = subprocess.run([sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],
-                        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    p2 = subprocess.run(
+        [sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert p2.returncode == 0
     assert "already finished" in p2.stdout and "already holds this fusion" in p2.stdout
     assert "[train] epoch" not in p2.stdout

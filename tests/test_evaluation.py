@@ -1,4 +1,5 @@
 """Dice, HD95, case evaluation, result files and NIfTI export against hand-computed values."""
+
 import csv
 import json
 import math

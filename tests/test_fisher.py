@@ -1,11 +1,17 @@
 """fisher_diagonal against an explicit loop of per-example gradients."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timm_jax.core.fisher import (bernoulli_log_likelihood, fisher_diagonal, segmentation_log_likelihood,
-                             sampled_segmentation_log_likelihood, with_sample_keys)
+from timm_jax.core.fisher import (
+    bernoulli_log_likelihood,
+    fisher_diagonal,
+    sampled_segmentation_log_likelihood,
+    segmentation_log_likelihood,
+    with_sample_keys,
+)
 
 
 def log_likelihood(params, x, y):
@@ -17,9 +23,11 @@ def log_likelihood(params, x, y):
 
 def setup(n=7, seed=0):
     rng = np.random.default_rng(seed)
-    params = {"w1": rng.standard_normal((5, 6)).astype(np.float32),
-              "b1": rng.standard_normal(6).astype(np.float32),
-              "w2": {"k": rng.standard_normal((6, 3)).astype(np.float32)}}
+    params = {
+        "w1": rng.standard_normal((5, 6)).astype(np.float32),
+        "b1": rng.standard_normal(6).astype(np.float32),
+        "w2": {"k": rng.standard_normal((6, 3)).astype(np.float32)},
+    }
     x = rng.standard_normal((n, 5)).astype(np.float32)
     y = (rng.random((n, 3)) < 0.5).astype(np.float32)
     return params, x, y
@@ -48,8 +56,10 @@ def test_differs_from_squared_batch_gradient():
     fisher = fisher_diagonal(log_likelihood, params, [(x, y)])
     batch_grad = jax.grad(lambda p: jnp.mean(jax.vmap(log_likelihood, (None, 0, 0))(p, x, y)))(params)
     sq = jax.tree_util.tree_map(jnp.square, batch_grad)
-    diffs = [float(jnp.max(jnp.abs(a - b))) for a, b in
-             zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(sq))]
+    diffs = [
+        float(jnp.max(jnp.abs(a - b)))
+        for a, b in zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(sq))
+    ]
     assert max(diffs) > 1e-2
     # and the empirical Fisher is ≥ the squared mean gradient (Jensen), element-wise
     for a, b in zip(jax.tree_util.tree_leaves(fisher), jax.tree_util.tree_leaves(sq)):
@@ -91,7 +101,8 @@ def test_segmentation_log_likelihood_readds_batch_axis_and_true_fisher():
 
 
 def test_data_parallel_fisher_on_4_devices_equals_single_device():
-    """Pitfall (core/fisher.py docstring): per-example grads of a sharded batch. 4 fake CPU devices (conftest)."""
+    """The pitfall in core/fisher.py's docstring: per-example grads of a sharded batch, 4 fake CPU
+    devices (conftest)."""
     devices = jax.devices()
     assert len(devices) == 4, "tests/conftest.py forces 4 host devices"
     mesh = jax.sharding.Mesh(np.array(devices), ("data",))

@@ -1,4 +1,5 @@
 """Sliding-window and whole-volume inference against direct whole-volume prediction."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,12 @@ def test_sliding_window_equals_direct_for_voxelwise_fn(shape, patch, overlap, ga
     rng = np.random.default_rng(0)
     image = rng.standard_normal(shape + (2,)).astype(np.float32)
     out = sliding_window_predict(
-        voxelwise_apply, 2.0, image, patch_shape=patch, overlap=overlap, batch_size=batch,
+        voxelwise_apply,
+        2.0,
+        image,
+        patch_shape=patch,
+        overlap=overlap,
+        batch_size=batch,
         gaussian=gaussian,
     )
     assert out.shape == shape + (2,) and out.dtype == np.float32
@@ -76,8 +82,9 @@ def test_every_voxel_covered_and_weights_positive():
     def ones(params, x):
         return jnp.full(x.shape[:4] + (1,), 50.0)
 
-    out = sliding_window_predict(ones, None, np.zeros((11, 6, 9, 1), np.float32),
-                                 patch_shape=(4, 4, 4), overlap=0.25)
+    out = sliding_window_predict(
+        ones, None, np.zeros((11, 6, 9, 1), np.float32), patch_shape=(4, 4, 4), overlap=0.25
+    )
     assert np.isfinite(out).all()
     np.testing.assert_allclose(out, 1.0)
     g = inference.gaussian_importance_map((4, 6, 8))
@@ -142,8 +149,9 @@ def test_tiny_conv_model_sliding_agrees_with_whole_volume_in_interior():
     inner = (slice(1, -1),) * 3
     err = {}
     for g in (True, False):
-        sliding = sliding_window_predict(apply_fn, params, image, patch_shape=(8, 8, 8),
-                                         overlap=0.5, gaussian=g)
+        sliding = sliding_window_predict(
+            apply_fn, params, image, patch_shape=(8, 8, 8), overlap=0.5, gaussian=g
+        )
         err[g] = np.abs(sliding[inner] - whole[inner])
     assert err[True].max() < 5e-3 and err[True].mean() < 1e-3
     assert err[True].mean() < 0.1 * err[False].mean()

@@ -1,4 +1,5 @@
 """Losses and metrics against hand-computed values."""
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -10,8 +11,11 @@ def test_soft_dice_loss_matches_numpy():
     logits = rng.standard_normal((2, 3, 4, 5, 3)).astype(np.float32)
     y = (rng.random((2, 3, 4, 5, 3)) < 0.3).astype(np.float32)
     p = 1 / (1 + np.exp(-logits.astype(np.float64)))
-    dice = [(2 * (p[b, ..., k] * y[b, ..., k]).sum() + 1e-5) / (p[b, ..., k].sum() + y[b, ..., k].sum() + 1e-5)
-            for b in range(2) for k in range(3)]
+    dice = [
+        (2 * (p[b, ..., k] * y[b, ..., k]).sum() + 1e-5) / (p[b, ..., k].sum() + y[b, ..., k].sum() + 1e-5)
+        for b in range(2)
+        for k in range(3)
+    ]
     np.testing.assert_allclose(losses.soft_dice_loss(logits, y), 1 - np.mean(dice), rtol=1e-5)
     # perfect confident prediction → loss ≈ 0
     assert float(losses.soft_dice_loss(jnp.where(y > 0, 50.0, -50.0), y)) < 1e-4
@@ -29,11 +33,11 @@ def test_cross_entropy_matches_numpy():
 def test_hard_dice_per_channel_and_empty_case():
     pred = np.zeros((1, 2, 2, 1, 2), bool)
     tgt = np.zeros_like(pred)
-    pred[0, 0, :, 0, 0] = True          # 2 voxels predicted
-    tgt[0, :, 0, 0, 0] = True           # 2 voxels true, overlap 1
+    pred[0, 0, :, 0, 0] = True  # 2 voxels predicted
+    tgt[0, :, 0, 0, 0] = True  # 2 voxels true, overlap 1
     d = np.asarray(losses.hard_dice(pred, tgt))
     np.testing.assert_allclose(d[0, 0], 2 * 1 / 4)
-    assert d[0, 1] == 1.0                # both empty
+    assert d[0, 1] == 1.0  # both empty
     tgt[0, 0, 0, 0, 1] = True
     assert np.asarray(losses.hard_dice(pred, tgt))[0, 1] == 0.0
 

@@ -1,12 +1,19 @@
 """imm_merge / mixing_ratios against a plain NumPy transcription of the T-IMM equations."""
+
 import jax
-from jax.flatten_util import ravel_pytree
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
-from timm_jax.core.merge import (expand_logits, imm_merge, init_logits, layer_names, mixing_ratios,
-                            uniform_logits)
+from timm_jax.core.merge import (
+    expand_logits,
+    imm_merge,
+    init_logits,
+    layer_names,
+    mixing_ratios,
+    uniform_logits,
+)
 
 EPS = 1e-8
 
@@ -31,9 +38,12 @@ def make_tree(rng, scale=1.0, positive=False):
     def arr(*shape):
         x = rng.standard_normal(shape).astype(np.float32) * scale
         return np.abs(x) if positive else x
-    return {"conv_a": {"kernel": arr(3, 3, 3, 2, 4), "bias": arr(4)},
-            "block": {"conv_b": {"kernel": arr(1, 1, 1, 4, 4), "bias": arr(4)}},
-            "scalar": arr()}
+
+    return {
+        "conv_a": {"kernel": arr(3, 3, 3, 2, 4), "bias": arr(4)},
+        "block": {"conv_b": {"kernel": arr(1, 1, 1, 4, 4), "bias": arr(4)}},
+        "scalar": arr(),
+    }
 
 
 def np_merge_tree(params_list, fishers, logits):
@@ -41,8 +51,9 @@ def np_merge_tree(params_list, fishers, logits):
     fl = None if fishers is None else [jax.tree_util.tree_leaves(f) for f in fishers]
     out = []
     for i, b in enumerate(jax.tree_util.tree_leaves(logits)):
-        out.append(np_merge_leaf([l[i] for l in leaves], None if fl is None else [f[i] for f in fl],
-                                 np.asarray(b)))
+        out.append(
+            np_merge_leaf([l[i] for l in leaves], None if fl is None else [f[i] for f in fl], np.asarray(b))
+        )
     return out
 
 
@@ -86,7 +97,7 @@ def test_single_source_and_identical_sources_return_source():
     # Fishers away from 0: θ·F/(F + ε) differs from θ by a relative ε/F, the formula's own guard
     f = jax.tree_util.tree_map(lambda x: x + 0.1, make_tree(rng, positive=True))
     for T in (1, 3):
-        logits = jax.tree_util.tree_map(lambda _: jnp.asarray(rng.standard_normal(T), jnp.float32), p)
+        logits = jax.tree_util.tree_map(lambda _, T=T: jnp.asarray(rng.standard_normal(T), jnp.float32), p)
         out = imm_merge([p] * T, [f] * T, logits)
         for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(p)):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -106,14 +117,18 @@ def test_scaling_fishers_of_a_leaf_changes_nothing():
 def test_gradient_wrt_logits_matches_finite_differences():
     rng = np.random.default_rng(3)
     params = [jax.tree_util.tree_map(lambda x: x.astype(np.float64), make_tree(rng)) for _ in range(3)]
-    fishers = [jax.tree_util.tree_map(lambda x: x.astype(np.float64), make_tree(rng, positive=True))
-               for _ in range(3)]
+    fishers = [
+        jax.tree_util.tree_map(lambda x: x.astype(np.float64), make_tree(rng, positive=True))
+        for _ in range(3)
+    ]
     w = jax.tree_util.tree_map(lambda x: rng.standard_normal(np.shape(x)), params[0])
     logits0 = jax.tree_util.tree_map(lambda _: rng.standard_normal(3), params[0])
 
     def objective(logits):
         out = imm_merge(params, fishers, logits)
-        return sum(jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(w)))
+        return sum(
+            jnp.sum(a * b) for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(w))
+        )
 
     with jax.enable_x64(True):
         params = jax.tree_util.tree_map(jnp.asarray, params)
@@ -135,13 +150,15 @@ def test_zero_fishers_and_extreme_logits_are_finite():
     params = [make_tree(rng) for _ in range(2)]
     zeros = [jax.tree_util.tree_map(np.zeros_like, p) for p in params]
     for b in ([80.0, -80.0], [-80.0, -80.0], [-200.0, 3.0], [80.0, 80.0]):
-        logits = jax.tree_util.tree_map(lambda _: jnp.asarray(b, jnp.float32), params[0])
+        logits = jax.tree_util.tree_map(lambda _, b=b: jnp.asarray(b, jnp.float32), params[0])
         for fishers in (zeros, [jax.tree_util.tree_map(np.abs, p) for p in params], None):
             out = jax.jit(imm_merge)(params, fishers, logits)
             assert all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(out))
         ratios = mixing_ratios(logits)
-        assert all(np.all(np.isfinite(r)) and abs(float(r.sum()) - 1) < 1e-6
-                   for r in jax.tree_util.tree_leaves(ratios))
+        assert all(
+            np.all(np.isfinite(r)) and abs(float(r.sum()) - 1) < 1e-6
+            for r in jax.tree_util.tree_leaves(ratios)
+        )
     # all-zero Fishers give 0, as the formula says
     out = imm_merge(params, zeros, uniform_logits(params[0], 2))
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree_util.tree_leaves(out))
@@ -157,8 +174,9 @@ def test_granularities_expand_and_share_gradients():
         assert jax.tree_util.tree_structure(per_leaf) == jax.tree_util.tree_structure(params[0])
         assert all(np.allclose(x, 0.25) and x.shape == (2,) for x in jax.tree_util.tree_leaves(per_leaf))
     layer = init_logits(params[0], 2, "layer")
-    g = jax.grad(lambda l: jnp.sum(imm_merge(params, None, expand_logits(l, params[0], "layer"))
-                                   ["conv_a"]["kernel"]))(layer)
+    g = jax.grad(
+        lambda l: jnp.sum(imm_merge(params, None, expand_logits(l, params[0], "layer"))["conv_a"]["kernel"])
+    )(layer)
     assert np.any(g["['conv_a']"] != 0) and np.all(g["['block']['conv_b']"] == 0)
     with pytest.raises(ValueError, match="granularity"):
         init_logits(params[0], 2, "neuron")
@@ -177,8 +195,10 @@ def test_bad_inputs_name_the_leaf():
     missing = {k: v for k, v in params[1].items() if k != "scalar"}
     with pytest.raises(ValueError, match=r"params_list\[1\].*structure.*'scalar'"):
         imm_merge([params[0], missing], None, logits)
-    neg = [fishers[0], dict(fishers[1], block={"conv_b": dict(fishers[1]["block"]["conv_b"],
-                                                              bias=-np.ones(4, np.float32))})]
+    neg = [
+        fishers[0],
+        dict(fishers[1], block={"conv_b": dict(fishers[1]["block"]["conv_b"], bias=-np.ones(4, np.float32))}),
+    ]
     with pytest.raises(ValueError, match=r"fishers\[1\] leaf \['block'\]\['conv_b'\]\['bias'\] has negative"):
         imm_merge(params, neg, logits)
     nan = [dict(fishers[0], scalar=np.float32(np.nan)), fishers[1]]
@@ -198,7 +218,9 @@ def test_bad_inputs_name_the_leaf():
 
 def test_inputs_unchanged_and_dtype_preserved():
     rng = np.random.default_rng(7)
-    params = [jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), make_tree(rng)) for _ in range(2)]
+    params = [
+        jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), make_tree(rng)) for _ in range(2)
+    ]
     copies = jax.tree_util.tree_map(np.array, params)
     out = jax.jit(imm_merge)(params, None, uniform_logits(params[0], 2))
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(out))

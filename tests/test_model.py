@@ -1,4 +1,5 @@
 """Tests for timm_jax.nn.unet: the Isensee et al. (2017) 3D U-Net and its two conv implementations."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -300,7 +301,9 @@ def test_upsample_nearest():
     x = jnp.arange(8.0).reshape(1, 2, 2, 2, 1)
     y = upsample_nearest(x)
     assert y.shape == (1, 4, 4, 4, 1)
-    np.testing.assert_array_equal(y[0, :, :, :, 0], np.repeat(np.repeat(np.repeat(x[0, ..., 0], 2, 0), 2, 1), 2, 2))
+    np.testing.assert_array_equal(
+        y[0, :, :, :, 0], np.repeat(np.repeat(np.repeat(x[0, ..., 0], 2, 0), 2, 1), 2, 2)
+    )
 
 
 def test_bfloat16_compute_keeps_float32_params():

@@ -1,4 +1,5 @@
 """Transferable / task-specific split of a UNet3D-style params dict."""
+
 import numpy as np
 import pytest
 
@@ -7,10 +8,12 @@ from timm_jax.core.partition import default_is_transferable, join, select_like, 
 
 def params(cin=4, cout=3):
     z = lambda *s: np.zeros(s, np.float32)  # noqa: E731
-    return {"conv_enc0_in": {"kernel": z(3, 3, 3, cin, 8), "bias": z(8)},
-            "norm_enc0_in": {"scale": z(8), "bias": z(8)},
-            "conv_dec0_loc2": {"kernel": z(1, 1, 1, 8, 8), "bias": z(8)},
-            "head0": {"kernel": z(1, 1, 1, 8, cout), "bias": z(cout)}}
+    return {
+        "conv_enc0_in": {"kernel": z(3, 3, 3, cin, 8), "bias": z(8)},
+        "norm_enc0_in": {"scale": z(8), "bias": z(8)},
+        "conv_dec0_loc2": {"kernel": z(1, 1, 1, 8, 8), "bias": z(8)},
+        "head0": {"kernel": z(1, 1, 1, 8, cout), "bias": z(cout)},
+    }
 
 
 def test_split_by_name_and_round_trip():
@@ -32,7 +35,7 @@ def test_shape_mismatched_leaves_are_task_specific_and_reported():
     assert part.mismatched == ["conv_enc0_in/kernel", "head0/bias", "head0/kernel"]
     assert "kernel" not in part.transferable["conv_enc0_in"]
     assert part.task_specific["conv_enc0_in"]["kernel"].shape == (3, 3, 3, 4, 8)
-    assert "bias" in part.transferable["conv_enc0_in"]       # same shape: still transferable
+    assert "bias" in part.transferable["conv_enc0_in"]  # same shape: still transferable
     assert shape_mismatches(target, target) == []
     # a source subset selected like the target's transferable part has the same structure
     sub = select_like(source, part.transferable)
@@ -52,6 +55,7 @@ def test_rule_and_errors():
 
 def test_flat_dict_round_trip():
     from timm_jax.core.partition import from_flat_dict, to_flat_dict
+
     p = params()
     flat = to_flat_dict(p)
     assert "conv_enc0_in/kernel" in flat and len(flat) == 8

@@ -1,4 +1,5 @@
 """Report figures are written and the Markdown report links them."""
+
 import numpy as np
 import pytest
 
@@ -57,8 +58,14 @@ def test_markdown_table_and_report(tmp_path):
     assert lines[2] == "| T-IMM | 0.654 | 3 |"
     assert lines[3] == "| a\\|b | n/a |  |"
     path = tmp_path / "out" / "report.md"
-    report.write_report(str(path), title="Demo", intro="Intro text.", table_md=md,
-                        figures=[("Mixing ratios", "figs/alpha.png")], notes="Small demo.")
+    report.write_report(
+        str(path),
+        title="Demo",
+        intro="Intro text.",
+        table_md=md,
+        figures=[("Mixing ratios", "figs/alpha.png")],
+        notes="Small demo.",
+    )
     text = path.read_text()
     assert text.startswith("# Demo\n")
     assert md in text and "Intro text." in text and "Small demo." in text

@@ -1,14 +1,22 @@
 """T-IMM adaption step: differentiates through the merge, moves ratios toward the right source."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from timm_jax.core.merge import init_logits, mixing_ratios
-from timm_jax.nn.unet import UNet3D, init_params
 from timm_jax.core.partition import split
-from timm_jax.training.steps import (create_state, fused_params, make_adaption_eval_step, make_adaption_step,
-                            make_optimizer, make_train_step, materialise)
+from timm_jax.nn.unet import UNet3D, init_params
+from timm_jax.training.steps import (
+    create_state,
+    fused_params,
+    make_adaption_eval_step,
+    make_adaption_step,
+    make_optimizer,
+    make_train_step,
+    materialise,
+)
 
 
 def test_adaption_moves_ratios_toward_the_right_source_and_keeps_sources():
@@ -34,7 +42,7 @@ def test_adaption_moves_ratios_toward_the_right_source_and_keeps_sources():
         state, m = step(state, sources, fishers, batch)
     last = float(evaluate(state.params, sources, fishers, batch)["loss"])
     alpha = np.asarray(mixing_ratios(state.params["logits"]))
-    assert alpha[0] > 0.6, alpha          # moved from 0.5 toward the good source
+    assert alpha[0] > 0.6, alpha  # moved from 0.5 toward the good source
     assert last < first - 0.02, (first, last)
     for a, b in zip(jax.tree_util.tree_leaves(sources), jax.tree_util.tree_leaves(copies)):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -62,6 +70,7 @@ def test_adaption_gradient_through_merge_matches_finite_difference():
             params = fused_params(src, fis, logits, task, granularity="global")
             out = model.apply({"params": params}, jnp.asarray(x, jnp.float64))
             return jnp.mean((jax.nn.sigmoid(out) - y) ** 2)
+
         b = jnp.asarray([0.3, -0.4])
         g = jax.grad(loss)(b)
         h = 1e-6
@@ -88,15 +97,16 @@ def test_plain_train_step_reduces_loss():
 
 def test_adaption_optimizer_has_two_rates_and_plateau_scales_both():
     from timm_jax.training.steps import learning_rate, make_adaption_optimizer, scale_learning_rate
+
     params = {"logits": {"a": jnp.zeros(2)}, "task": {"b": jnp.zeros(3)}}
     opt = make_adaption_optimizer(0.1, 0.01)
     state = create_state(params, opt, jax.random.PRNGKey(0))
     assert learning_rate(state) == np.float32(0.01)
     grads = {"logits": {"a": jnp.ones(2)}, "task": {"b": jnp.ones(3)}}
     updates, _ = opt.update(grads, state.opt_state, params)
-    np.testing.assert_allclose(updates["logits"]["a"], -0.1, rtol=1e-4)   # Adam's first step = -lr
+    np.testing.assert_allclose(updates["logits"]["a"], -0.1, rtol=1e-4)  # Adam's first step = -lr
     np.testing.assert_allclose(updates["task"]["b"], -0.01, rtol=1e-4)
     half = scale_learning_rate(state, 0.5, minimum=0.0075)
     updates, _ = opt.update(grads, half.opt_state, params)
     np.testing.assert_allclose(updates["logits"]["a"], -0.05, rtol=1e-4)
-    np.testing.assert_allclose(updates["task"]["b"], -0.0075, rtol=1e-4)   # clipped at the minimum
+    np.testing.assert_allclose(updates["task"]["b"], -0.0075, rtol=1e-4)  # clipped at the minimum

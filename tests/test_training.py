@@ -1,4 +1,5 @@
 """The epoch loop: checkpoints, resume after a crash gives the same result, plateau/early stop."""
+
 import functools
 import json
 import os
@@ -11,13 +12,19 @@ import pytest
 from timm_jax.config import ModelConfig, TrainConfig
 from timm_jax.errors import CheckpointError
 from timm_jax.nn.unet import build_model, init_params
-from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
 from timm_jax.training.loop import fit, volume_evaluator
 from timm_jax.training.rundir import RunDir, load_run, make_meta
+from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
 
 MODEL = ModelConfig(in_channels=2, out_channels=2, base_filters=2, depth=2, dropout_rate=0.3)
-CFG = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=2, max_epochs=4,
-                  plateau_patience=1, early_stopping_patience=10)
+CFG = TrainConfig(
+    batch_size=2,
+    patch_shape=(8, 8, 8),
+    steps_per_epoch=2,
+    max_epochs=4,
+    plateau_patience=1,
+    early_stopping_patience=10,
+)
 
 
 def batches_from(start):
@@ -34,14 +41,18 @@ class Task(SimpleNamespace):
         return np.stack([labels == 1, labels == 2], -1).astype(np.float32)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _compiled():
     """Model, optimiser and jitted steps, built once so the tests compile once."""
     model, _ = build_model(MODEL)
     opt = make_optimizer(1e-2)
     rng = np.random.default_rng(5)
-    cases = [SimpleNamespace(image=rng.standard_normal((8, 8, 6, 2)).astype(np.float32),
-                             labels=rng.integers(0, 3, (8, 8, 6))) for _ in range(2)]
+    cases = [
+        SimpleNamespace(
+            image=rng.standard_normal((8, 8, 6, 2)).astype(np.float32), labels=rng.integers(0, 3, (8, 8, 6))
+        )
+        for _ in range(2)
+    ]
     evaluate = volume_evaluator(make_eval_step(model), cases, Task(), divisor=2)
     return model, opt, make_train_step(model, opt), evaluate
 
@@ -58,8 +69,15 @@ META = make_meta("train", model=MODEL, data={"what": "random batches"})
 def run(workdir, meta=META, **kw):
     state, step, evaluate = setup()
     with RunDir.create(str(workdir), meta) as rd:
-        return fit(rd, state=state, train_step=step, evaluate=evaluate, batches_from=batches_from,
-                   cfg=kw.pop("cfg", CFG), **kw)
+        return fit(
+            rd,
+            state=state,
+            train_step=step,
+            evaluate=evaluate,
+            batches_from=batches_from,
+            cfg=kw.pop("cfg", CFG),
+            **kw,
+        )
 
 
 def test_resume_after_crash_equals_uninterrupted(tmp_path, caplog):
@@ -71,6 +89,7 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, caplog):
     def crash(epoch):
         if epoch == 2:
             raise Crash
+
     with pytest.raises(Crash):
         run(tmp_path / "b", after_epoch=crash)
     caplog.set_level("INFO", logger="timm_jax")
@@ -92,22 +111,33 @@ def test_resume_after_crash_equals_uninterrupted(tmp_path, caplog):
 
 
 def test_plateau_and_early_stopping(tmp_path):
-    cfg = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1, max_epochs=30,
-                      plateau_patience=1, early_stopping_patience=2, learning_rate=0.0)
+    cfg = TrainConfig(
+        batch_size=2,
+        patch_shape=(8, 8, 8),
+        steps_per_epoch=1,
+        max_epochs=30,
+        plateau_patience=1,
+        early_stopping_patience=2,
+        learning_rate=0.0,
+    )
     state, step, _ = setup()
     calls = iter([1.0, 0.5, 0.7, 0.8, 0.1])
     with RunDir.create(str(tmp_path), META) as rd:
-        final, summary = fit(rd, state=state, train_step=step,
-                             evaluate=lambda p: {"loss": next(calls), "dice": [0.0], "dice_mean": 0.0},
-                             batches_from=batches_from, cfg=cfg)
+        final, summary = fit(
+            rd,
+            state=state,
+            train_step=step,
+            evaluate=lambda p: {"loss": next(calls), "dice": [0.0], "dice_mean": 0.0},
+            batches_from=batches_from,
+            cfg=cfg,
+        )
     assert summary["epoch"] == 4 and summary["best_epoch"] == 2  # stopped after 2 bad epochs
     lrs = [r["lr"] for r in summary["history"]]
     assert lrs[3] == pytest.approx(lrs[2] * 0.5)  # reduced once after the first bad epoch
 
 
 def test_other_run_and_corrupt_checkpoint_errors(tmp_path):
-    run(tmp_path / "a", cfg=TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1,
-                                        max_epochs=1))
+    run(tmp_path / "a", cfg=TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=1, max_epochs=1))
     with pytest.raises(CheckpointError, match="train run with another configuration"):
         run(tmp_path / "a", meta=make_meta("train", model=MODEL, data={"what": "other batches"}))
     with pytest.raises(CheckpointError, match="does not exist"):

@@ -27,13 +27,19 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "core.merge": ("imm_merge", "mixing_ratios", "uniform_logits", "init_logits", "expand_logits"),
-    "core.fisher": ("fisher_diagonal", "segmentation_log_likelihood",
-                    "sampled_segmentation_log_likelihood"),
+    "core.fisher": ("fisher_diagonal", "segmentation_log_likelihood", "sampled_segmentation_log_likelihood"),
     "core.partition": ("split", "join"),
     "core.losses": ("soft_dice_loss", "hard_dice", "brats_regions"),
     "nn.unet": ("UNet3D", "init_params", "build_model"),
-    "training.steps": ("TrainState", "make_optimizer", "create_state", "make_train_step",
-                       "make_adaption_step", "materialise", "fused_params"),
+    "training.steps": (
+        "TrainState",
+        "make_optimizer",
+        "create_state",
+        "make_train_step",
+        "make_adaption_step",
+        "materialise",
+        "fused_params",
+    ),
     "config": ("ModelConfig", "TrainConfig", "FuseConfig", "EvalConfig"),
     "errors": ("UserError",),
 }

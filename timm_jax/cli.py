@@ -26,8 +26,11 @@ __all__ = ["define_flags", "flag_fields", "from_flags", "parse_command", "run", 
 
 def flag_fields(cls) -> list[tuple[str, dataclasses.Field]]:
     """``(flag name, field)`` for every field of ``cls`` that is a flag (not ``derived``)."""
-    return [(f.metadata.get("flag") or f.name, f) for f in dataclasses.fields(cls)
-            if not f.metadata.get("derived")]
+    return [
+        (f.metadata.get("flag") or f.name, f)
+        for f in dataclasses.fields(cls)
+        if not f.metadata.get("derived")
+    ]
 
 
 def define_flags(cls, *, prefix: str = "") -> None:
@@ -48,8 +51,9 @@ def define_flags(cls, *, prefix: str = "") -> None:
         elif isinstance(default, tuple):
             flags.DEFINE_list(name, [str(v) for v in default], help_)
         else:
-            raise TypeError(f"{cls.__name__}.{f.name}: no flag type for a default of type "
-                            f"{type(default).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.{f.name}: no flag type for a default of type {type(default).__name__}"
+            )
 
 
 def from_flags(cls, *, prefix: str = ""):
@@ -64,8 +68,10 @@ def from_flags(cls, *, prefix: str = ""):
             try:
                 value = tuple(item(v) for v in value)
             except ValueError:
-                raise ConfigError(f"--{prefix}{name} takes {item.__name__} values separated by "
-                                  f"commas, got {','.join(value)}") from None
+                raise ConfigError(
+                    f"--{prefix}{name} takes {item.__name__} values separated by "
+                    f"commas, got {','.join(value)}"
+                ) from None
         kw[f.name] = value
     return cls(**kw)
 
@@ -113,20 +119,28 @@ def run(main: Callable[[], object]) -> None:
     app.run(wrapped)
 
 
-def parse_command(prog: str, doc: str, define: Callable[[flags.FlagValues], None],
-                  argv: Sequence[str] | None, *, positional: str = "") -> flags.FlagValues | int:
+def parse_command(
+    prog: str,
+    doc: str,
+    define: Callable[[flags.FlagValues], None],
+    argv: Sequence[str] | None,
+    *,
+    positional: str = "",
+) -> flags.FlagValues | int:
     """Parse the flags of a ``python -m`` command into their own :class:`absl.flags.FlagValues`
-    (so that library modules define no global flags). ``argv`` excludes the program name
-    (``None``: ``sys.argv[1:]``); ``positional`` names a string flag that may instead be given as
-    the one positional argument (then it is required). ``define`` marks other required flags with
-``flags.mark_flag_as_required(name, flag_values=fv)``. Returns the parsed
-    flags, or an exit status: 0 after ``--help``, 2 after a flag error (printed as one line)."""
+        (so that library modules define no global flags). ``argv`` excludes the program name
+        (``None``: ``sys.argv[1:]``); ``positional`` names a string flag that may instead be given as
+        the one positional argument (then it is required). ``define`` marks other required flags with
+    ``flags.mark_flag_as_required(name, flag_values=fv)``. Returns the parsed
+        flags, or an exit status: 0 after ``--help``, 2 after a flag error (printed as one line)."""
     fv = flags.FlagValues()
     define(fv)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--help" in argv or "-h" in argv:
-        print(f"usage: {prog} [flags]{f' [{positional.upper()}]' if positional else ''}\n\n"
-              f"{doc.strip()}\n\n{fv.get_help()}")
+        print(
+            f"usage: {prog} [flags]{f' [{positional.upper()}]' if positional else ''}\n\n"
+            f"{doc.strip()}\n\n{fv.get_help()}"
+        )
         return 0
     try:
         rest = fv([prog, *argv])[1:]

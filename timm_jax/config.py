@@ -23,8 +23,9 @@ CONV_IMPLS = ("auto", "native", "depth2d", "direct")
 LOSSES = ("dice", "ce", "dice+ce")
 
 
-def setting(default: Any, help: str, *, flag: str | None = None, choices: tuple = (),
-            item: type | None = None) -> Any:
+def setting(
+    default: Any, help: str, *, flag: str | None = None, choices: tuple = (), item: type | None = None
+) -> Any:
     """A configuration field that the scripts expose as ``--<flag or field name>``.
 
     ``choices`` makes an enum flag; ``item`` is the element type of a tuple field (a list flag).
@@ -79,9 +80,12 @@ class ModelConfig(Config):
     depth: int = setting(5, "Number of resolution levels (paper: 5).")
     dropout_rate: float = setting(0.3, "Spatial dropout rate in the context modules.", flag="dropout")
     conv_impl: str = setting(
-        "auto", "3D convolution implementation: auto (the C++ 'direct' kernels on CPU, 'depth2d' "
+        "auto",
+        "3D convolution implementation: auto (the C++ 'direct' kernels on CPU, 'depth2d' "
         "if they cannot be built; 'native' elsewhere), native, depth2d or direct. Resolved once "
-        "when the model is built; checkpoints record the resolved name.", choices=CONV_IMPLS)
+        "when the model is built; checkpoints record the resolved name.",
+        choices=CONV_IMPLS,
+    )
 
     def __post_init__(self):
         _check_choice(self.conv_impl, "conv_impl", CONV_IMPLS)
@@ -102,8 +106,9 @@ class TrainConfig(Config):
 
     learning_rate: float = setting(5e-4, "Adam learning rate.")
     batch_size: int = setting(2, "Patches per step (the global batch).")
-    patch_shape: tuple = setting((32, 32, 32), "Patch shape D,H,W (divisible by 2^(depth-1)).",
-                                 flag="patch", item=int)
+    patch_shape: tuple = setting(
+        (32, 32, 32), "Patch shape D,H,W (divisible by 2^(depth-1)).", flag="patch", item=int
+    )
     steps_per_epoch: int = setting(20, "Training steps per epoch (validation after each).")
     max_epochs: int = setting(100, "Maximum number of epochs.")
     plateau_patience: int = setting(10, "Epochs without improvement before the LR is reduced.")
@@ -130,16 +135,26 @@ class TrainConfig(Config):
 class FuseConfig(Config):
     """How ``fuse.py`` fuses the sources (the adaption stage's schedule is a :class:`TrainConfig`)."""
 
-    method: str = setting("timm", "imm: equal ratios; timm: learn the ratios (adaption stage).",
-                          choices=("imm", "timm"))
+    method: str = setting(
+        "timm", "imm: equal ratios; timm: learn the ratios (adaption stage).", choices=("imm", "timm")
+    )
     imm_mode: str = setting("mode", "mode-IMM (Fisher-weighted) or mean-IMM.", choices=("mode", "mean"))
-    granularity: str = setting("layer", "One mixing logit vector per leaf, per layer or for the model.",
-                               choices=("leaf", "layer", "global"))
-    fisher: str = setting("empirical", "Fisher with the reference labels (empirical) or labels "
-                          "sampled from the model (true).", choices=("empirical", "true"))
+    granularity: str = setting(
+        "layer",
+        "One mixing logit vector per leaf, per layer or for the model.",
+        choices=("leaf", "layer", "global"),
+    )
+    fisher: str = setting(
+        "empirical",
+        "Fisher with the reference labels (empirical) or labels sampled from the model (true).",
+        choices=("empirical", "true"),
+    )
     fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
-    logits_learning_rate: float = setting(0.05, "Adam learning rate of the mixing logits in the "
-                                          "adaption stage (task-specific leaves use --learning_rate).")
+    logits_learning_rate: float = setting(
+        0.05,
+        "Adam learning rate of the mixing logits in the "
+        "adaption stage (task-specific leaves use --learning_rate).",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):

@@ -18,14 +18,17 @@ per-example gradients over devices. Here a chunk either lives on one device, or 
 mesh with ``shard_map`` after casting the parameters to device-varying (``lax.pcast``), which
 is tested against the single-device result on 4 fake devices.
 """
+
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from timm_jax.core import PyTree
 
 LogLikelihood = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
@@ -42,6 +45,7 @@ def _chunk_accumulator(log_likelihood: LogLikelihood):
         def add(a, g):
             g = g.astype(jnp.float32)
             return a + jnp.tensordot(m, g * g, axes=(0, 0))
+
         return jax.tree_util.tree_map(add, acc, grads)
 
     return jax.jit(step, donate_argnums=(0,))
@@ -53,17 +57,20 @@ def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
     per-example gradients of its examples and the squared sums are ``psum``-ed.
 
     The parameters are cast to device-varying first (``lax.pcast``): otherwise shard_map would
-    treat the gradient w.r.t. replicated parameters as a cross-device sum (the pitfall in the module docstring).
+    treat the gradient w.r.t. replicated parameters as a cross-device sum (the pitfall in the
+    module docstring).
     """
     from jax.sharding import PartitionSpec as P
+
     grad_fn = jax.grad(log_likelihood)
 
     def local(acc, params, x, y, mask):
         params = jax.lax.pcast(params, axis, to="varying")
         grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(params, x, y)
         m = mask.astype(jnp.float32)
-        part = jax.tree_util.tree_map(lambda g: jnp.tensordot(m, jnp.square(g.astype(jnp.float32)), axes=(0, 0)),
-                                      grads)
+        part = jax.tree_util.tree_map(
+            lambda g: jnp.tensordot(m, jnp.square(g.astype(jnp.float32)), axes=(0, 0)), grads
+        )
         part = jax.lax.psum(part, axis)
         return jax.tree_util.tree_map(jnp.add, acc, part)
 
@@ -78,10 +85,16 @@ def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, reps], axis=0)
 
 
-def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
-                    batches: Iterable[tuple[Any, Any]], *, chunk_size: int | None = None,
-                    progress: Callable[[int], None] | None = None, mesh=None,
-                    axis_name: str = "data") -> PyTree:
+def fisher_diagonal(
+    log_likelihood: LogLikelihood,
+    params: PyTree,
+    batches: Iterable[tuple[Any, Any]],
+    *,
+    chunk_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    mesh=None,
+    axis_name: str = "data",
+) -> PyTree:
     """Empirical diagonal Fisher: mean over all examples of the squared per-example gradient.
 
     Args:
@@ -118,10 +131,12 @@ def fisher_diagonal(log_likelihood: LogLikelihood, params: PyTree,
         if chunk_size is None:
             chunk_size = n if mesh is None else -(-n // n_dev) * n_dev
         if mesh is not None and chunk_size % n_dev:
-            raise ValueError(f"chunk_size {chunk_size} must be a multiple of the {n_dev} devices "
-                             f"on mesh axis {axis_name!r}")
+            raise ValueError(
+                f"chunk_size {chunk_size} must be a multiple of the {n_dev} devices "
+                f"on mesh axis {axis_name!r}"
+            )
         for start in range(0, n, chunk_size):
-            xc, yc = x[start:start + chunk_size], y[start:start + chunk_size]
+            xc, yc = x[start : start + chunk_size], y[start : start + chunk_size]
             k = xc.shape[0]
             mask = np.arange(chunk_size) < k
             xc, yc = (_pad_to(np.asarray(a), chunk_size) for a in (xc, yc))
@@ -146,9 +161,11 @@ def segmentation_log_likelihood(apply_fn: Callable[[PyTree, jax.Array], jax.Arra
     (D, H, W, C) volume and ``y`` its (D, H, W, K) binary targets. The batch axis is re-added
     before the network sees it (instance norm would otherwise normalise over depth).
     """
+
     def log_likelihood(params, x, y):
         logits = apply_fn(params, x[None])[0]
         return bernoulli_log_likelihood(logits, y)
+
     return log_likelihood
 
 
@@ -158,10 +175,12 @@ def sampled_segmentation_log_likelihood(apply_fn) -> LogLikelihood:
     The per-example "target" passed to it is a PRNG key (shape (2,) uint32, e.g. from
     ``jax.random.split``), so ``fisher_diagonal`` gives the *true* Fisher estimate.
     """
+
     def log_likelihood(params, x, key):
         logits = apply_fn(params, x[None])[0]
         y = jax.random.bernoulli(key, jax.nn.sigmoid(jax.lax.stop_gradient(logits)))
         return bernoulli_log_likelihood(logits, y.astype(logits.dtype))
+
     return log_likelihood
 
 

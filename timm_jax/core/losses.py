@@ -4,6 +4,7 @@ The network predicts K independent channels (BraTS regions WT/TC/ET, or one chan
 parcellation label). Conventions follow the original T-IMM code: the soft Dice is computed per
 (sample, channel) on sigmoid probabilities with smooth = 1e-5 and averaged over both.
 """
+
 from __future__ import annotations
 
 import jax

@@ -15,13 +15,16 @@ is what the T-IMM adaption stage trains. Shape and structure checks run at trace
 checks (negative or non-finite Fishers) run only when the inputs are concrete arrays, i.e. when
 called outside ``jax.jit``.
 """
+
 from __future__ import annotations
 
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
 from timm_jax.core import PyTree
 
 Granularity = Literal["leaf", "layer", "global"]
@@ -48,8 +51,9 @@ def uniform_logits(params: PyTree, num_sources: int) -> PyTree:
     return jax.tree_util.tree_map(lambda _: jnp.zeros((num_sources,), jnp.float32), params)
 
 
-def init_logits(params: PyTree, num_sources: int, granularity: Granularity = "leaf",
-                value: float = 0.0) -> PyTree:
+def init_logits(
+    params: PyTree, num_sources: int, granularity: Granularity = "leaf", value: float = 0.0
+) -> PyTree:
     """Trainable logits at a granularity: one (T,) vector per leaf, per layer or for the model.
 
     ``"leaf"``: a pytree like ``params`` with (T,) leaves. ``"layer"``: a dict keyed by the layer
@@ -108,15 +112,18 @@ def _check_inputs(params_list, fishers, logits):
             extra = sorted(set(paths) - set(ref_paths))
             raise ValueError(
                 f"{what} does not have the structure of params_list[0]: "
-                f"missing leaves {missing[:5]}, unexpected leaves {extra[:5]}")
+                f"missing leaves {missing[:5]}, unexpected leaves {extra[:5]}"
+            )
         return leaves
 
     for t in range(1, num_sources):
         leaves = same_structure(params_list[t], f"params_list[{t}]")
         for path, a, b in zip(ref_paths, ref_leaves, leaves):
             if jnp.shape(a) != jnp.shape(b):
-                raise ValueError(f"params_list[{t}] leaf {path} has shape {jnp.shape(b)}, "
-                                 f"params_list[0] has {jnp.shape(a)}")
+                raise ValueError(
+                    f"params_list[{t}] leaf {path} has shape {jnp.shape(b)}, "
+                    f"params_list[0] has {jnp.shape(a)}"
+                )
     if fishers is not None:
         if len(fishers) != num_sources:
             raise ValueError(f"got {len(fishers)} Fishers for {num_sources} source models")
@@ -124,20 +131,25 @@ def _check_inputs(params_list, fishers, logits):
             leaves = same_structure(fisher, f"fishers[{t}]")
             for path, a, f in zip(ref_paths, ref_leaves, leaves):
                 if jnp.shape(a) != jnp.shape(f):
-                    raise ValueError(f"fishers[{t}] leaf {path} has shape {jnp.shape(f)}, "
-                                     f"the parameter has {jnp.shape(a)}")
+                    raise ValueError(
+                        f"fishers[{t}] leaf {path} has shape {jnp.shape(f)}, the parameter has {jnp.shape(a)}"
+                    )
                 if not isinstance(f, jax.core.Tracer):
                     f = np.asarray(f)
                     if not np.all(np.isfinite(f)):
                         raise ValueError(f"fishers[{t}] leaf {path} has non-finite values")
                     if np.any(f < 0):
-                        raise ValueError(f"fishers[{t}] leaf {path} has negative values "
-                                         f"(min {f.min():.3g}); a Fisher diagonal is ≥ 0")
+                        raise ValueError(
+                            f"fishers[{t}] leaf {path} has negative values "
+                            f"(min {f.min():.3g}); a Fisher diagonal is ≥ 0"
+                        )
     logit_leaves = same_structure(logits, "logits")
     for path, b in zip(ref_paths, logit_leaves):
         if jnp.shape(b) != (num_sources,):
-            raise ValueError(f"logits leaf {path} has shape {jnp.shape(b)}, expected "
-                             f"({num_sources},) (one logit per source model)")
+            raise ValueError(
+                f"logits leaf {path} has shape {jnp.shape(b)}, expected "
+                f"({num_sources},) (one logit per source model)"
+            )
         if not isinstance(b, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(b))):
             raise ValueError(f"logits leaf {path} has non-finite values")
     for t, tree in enumerate(params_list):
@@ -159,8 +171,13 @@ def _merge_leaf(thetas, fishers, alpha, eps):
     return out.astype(dtype)
 
 
-def imm_merge(params_list: Sequence[PyTree], fishers: Sequence[PyTree] | None,
-              logits: PyTree, *, eps: float = DEFAULT_EPS) -> PyTree:
+def imm_merge(
+    params_list: Sequence[PyTree],
+    fishers: Sequence[PyTree] | None,
+    logits: PyTree,
+    *,
+    eps: float = DEFAULT_EPS,
+) -> PyTree:
     """Fuse T source models by (mode-)IMM with per-leaf mixing ratios.
 
     Args:

@@ -8,15 +8,15 @@ are task-specific: they are freshly initialised for the target task.
 Parameters are nested dicts (Flax Linen ``params``); a split gives two *partial* nested dicts
 holding disjoint leaves, and :func:`join` puts them back together.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from timm_jax.core import PyTree
-
 
 
 def _keyname(k) -> str:
@@ -50,6 +50,7 @@ def _flatten(params: Mapping) -> list[tuple[tuple[str, ...], Any]]:
 @dataclass
 class Partition:
     """Result of :func:`split`: disjoint partial trees plus the shape-mismatched leaf paths."""
+
     transferable: dict
     task_specific: dict
     mismatched: list[str] = field(default_factory=list)
@@ -71,12 +72,15 @@ def from_flat_dict(flat: Mapping[str, Any]) -> dict:
 def shape_mismatches(params: Mapping, reference: Mapping) -> list[str]:
     """Paths ('a/b') of leaves of ``params`` whose shape differs from (or is absent in) ``reference``."""
     ref = {names: jnp.shape(x) for names, x in _flatten(reference)}
-    return ["/".join(names) for names, x in _flatten(params)
-            if ref.get(names) != jnp.shape(x)]
+    return ["/".join(names) for names, x in _flatten(params) if ref.get(names) != jnp.shape(x)]
 
 
-def split(params: Mapping, reference: Mapping | None = None, *,
-          is_transferable: Callable[[tuple[str, ...]], bool] = default_is_transferable) -> Partition:
+def split(
+    params: Mapping,
+    reference: Mapping | None = None,
+    *,
+    is_transferable: Callable[[tuple[str, ...]], bool] = default_is_transferable,
+) -> Partition:
     """Split ``params`` into transferable and task-specific partial trees.
 
     Args:

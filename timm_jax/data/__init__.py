@@ -10,11 +10,18 @@ Modules (each usable on its own):
 * :mod:`~timm_jax.data.preprocess` — ``PreprocessConfig``, ``preprocess_case``, ``load_preprocessed``.
 * :mod:`~timm_jax.data.splits` — ``make_splits``, ``fraction_subset``, ``splits_from_manifest``.
 * :mod:`~timm_jax.data.pipeline` — ``make_train_dataset`` (grain, deterministic, resumable).
-* :mod:`~timm_jax.experiments.demo_data` — ``build_demo`` and ``python -m timm_jax.experiments.demo_data --out DIR``.
+
+The demo data set is built by :mod:`timm_jax.experiments.demo_data` (outside this package's core).
 """
+
 from timm_jax.data.io import LAYOUTS, Case, DataError, Layout, Problem, list_cases, load_case, save_nifti
 from timm_jax.data.pipeline import AugmentConfig, make_train_batches, make_train_dataset
-from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed, load_preprocessed_many, preprocess_case
+from timm_jax.data.preprocess import (
+    PreprocessConfig,
+    load_preprocessed,
+    load_preprocessed_many,
+    preprocess_case,
+)
 from timm_jax.data.splits import fraction_subset, load_splits, make_splits, save_splits, splits_from_manifest
 from timm_jax.data.tasks import Task, brats_regions, parcellation_labels, task_from_manifest
 

@@ -15,12 +15,14 @@ non-finite values, empty image, label values outside the layout's set) produces 
 naming the file; :func:`load_case` raises them together as one :class:`DataError`, and
 ``python -m timm_jax.data.validate`` prints them.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,7 +62,7 @@ class Problem:
 class DataError(UserError, ValueError):
     """Raised when a case or a data set cannot be used; the message names each file and its problem."""
 
-    def __init__(self, problems: "Sequence[Problem] | str"):
+    def __init__(self, problems: Sequence[Problem] | str):
         if isinstance(problems, str):
             problems = [Problem(case_id="", path="", message=problems)]
         self.problems = list(problems)
@@ -140,7 +142,7 @@ class Case:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
-def _get_layout(layout: "str | Layout") -> Layout:
+def _get_layout(layout: str | Layout) -> Layout:
     if isinstance(layout, Layout):
         return layout
     try:
@@ -153,7 +155,7 @@ def _is_case_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith((".", "_"))
 
 
-def list_cases(root: "str | os.PathLike", layout: "str | Layout") -> list[str]:
+def list_cases(root: str | os.PathLike, layout: str | Layout) -> list[str]:
     """Sorted case ids under ``root``: every sub-folder (BraTS: also those inside ``HGG/``, ``LGG/``).
 
     Every folder counts as a case, even an incomplete one, so that validation reports what is
@@ -181,7 +183,7 @@ def list_cases(root: "str | os.PathLike", layout: "str | Layout") -> list[str]:
     return sorted(found)
 
 
-def case_dir(root: "str | os.PathLike", case_id: str, layout: "str | Layout") -> Path:
+def case_dir(root: str | os.PathLike, case_id: str, layout: str | Layout) -> Path:
     """The folder of ``case_id`` (looked up in the group folders too); may not exist."""
     lay = _get_layout(layout)
     root = Path(root)
@@ -194,14 +196,16 @@ def case_dir(root: "str | os.PathLike", case_id: str, layout: "str | Layout") ->
     return direct
 
 
-def case_files(root: "str | os.PathLike", case_id: str, layout: "str | Layout") -> dict[str, Path | None]:
+def case_files(root: str | os.PathLike, case_id: str, layout: str | Layout) -> dict[str, Path | None]:
     """Map each modality and the label key to its file, or ``None`` when no such file exists."""
     lay = _get_layout(layout)
     folder = case_dir(root, case_id, lay)
     out: dict[str, Path | None] = {}
     for key in lay.keys:
         stem = lay.stem(case_id, key)
-        out[key] = next((folder / (stem + ext) for ext in _EXTENSIONS if (folder / (stem + ext)).is_file()), None)
+        out[key] = next(
+            (folder / (stem + ext) for ext in _EXTENSIONS if (folder / (stem + ext)).is_file()), None
+        )
     return out
 
 
@@ -224,9 +228,9 @@ def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
 
 
 def inspect_case(
-    root: "str | os.PathLike",
+    root: str | os.PathLike,
     case_id: str,
-    layout: "str | Layout",
+    layout: str | Layout,
     *,
     require_labels: bool = True,
 ) -> tuple[Case | None, list[Problem]]:
@@ -341,9 +345,9 @@ def _check_labels(path: Path, data: np.ndarray, lay: Layout, problem) -> bool:
 
 
 def load_case(
-    root: "str | os.PathLike",
+    root: str | os.PathLike,
     case_id: str,
-    layout: "str | Layout",
+    layout: str | Layout,
     *,
     require_labels: bool = True,
 ) -> Case:
@@ -364,7 +368,7 @@ def load_case(
     return case
 
 
-def save_nifti(path: "str | os.PathLike", array: np.ndarray, affine: np.ndarray, *, dtype: Any = None) -> Path:
+def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, dtype: Any = None) -> Path:
     """Write ``array`` with ``affine`` as NIfTI-1 (gzipped when the name ends in ``.gz``).
 
     ``dtype`` defaults to the array's own; the header's sform and qform are both set (code 1,

@@ -19,10 +19,11 @@ Augmentation: a flip of each axis in ``flip_axes`` with probability 1/2, then pe
 intensity scale ``U(1 - s, 1 + s)`` and shift ``U(-t, t)`` applied to the non-zero (brain) voxels,
 and with probability ``noise_prob`` additive Gaussian noise of std ``U(0, noise_std)`` there.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,11 +86,15 @@ class PatchSampler:
             if case.labels is None:
                 raise DataError(f"case {case.case_id}: training needs labels")
             if case.image.shape[:3] != case.labels.shape:
-                raise DataError(f"case {case.case_id}: image {case.image.shape} and labels {case.labels.shape} differ")
+                raise DataError(
+                    f"case {case.case_id}: image {case.image.shape} and labels {case.labels.shape} differ"
+                )
             if channels is None:
                 channels = case.image.shape[-1]
             elif case.image.shape[-1] != channels:
-                raise DataError(f"case {case.case_id}: {case.image.shape[-1]} channels, others have {channels}")
+                raise DataError(
+                    f"case {case.case_id}: {case.image.shape[-1]} channels, others have {channels}"
+                )
             task.check_labels(case.labels)
             image, labels = _pad_to_at_least(case.image.astype(np.float32), case.labels, self.patch_shape)
             labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
@@ -133,7 +138,10 @@ class PatchSampler:
         if self.augment is not None:
             img, lab = _augment(img, lab, rng, self.augment)
         target = self._table[np.minimum(lab, self._table.shape[0] - 1)]
-        out = {"image": np.ascontiguousarray(img, np.float32), "target": np.ascontiguousarray(target, np.float32)}
+        out = {
+            "image": np.ascontiguousarray(img, np.float32),
+            "target": np.ascontiguousarray(target, np.float32),
+        }
         return out, {"case": c, "corner": tuple(int(v) for v in corner), "foreground": use_fg}
 
 
@@ -178,7 +186,9 @@ def make_train_batches(
     """The training stream as a grain ``MapDataset`` of batches: ``ds[s]`` is the batch of step ``s``."""
     import grain
 
-    sampler = PatchSampler(cases, task, patch_shape, seed=seed, foreground_rate=foreground_rate, augment=augment)
+    sampler = PatchSampler(
+        cases, task, patch_shape, seed=seed, foreground_rate=foreground_rate, augment=augment
+    )
     return grain.MapDataset.range(0, int(num_steps) * int(batch_size)).map(sampler).batch(int(batch_size))
 
 
@@ -230,9 +240,15 @@ def make_train_dataset(
     )
     if start_step:
         batches = batches.slice(slice(int(start_step), None))
-    ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=max(1, prefetch)))
+    ds = batches.to_iter_dataset(
+        grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=max(1, prefetch))
+    )
     if num_workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(num_workers), per_worker_buffer_size=max(1, prefetch)))
+        ds = ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=int(num_workers), per_worker_buffer_size=max(1, prefetch)
+            )
+        )
         # Batches arrive in grain's shared-memory arrays; copy them out so the shared memory is freed
         # as soon as the batch is consumed (not at interpreter exit, where grain cannot free it).
         ds = ds.map(_own_arrays)

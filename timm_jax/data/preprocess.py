@@ -16,6 +16,7 @@
 The affine is updated at every step so the output still maps voxels to the same world positions;
 ``case.meta`` records the crop box and the input shape and affine.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,8 +24,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -167,14 +168,18 @@ def resample(case: Case, spacing: float | Sequence[float]) -> Case:
     offset = 0.5 * ratio - 0.5
 
     def warp(vol, order):
-        return ndimage.affine_transform(vol, ratio, offset=offset, output_shape=shape, order=order, mode="nearest")
+        return ndimage.affine_transform(
+            vol, ratio, offset=offset, output_shape=shape, order=order, mode="nearest"
+        )
 
     image = np.stack([warp(case.image[..., c], 1) for c in range(case.image.shape[-1])], axis=-1)
     labels = None if case.labels is None else warp(case.labels, 0).astype(case.labels.dtype)
     scale = np.eye(4)
     scale[:3, :3] = np.diag(ratio)
     scale[:3, 3] = offset
-    return dataclasses.replace(case, image=image.astype(np.float32), labels=labels, affine=case.affine @ scale)
+    return dataclasses.replace(
+        case, image=image.astype(np.float32), labels=labels, affine=case.affine @ scale
+    )
 
 
 def pad_or_crop_to(case: Case, shape: Sequence[int]) -> Case:
@@ -202,7 +207,9 @@ def pad_or_crop_to(case: Case, shape: Sequence[int]) -> Case:
         else:
             start.append(0)
     meta = dict(case.meta, pad_start=[int(s) for s in start])
-    return dataclasses.replace(case, image=image, labels=labels, affine=_translate(case.affine, start), meta=meta)
+    return dataclasses.replace(
+        case, image=image, labels=labels, affine=_translate(case.affine, start), meta=meta
+    )
 
 
 def pad_to_multiple(case: Case, multiple: int) -> Case:
@@ -265,7 +272,13 @@ def cache_key(root, case_id: str, layout: str, config: PreprocessConfig) -> str:
             st = os.stat(path)
             sources.append([key, str(Path(path).resolve()), st.st_size, st.st_mtime_ns])
     blob = json.dumps(
-        {"version": _CACHE_VERSION, "layout": layout, "case_id": case_id, "config": config.to_dict(), "sources": sources},
+        {
+            "version": _CACHE_VERSION,
+            "layout": layout,
+            "case_id": case_id,
+            "config": config.to_dict(),
+            "sources": sources,
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -328,7 +341,9 @@ def load_preprocessed(
     return case
 
 
-def load_preprocessed_many(root, case_ids, layout, config=PreprocessConfig(), cache_dir=None, *, progress=False):
+def load_preprocessed_many(
+    root, case_ids, layout, config=PreprocessConfig(), cache_dir=None, *, progress=False
+):
     """:func:`load_preprocessed` for several cases (optionally with a tqdm progress bar)."""
     ids = list(case_ids)
     if progress:

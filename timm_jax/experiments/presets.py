@@ -12,7 +12,7 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Scale:
-    data: dict               # keyword arguments of experiments.demo_data.build_demo
+    data: dict  # keyword arguments of experiments.demo_data.build_demo
     base_filters: int
     depth: int
     patch: tuple
@@ -22,15 +22,43 @@ class Scale:
     steps_per_epoch: int
     plateau: int
     early_stop: int
-    learning_rate: float     # the paper's 5e-4 converges too slowly for a CPU-sized demo
+    learning_rate: float  # the paper's 5e-4 converges too slowly for a CPU-sized demo
 
 
 SCALES = {
-    "full": Scale(data=dict(spacing=3.0), base_filters=8, depth=5, patch=(32, 32, 32),
-                  source_epochs=20, target_epochs=12, adapt_epochs=6, steps_per_epoch=20,
-                  plateau=3, early_stop=5, learning_rate=1e-3),
-    "smoke": Scale(data=dict(spacing=6.0, n_parc_task1=4, n_parc_task2=4, n_parc_val=1, n_parc_test=2,
-                             n_brats_train=6, n_brats_val=2, n_brats_test=2),
-                   base_filters=4, depth=3, patch=(16, 16, 16), source_epochs=2, target_epochs=2,
-                   adapt_epochs=2, steps_per_epoch=2, plateau=1, early_stop=2, learning_rate=1e-3),
+    "full": Scale(
+        data=dict(spacing=3.0),
+        base_filters=8,
+        depth=5,
+        patch=(32, 32, 32),
+        source_epochs=20,
+        target_epochs=12,
+        adapt_epochs=6,
+        steps_per_epoch=20,
+        plateau=3,
+        early_stop=5,
+        learning_rate=1e-3,
+    ),
+    "smoke": Scale(
+        data=dict(
+            spacing=6.0,
+            n_parc_task1=4,
+            n_parc_task2=4,
+            n_parc_val=1,
+            n_parc_test=2,
+            n_brats_train=6,
+            n_brats_val=2,
+            n_brats_test=2,
+        ),
+        base_filters=4,
+        depth=3,
+        patch=(16, 16, 16),
+        source_epochs=2,
+        target_epochs=2,
+        adapt_epochs=2,
+        steps_per_epoch=2,
+        plateau=1,
+        early_stop=2,
+        learning_rate=1e-3,
+    ),
 }

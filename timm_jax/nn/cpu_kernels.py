@@ -30,6 +30,7 @@ with ``Cout % 8 == 0``, the same stride on every axis, SAME padding, CPU backend
 gradient of a strided convolution (and of one with ``Cin % 8 != 0``) is left to XLA. Under
 ``vmap`` the calls run sequentially over the mapped axis.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -96,8 +97,13 @@ def _flags() -> tuple[str, ...]:
 def library_path() -> Path:
     """Where the compiled kernels for this machine live (built or not)."""
     key = hashlib.sha256()
-    for part in (*(f.read_bytes() for f in _SOURCES + _HEADERS), " ".join(_flags()).encode(),
-                 jaxlib.__version__.encode(), platform.machine().encode(), _cpu_model().encode()):
+    for part in (
+        *(f.read_bytes() for f in _SOURCES + _HEADERS),
+        " ".join(_flags()).encode(),
+        jaxlib.__version__.encode(),
+        platform.machine().encode(),
+        _cpu_model().encode(),
+    ):
         key.update(part)
     cache = Path(os.environ.get("TIMM_JAX_CACHE", Path.home() / ".cache" / "timm_jax"))
     return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
@@ -133,11 +139,14 @@ def available() -> bool:
         jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(lib.Conv3dForward), platform="cpu")
         jax.ffi.register_ffi_target(_WEIGHT_GRAD, jax.ffi.pycapsule(lib.Conv3dWeightGrad), platform="cpu")
         jax.ffi.register_ffi_target(_NORM_FORWARD, jax.ffi.pycapsule(lib.InstanceNormForward), platform="cpu")
-        jax.ffi.register_ffi_target(_NORM_BACKWARD, jax.ffi.pycapsule(lib.InstanceNormBackward), platform="cpu")
+        jax.ffi.register_ffi_target(
+            _NORM_BACKWARD, jax.ffi.pycapsule(lib.InstanceNormBackward), platform="cpu"
+        )
         return True
     except Exception as e:  # any failure means: use the XLA convolution instead
-        warnings.warn(f"timm_jax: CPU kernels unavailable, using XLA's convolutions and norms ({e})",
-                      stacklevel=2)
+        warnings.warn(
+            f"timm_jax: CPU kernels unavailable, using XLA's convolutions and norms ({e})", stacklevel=2
+        )
         return False
 
 
@@ -225,8 +234,9 @@ def instance_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsil
     ``y = (x - mean) * rstd * scale + bias`` with ``rstd = 1 / sqrt(var + epsilon)``."""
     b, _, c = x.shape
     stats = jax.ShapeDtypeStruct((b, c), jnp.float32)
-    return jax.ffi.ffi_call(_NORM_FORWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
-                            vmap_method="sequential")(x, scale, bias, eps=np.float32(epsilon))
+    return jax.ffi.ffi_call(
+        _NORM_FORWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats), vmap_method="sequential"
+    )(x, scale, bias, eps=np.float32(epsilon))
 
 
 def instance_norm_backward(x, mean, rstd, scale, dy):
@@ -234,5 +244,6 @@ def instance_norm_backward(x, mean, rstd, scale, dy):
     of ``dy`` and ``dy * xhat`` (the bias and scale gradients before summing over b)."""
     b, _, c = x.shape
     stats = jax.ShapeDtypeStruct((b, c), jnp.float32)
-    return jax.ffi.ffi_call(_NORM_BACKWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats),
-                            vmap_method="sequential")(x, mean, rstd, scale, dy)
+    return jax.ffi.ffi_call(
+        _NORM_BACKWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats), vmap_method="sequential"
+    )(x, mean, rstd, scale, dy)

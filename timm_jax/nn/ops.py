@@ -64,8 +64,10 @@ def conv3d(
         raise ValueError(f"conv3d expects a 5-D (B, D, H, W, C) input, got shape {x.shape}")
     strides = as_triple(strides, "strides")
     if impl not in ("native", "depth2d"):
-        raise ValueError(f"ops.conv3d implements 'native' and 'depth2d', got {impl!r} "
-                         "(the network's conv3d dispatches 'direct' to the CPU kernels)")
+        raise ValueError(
+            f"ops.conv3d implements 'native' and 'depth2d', got {impl!r} "
+            "(the network's conv3d dispatches 'direct' to the CPU kernels)"
+        )
     if impl == "depth2d" and kernel.shape[:3] == (1, 1, 1) and strides == (1, 1, 1):
         # a 1³ convolution is a matrix product; as such XLA:CPU differentiates it without
         # the channel-major transposes of its convolution backward (4× faster at 64³×16)
@@ -157,7 +159,5 @@ instance_norm.defvjp(_instance_norm_fwd, _instance_norm_bwd)
 def upsample_nearest(x: jax.Array, factor: int = 2) -> jax.Array:
     """Nearest-neighbour upsampling of the three spatial axes of (B, D, H, W, C) by ``factor``."""
     b, d, h, w, c = x.shape
-    x = jnp.broadcast_to(
-        x[:, :, None, :, None, :, None, :], (b, d, factor, h, factor, w, factor, c)
-    )
+    x = jnp.broadcast_to(x[:, :, None, :, None, :, None, :], (b, d, factor, h, factor, w, factor, c))
     return x.reshape(b, d * factor, h * factor, w * factor, c)

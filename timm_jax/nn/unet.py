@@ -22,8 +22,8 @@ leaky ReLU. With the defaults (``base_filters=16``, ``depth=5``), 4 input channe
 and 3 outputs the network has 30 convolutions, 27 instance norms and 8,269,561
 parameters.
 
-Parameter naming (a contract used by :func:`timm_jax.core.partition.default_is_transferable`): the params dict is
-flat, with entries ``conv_enc{l}_{in,ctx1,ctx2}``, ``conv_dec{l}_{up,loc1,loc2}``
+Parameter naming (a contract used by :func:`timm_jax.core.partition.default_is_transferable`):
+the params dict is flat, with entries ``conv_enc{l}_{in,ctx1,ctx2}``, ``conv_dec{l}_{up,loc1,loc2}``
 (each ``{"kernel": (kd, kh, kw, Cin, Cout), "bias": (Cout,)}``), a ``norm_*`` entry
 with the same suffix after every such convolution (``{"scale": (C,), "bias": (C,)}``)
 and ``head{l}`` for the segmentation heads.
@@ -40,6 +40,7 @@ is what checkpoints record.
 Layer names and order (:func:`layer_order`) are this network's business: reports that list
 layers in network order (the mixing-ratio figure) ask this module, not the fusion code.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -90,8 +91,13 @@ def resolve_conv_impl(impl: str) -> str:
     return impl
 
 
-def conv3d(x: jax.Array, kernel: jax.Array, strides: int | Sequence[int] = 1, impl: str = "native",
-           precision: Any = None) -> jax.Array:
+def conv3d(
+    x: jax.Array,
+    kernel: jax.Array,
+    strides: int | Sequence[int] = 1,
+    impl: str = "native",
+    precision: Any = None,
+) -> jax.Array:
     """SAME-padded 3D convolution of ``x`` (B, D, H, W, Cin) with ``kernel`` (kd, kh, kw, Cin, Cout)
     by any implementation: ``"native"`` / ``"depth2d"`` (:func:`timm_jax.nn.ops.conv3d`) or
     ``"direct"`` (:func:`timm_jax.nn.cpu_kernels.conv3d`); ``"auto"`` is resolved first."""
@@ -120,9 +126,7 @@ class Conv3D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         ks = as_triple(self.kernel_size, "kernel_size")
-        kernel = self.param(
-            "kernel", self.kernel_init, (*ks, x.shape[-1], self.features), self.param_dtype
-        )
+        kernel = self.param("kernel", self.kernel_init, (*ks, x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         dtype = self.dtype if self.dtype is not None else jnp.result_type(x, kernel)
         y = conv3d(x.astype(dtype), kernel.astype(dtype), self.strides, self.impl)
@@ -229,8 +233,9 @@ class UNet3D(nn.Module):
 
         def conv_norm_act(h, name, features, kernel_size=3, strides=1):
             h = Conv3D(features, kernel_size, strides, impl, dtype=self.dtype, name=f"conv_{name}")(h)
-            h = InstanceNorm(epsilon=1e-5, dtype=self.dtype, cpu_kernel=impl == "direct",
-                             name=f"norm_{name}")(h)
+            h = InstanceNorm(
+                epsilon=1e-5, dtype=self.dtype, cpu_kernel=impl == "direct", name=f"norm_{name}"
+            )(h)
             return nn.leaky_relu(h, negative_slope=self.negative_slope)
 
         # Encoder: input conv + context module (conv, spatial dropout, conv) + residual add.
@@ -240,9 +245,7 @@ class UNet3D(nn.Module):
             f = self.base_filters * 2**l
             h_in = conv_norm_act(h, f"enc{l}_in", f, 3, 1 if l == 0 else 2)
             c = conv_norm_act(h_in, f"enc{l}_ctx1", f)
-            c = nn.Dropout(
-                rate=self.dropout_rate, broadcast_dims=(1, 2, 3), deterministic=not train
-            )(c)
+            c = nn.Dropout(rate=self.dropout_rate, broadcast_dims=(1, 2, 3), deterministic=not train)(c)
             c = conv_norm_act(c, f"enc{l}_ctx2", f)
             h = h_in + c
             skips.append(h)
@@ -303,9 +306,14 @@ def count_params(params: Mapping) -> int:
 def build_model(cfg: ModelConfig) -> tuple[UNet3D, ModelConfig]:
     """The network of a :class:`~timm_jax.config.ModelConfig`, and the config with ``conv_impl``
     resolved (what a checkpoint should record)."""
-    model = UNet3D(out_channels=cfg.out_channels, base_filters=cfg.base_filters, depth=cfg.depth,
-                   dropout_rate=cfg.dropout_rate, conv_impl=cfg.conv_impl,
-                   num_segmentation_levels=min(3, cfg.depth - 1))
+    model = UNet3D(
+        out_channels=cfg.out_channels,
+        base_filters=cfg.base_filters,
+        depth=cfg.depth,
+        dropout_rate=cfg.dropout_rate,
+        conv_impl=cfg.conv_impl,
+        num_segmentation_levels=min(3, cfg.depth - 1),
+    )
     return model, cfg.replace(conv_impl=model.conv_impl)
 
 

@@ -19,10 +19,12 @@ Conventions: ``image`` is a channels-last (D, H, W, C) array; ``apply_fn(params,
 batch (B, d, h, w, C) to logits (B, d, h, w, K) of K independent sigmoid channels. The
 result is a float32 numpy array (D, H, W, K) of probabilities.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -33,11 +35,11 @@ __all__ = [
     "window_starts",
 ]
 
-_COMPILED: Dict[Callable, Callable] = {}
+_COMPILED: dict[Callable, Callable] = {}
 _MAX_COMPILED = 16
 
 
-def window_starts(size: int, patch: int, overlap: float) -> List[int]:
+def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Start indices of windows of length ``patch`` tiling an axis of length ``size``.
 
     The number of windows is ``n = ceil((size - patch) / (patch * (1 - overlap))) + 1`` (the
@@ -78,7 +80,7 @@ def gaussian_importance_map(patch_shape: Sequence[int], sigma_scale: float = 1.0
     window has zero weight (the denominator of the average never vanishes).
     """
     w = np.ones((), np.float64)
-    for a, p in enumerate(patch_shape):
+    for p in patch_shape:
         x = np.arange(p, dtype=np.float64) - (p - 1) / 2.0
         sigma = max(sigma_scale * p, 1e-6)
         g = np.exp(-0.5 * (x / sigma) ** 2)
@@ -102,7 +104,7 @@ def _probability_fn(apply_fn: Callable) -> Callable:
     return fn
 
 
-def _pad_to(image: np.ndarray, target: Sequence[int]) -> Tuple[np.ndarray, Tuple[slice, ...]]:
+def _pad_to(image: np.ndarray, target: Sequence[int]) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Zero-pads the spatial axes of (D, H, W, C) symmetrically up to ``target``; returns the crop."""
     pads, crop = [], []
     for s, t in zip(image.shape[:3], target):
@@ -129,7 +131,7 @@ def sliding_window_predict(
     params: Any,
     image: np.ndarray,
     *,
-    patch_shape: Optional[Sequence[int]],
+    patch_shape: Sequence[int] | None,
     overlap: float = 0.5,
     batch_size: int = 1,
     gaussian: bool = True,
@@ -199,7 +201,7 @@ def sliding_window_predict(
     weight = gaussian_importance_map(patch) if gaussian else np.ones(patch, np.float32)
 
     weight_sum = np.zeros(pshape, np.float32)
-    prob_sum: Optional[np.ndarray] = None
+    prob_sum: np.ndarray | None = None
     channels = padded.shape[3]
     for i in range(0, len(corners), batch_size):
         chunk = corners[i : i + batch_size]

@@ -2,10 +2,12 @@
 
 Validation after every epoch; reduce-on-plateau of the learning rate; early stopping on the
 validation loss; ``latest`` and ``best`` checkpoints of a :class:`~timm_jax.training.rundir.RunDir`;
-progress lines (logged); metrics in ``<run>/metrics.jsonl``. A killed run, started again with the same arguments, resumes from its
-latest checkpoint and, because the step RNG, the optimiser state (learning rate included) and
-the input pipeline position are all restored, ends with the same result as an uninterrupted run.
+progress lines (logged); metrics in ``<run>/metrics.jsonl``. A killed run, started again with the
+same arguments, resumes from its latest checkpoint and, because the step RNG, the optimiser state
+(learning rate included) and the input pipeline position are all restored, ends with the same
+result as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +62,11 @@ def volume_evaluator(eval_step: Callable, cases: list, task, divisor: int) -> Ca
             ls.append(float(out["loss"]))
             ds.append(np.asarray(out["dice"])[0])
         dice = np.mean(ds, axis=0)
-        return {"loss": float(np.mean(ls)), "dice": [float(d) for d in dice],
-                "dice_mean": float(np.mean(dice))}
+        return {
+            "loss": float(np.mean(ls)),
+            "dice": [float(d) for d in dice],
+            "dice_mean": float(np.mean(dice)),
+        }
 
     return evaluate
 
@@ -71,9 +76,17 @@ def _fmt_eta(seconds: float) -> str:
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Callable,
-        batches_from: Callable[[int], Iterator[dict]], cfg: TrainConfig, name: str = "train",
-        after_epoch: Callable[[int], None] | None = None) -> tuple[TrainState, dict]:
+def fit(
+    run: RunDir,
+    *,
+    state: TrainState,
+    train_step: Callable,
+    evaluate: Callable,
+    batches_from: Callable[[int], Iterator[dict]],
+    cfg: TrainConfig,
+    name: str = "train",
+    after_epoch: Callable[[int], None] | None = None,
+) -> tuple[TrainState, dict]:
     """Run (or resume) a training loop in ``run``; returns the final state and the run summary.
 
     Args:
@@ -88,17 +101,33 @@ def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Calla
       name: the tag of the progress lines (``[train]``, ``[adapt]``).
       after_epoch: called with the epoch number after each checkpoint (tests use it to crash).
     """
-    progress = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "bad_epochs": 0,
-                "plateau_epochs": 0, "history": [], "finished": False}
+    progress = {
+        "epoch": 0,
+        "best_loss": math.inf,
+        "best_epoch": 0,
+        "bad_epochs": 0,
+        "plateau_epochs": 0,
+        "history": [],
+        "finished": False,
+    }
     if run.latest_step() is not None:
         restored, old = run.restore(state_dict(state))
         state = from_state_dict(restored)
         progress.update(old["run"])
-        _log.info("[%s] resuming from checkpoint at step %d (epoch %d) in %s", name, int(state.step),
-                  progress["epoch"], run.path)
+        _log.info(
+            "[%s] resuming from checkpoint at step %d (epoch %d) in %s",
+            name,
+            int(state.step),
+            progress["epoch"],
+            run.path,
+        )
         if progress["finished"]:
-            _log.info("[%s] run already finished (best val loss %.4f at epoch %d)", name,
-                      progress["best_loss"], progress["best_epoch"])
+            _log.info(
+                "[%s] run already finished (best val loss %.4f at epoch %d)",
+                name,
+                progress["best_loss"],
+                progress["best_epoch"],
+            )
             return state, progress
     batches = batches_from(int(state.step))
     voxels = cfg.batch_size * int(np.prod(cfg.patch_shape))
@@ -114,7 +143,8 @@ def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Calla
         if not np.isfinite(train_loss):
             raise DivergenceError(
                 f"[{name}] training loss is {train_loss} in epoch {progress['epoch'] + 1} (step "
-                f"{int(state.step)}); lower the learning rate. The last good checkpoint is in {run.path}")
+                f"{int(state.step)}); lower the learning rate. The last good checkpoint is in {run.path}"
+            )
         t_train = time.time() - t0
         val = evaluate(state.params)
         progress["epoch"] += 1
@@ -122,8 +152,9 @@ def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Calla
         lr = learning_rate(state)
         improved = val["loss"] < progress["best_loss"] - 1e-6
         if improved:
-            progress.update(best_loss=val["loss"], best_epoch=progress["epoch"], bad_epochs=0,
-                            plateau_epochs=0)
+            progress.update(
+                best_loss=val["loss"], best_epoch=progress["epoch"], bad_epochs=0, plateau_epochs=0
+            )
         else:
             progress["bad_epochs"] += 1
             progress["plateau_epochs"] += 1
@@ -131,23 +162,44 @@ def fit(run: RunDir, *, state: TrainState, train_step: Callable, evaluate: Calla
                 new_lr = max(lr * cfg.plateau_factor, cfg.min_learning_rate)
                 if new_lr < lr:
                     state = scale_learning_rate(state, new_lr / lr, cfg.min_learning_rate)
-                    _log.info("[%s] validation loss has not improved for %d epochs: learning rate "
-                              "%.2e -> %.2e", name, progress["plateau_epochs"], lr, new_lr)
+                    _log.info(
+                        "[%s] validation loss has not improved for %d epochs: learning rate %.2e -> %.2e",
+                        name,
+                        progress["plateau_epochs"],
+                        lr,
+                        new_lr,
+                    )
                 progress["plateau_epochs"] = 0
-        record = {"epoch": progress["epoch"], "step": int(state.step), "train_loss": train_loss,
-                  "val_loss": val["loss"], "val_dice": val["dice"], "val_dice_mean": val["dice_mean"],
-                  "lr": lr, "voxels_per_s": voxels * cfg.steps_per_epoch / max(t_train, 1e-9),
-                  "epoch_s": time.time() - t0}
+        record = {
+            "epoch": progress["epoch"],
+            "step": int(state.step),
+            "train_loss": train_loss,
+            "val_loss": val["loss"],
+            "val_dice": val["dice"],
+            "val_dice_mean": val["dice_mean"],
+            "lr": lr,
+            "voxels_per_s": voxels * cfg.steps_per_epoch / max(t_train, 1e-9),
+            "epoch_s": time.time() - t0,
+        }
         progress["history"].append(record)
         stop = progress["bad_epochs"] >= cfg.early_stopping_patience
         progress["finished"] = stop or progress["epoch"] >= cfg.max_epochs
         run.save(int(state.step), state_dict(state), dict(run.meta, run=progress), best=improved)
         run.write_metrics(progress["history"])
         per_epoch = (time.time() - t_start) / epochs_done
-        _log.info("[%s] epoch %d/%d step %d loss %.4f val_loss %.4f val_dice %.3f%s  %.2f Mvox/s  ETA %s",
-                  name, progress["epoch"], cfg.max_epochs, int(state.step), train_loss, val["loss"],
-                  val["dice_mean"], " *" if improved else "", record["voxels_per_s"] / 1e6,
-                  _fmt_eta(per_epoch * (cfg.max_epochs - progress["epoch"])))
+        _log.info(
+            "[%s] epoch %d/%d step %d loss %.4f val_loss %.4f val_dice %.3f%s  %.2f Mvox/s  ETA %s",
+            name,
+            progress["epoch"],
+            cfg.max_epochs,
+            int(state.step),
+            train_loss,
+            val["loss"],
+            val["dice_mean"],
+            " *" if improved else "",
+            record["voxels_per_s"] / 1e6,
+            _fmt_eta(per_epoch * (cfg.max_epochs - progress["epoch"])),
+        )
         if after_epoch is not None:
             after_epoch(progress["epoch"])
         if stop:

@@ -8,13 +8,15 @@
 * :func:`write_results` — a per-case CSV and a summary JSON (mean / std / median per metric).
 * :func:`save_prediction_nifti` — a label map as an int16 NIfTI with the source affine.
 """
+
 from __future__ import annotations
 
 import csv
 import json
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -52,7 +54,7 @@ def dice_score(pred: Any, truth: Any) -> float:
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
-    """Voxels of ``mask`` with at least one face-neighbour outside it (the volume border counts as outside)."""
+    """Voxels of ``mask`` with a face-neighbour outside it (the volume border counts as outside)."""
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
     eroded = ndimage.binary_erosion(mask, structure=structure, border_value=0)
     return mask & ~eroded
@@ -104,10 +106,10 @@ def evaluate_case(
     probs: Any,
     truth_targets: Any,
     channel_names: Sequence[str],
-    spacing: Optional[Sequence[float]] = None,
+    spacing: Sequence[float] | None = None,
     compute_hd95: bool = True,
     threshold: float = 0.5,
-) -> Dict[str, float]:
+) -> dict[str, float]:
     """Per-channel Dice (and HD95) of one case.
 
     Channel ``k`` is predicted as ``probs[..., k] > threshold`` and compared with
@@ -129,11 +131,9 @@ def evaluate_case(
             f"got {probs.shape} and {truth.shape}"
         )
     if probs.shape[-1] != len(names):
-        raise ValueError(
-            f"evaluate_case: {probs.shape[-1]} channels but {len(names)} channel names {names}"
-        )
+        raise ValueError(f"evaluate_case: {probs.shape[-1]} channels but {len(names)} channel names {names}")
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
-    out: Dict[str, float] = {}
+    out: dict[str, float] = {}
     dices = []
     for k, name in enumerate(names):
         p = probs[..., k] > threshold
@@ -169,19 +169,19 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
-def summarize(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
+def summarize(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """Nan-aware statistics over cases for every numeric column (all but ``case``).
 
     For each metric: ``mean`` (np.nanmean), ``std`` (np.nanstd, population, ddof=0),
     ``median`` (np.nanmedian) over the finite values, and ``n_valid``, the number of cases
     with a finite value. Statistics of a metric with no finite value are ``nan``.
     """
-    names: List[str] = []
+    names: list[str] = []
     for row in rows:
         for k, v in row.items():
             if k != "case" and k not in names and _is_number(v):
                 names.append(k)
-    stats: Dict[str, Dict[str, Any]] = {}
+    stats: dict[str, dict[str, Any]] = {}
     for name in names:
         vals = np.array(
             [float(r[name]) if _is_number(r.get(name)) else np.nan for r in rows], dtype=np.float64
@@ -201,11 +201,11 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> Dict[str, Dict[str, Any]]:
 
 
 def write_results(
-    rows: List[Dict[str, Any]],
+    rows: list[dict[str, Any]],
     csv_path: str,
     json_path: str,
-    extra: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Writes per-case metrics to ``csv_path`` and their summary to ``json_path``.
 
     The CSV has one row per case; its columns are ``case`` first, then every other key in
@@ -266,9 +266,7 @@ def save_prediction_nifti(labelmap: Any, affine: Any, path: str) -> None:
     elif lab.dtype.kind not in "iub":
         raise ValueError(f"save_prediction_nifti: label map dtype {lab.dtype} is not integer")
     if lab.size and (lab.min() < np.iinfo(np.int16).min or lab.max() > np.iinfo(np.int16).max):
-        raise ValueError(
-            f"save_prediction_nifti: labels [{lab.min()}, {lab.max()}] do not fit into int16"
-        )
+        raise ValueError(f"save_prediction_nifti: labels [{lab.min()}, {lab.max()}] do not fit into int16")
     aff = np.asarray(affine, dtype=np.float64)
     if aff.shape != (4, 4) or not np.all(np.isfinite(aff)):
         raise ValueError(f"save_prediction_nifti: affine must be a finite 4x4 matrix, got {aff.shape}")

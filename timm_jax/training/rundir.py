@@ -66,8 +66,13 @@ def make_meta(kind: str, *, model, data, train=None, **extra) -> dict:
     JSON-able fields, and the ``run_key`` over all of them."""
     if kind not in KINDS:
         raise ValueError(f"run kind must be one of {KINDS}, got {kind!r}")
-    meta = {"kind": kind, "model": _dictify(model), "train": _dictify(train), "data": _dictify(data),
-            **{k: _dictify(v) for k, v in extra.items()}}
+    meta = {
+        "kind": kind,
+        "model": _dictify(model),
+        "train": _dictify(train),
+        "data": _dictify(data),
+        **{k: _dictify(v) for k, v in extra.items()},
+    }
     meta = _jsonable(meta)
     meta["run_key"] = run_key(meta)
     return meta
@@ -83,9 +88,11 @@ class RunDir:
         self._managers = {
             "latest": ocp.CheckpointManager(
                 os.path.join(root, "latest"),
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **opts)),
+                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **opts),
+            ),
             "best": ocp.CheckpointManager(
-                os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)),
+                os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
+            ),
         }
         self.meta: dict = {}
 
@@ -108,14 +115,19 @@ class RunDir:
                 if old.get("run_key") != meta.get("run_key"):
                     raise CheckpointError(
                         f"{run.path} already holds checkpoints of a {old.get('kind', 'train')} run with "
-                        f"another configuration (run key {old.get('run_key')} vs {meta.get('run_key')}); use a "
-                        "new directory or the original flags")
+                        f"another configuration (run key {old.get('run_key')} vs {meta.get('run_key')}); "
+                        "use a new directory or the original flags"
+                    )
                 old_impl = (old.get("model") or {}).get("conv_impl")
                 new_impl = (meta.get("model") or {}).get("conv_impl")
                 if old_impl != new_impl:
-                    _log.warning("%s was written with conv_impl=%s and continues with conv_impl=%s: "
-                                 "the same maths, but results differ in float rounding",
-                                 run.path, old_impl, new_impl)
+                    _log.warning(
+                        "%s was written with conv_impl=%s and continues with conv_impl=%s: "
+                        "the same maths, but results differ in float rounding",
+                        run.path,
+                        old_impl,
+                        new_impl,
+                    )
                 run.previous = old
             _write_json(os.path.join(run.path, "config.json"), meta)
         except BaseException:
@@ -143,8 +155,9 @@ class RunDir:
             run.meta = run.read_meta(which)
             kind = run.meta.get("kind", "train")
             if kind not in kinds:
-                raise CheckpointError(f"{path} is a {kind!r} run directory; expected "
-                                      f"{' or '.join(repr(k) for k in kinds)}")
+                raise CheckpointError(
+                    f"{path} is a {kind!r} run directory; expected {' or '.join(repr(k) for k in kinds)}"
+                )
         except BaseException:
             run.close()
             raise
@@ -187,14 +200,18 @@ class RunDir:
         """The metadata stored with a checkpoint."""
         step = self._step(which, step)
         try:
-            return self._managers[which].restore(
-                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            return (
+                self._managers[which].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            )
         except Exception as e:  # orbax raises many types for damaged files
-            raise CheckpointError(f"checkpoint metadata {self.path}/checkpoints/{which}/{step}/meta "
-                                  f"could not be read (corrupt?): {type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"checkpoint metadata {self.path}/checkpoints/{which}/{step}/meta "
+                f"could not be read (corrupt?): {type(e).__name__}: {e}"
+            ) from e
 
-    def restore(self, target: PyTree | None = None, which: str = "latest",
-                step: int | None = None) -> tuple[PyTree, dict]:
+    def restore(
+        self, target: PyTree | None = None, which: str = "latest", step: int | None = None
+    ) -> tuple[PyTree, dict]:
         """``(state, meta)`` of a checkpoint. ``target`` gives the structure (arrays or
         ShapeDtypeStructs); ``None`` reads the structure stored in the checkpoint."""
         step = self._step(which, step)
@@ -203,8 +220,10 @@ class RunDir:
         try:
             out = self._managers[which].restore(step, args=ocp.args.Composite(state=restore))
         except Exception as e:
-            raise CheckpointError(f"checkpoint {self.path}/checkpoints/{which}/{step} could not be "
-                                  f"read (corrupt or of another structure): {type(e).__name__}: {e}") from e
+            raise CheckpointError(
+                f"checkpoint {self.path}/checkpoints/{which}/{step} could not be "
+                f"read (corrupt or of another structure): {type(e).__name__}: {e}"
+            ) from e
         return out.state, meta
 
     def load_params(self, which: str | None = None) -> tuple[dict, dict]:
@@ -221,8 +240,7 @@ class RunDir:
         """Save ``latest`` (and ``best``). ``best`` is written and finished first, so a process
         killed in between resumes from the previous ``latest`` with ``best`` at least as new as
         the resumed metadata says; a step already present is not written again."""
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  meta=ocp.args.JsonSave(_jsonable(meta)))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
         if best and step not in self._managers["best"].all_steps():
             self._managers["best"].save(step, args=args, force=True)
             self._managers["best"].wait_until_finished()
@@ -257,7 +275,8 @@ def _write_json(path: str, obj: Any) -> None:
 def _abstract(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-        tree)
+        tree,
+    )
 
 
 def _jsonable(obj):

@@ -8,20 +8,20 @@ starts from :func:`materialise` and is a plain training run.
 All steps take a global batch ``{"image": (B, D, H, W, C), "target": (B, D, H, W, K)}`` and keep
 no per-example host logic, so a data-parallel sharding of the batch can be added by the caller.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
 import optax
 
-from timm_jax.core import losses
+from timm_jax.core import PyTree, losses
 from timm_jax.core.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
 from timm_jax.core.partition import join
-from timm_jax.core import PyTree
 
 Batch = dict
 
@@ -30,6 +30,7 @@ Batch = dict
 class TrainState:
     """Everything a step changes. ``params`` is the model's params dict (or, for adaption, the
     dict ``{"logits": β, "task": 𝒮}``)."""
+
     step: jax.Array
     params: PyTree
     opt_state: PyTree
@@ -43,17 +44,18 @@ def make_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
 
 
 def create_state(params: PyTree, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=optimizer.init(params), rng=rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
 
 
-def make_adaption_optimizer(logits_learning_rate: float = 0.05,
-                            learning_rate: float = 5e-4) -> optax.GradientTransformation:
+def make_adaption_optimizer(
+    logits_learning_rate: float = 0.05, learning_rate: float = 5e-4
+) -> optax.GradientTransformation:
     """Adam for the adaption state ``{"logits", "task"}``: the mixing logits get their own
     (larger) rate, the freshly initialised task-specific leaves the ordinary training rate."""
     return optax.multi_transform(
         {"logits": make_optimizer(logits_learning_rate), "task": make_optimizer(learning_rate)},
-        {"logits": "logits", "task": "task"})
+        {"logits": "logits", "task": "task"},
+    )
 
 
 def _is_hyper(x) -> bool:
@@ -74,6 +76,7 @@ def learning_rate(state: TrainState) -> float:
 
 def scale_learning_rate(state: TrainState, factor: float, minimum: float = 0.0) -> TrainState:
     """Multiply every injected learning rate by ``factor`` (not below ``minimum``)."""
+
     def scale(x):
         if not _is_hyper(x):
             return x
@@ -81,6 +84,7 @@ def scale_learning_rate(state: TrainState, factor: float, minimum: float = 0.0) 
         lr = jnp.asarray(hp["learning_rate"])
         hp["learning_rate"] = jnp.maximum(lr * factor, jnp.asarray(minimum, lr.dtype)).astype(lr.dtype)
         return x._replace(hyperparams=hp)
+
     return state.replace(opt_state=jax.tree_util.tree_map(scale, state.opt_state, is_leaf=_is_hyper))
 
 
@@ -113,8 +117,7 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = 
         value, grads = jax.value_and_grad(loss_fn)(state.params, batch, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng),
-                {"loss": value})
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), {"loss": value})
 
     return step
 
@@ -126,30 +129,45 @@ def make_eval_step(model, loss: str = "dice"):
     @jax.jit
     def eval_step(params, batch):
         logits = _apply(model, params, batch["image"], None, False)
-        return {"loss": segmentation_loss(logits, batch["target"], loss),
-                "dice": losses.hard_dice(logits > 0, batch["target"] > 0.5)}
+        return {
+            "loss": segmentation_loss(logits, batch["target"], loss),
+            "dice": losses.hard_dice(logits > 0, batch["target"] > 0.5),
+        }
 
     return eval_step
 
 
-def fused_params(sources: Sequence[PyTree], fishers: Sequence[PyTree] | None, logits: PyTree,
-                 task_specific: PyTree, *, granularity: Granularity = "leaf",
-                 eps: float = DEFAULT_EPS) -> dict:
+def fused_params(
+    sources: Sequence[PyTree],
+    fishers: Sequence[PyTree] | None,
+    logits: PyTree,
+    task_specific: PyTree,
+    *,
+    granularity: Granularity = "leaf",
+    eps: float = DEFAULT_EPS,
+) -> dict:
     """Full model params: ``imm_merge`` of the sources' transferable leaves, joined with 𝒮."""
     per_leaf = expand_logits(logits, sources[0], granularity)
     return join(imm_merge(sources, fishers, per_leaf, eps=eps), task_specific)
 
 
-def materialise(sources, fishers, adaption_params: dict, *, granularity: Granularity = "leaf",
-                eps: float = DEFAULT_EPS) -> dict:
+def materialise(
+    sources, fishers, adaption_params: dict, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS
+) -> dict:
     """The fine-tuning stage's initialisation from an adaption state's ``{"logits", "task"}``."""
     return jax.jit(partial(fused_params, granularity=granularity, eps=eps))(
-        sources, fishers, adaption_params["logits"], adaption_params["task"])
+        sources, fishers, adaption_params["logits"], adaption_params["task"]
+    )
 
 
-def make_adaption_step(model, optimizer: optax.GradientTransformation, *,
-                       granularity: Granularity = "leaf", eps: float = DEFAULT_EPS,
-                       loss: str = "dice"):
+def make_adaption_step(
+    model,
+    optimizer: optax.GradientTransformation,
+    *,
+    granularity: Granularity = "leaf",
+    eps: float = DEFAULT_EPS,
+    loss: str = "dice",
+):
     """``step(state, sources, fishers, batch) -> (state, {"loss"})`` for T-IMM stage 1.
 
     ``state.params = {"logits": β (compact, see merge.init_logits), "task": 𝒮}``; ``sources``
@@ -158,8 +176,9 @@ def make_adaption_step(model, optimizer: optax.GradientTransformation, *,
     """
 
     def loss_fn(trainable, sources, fishers, batch, rng):
-        params = fused_params(sources, fishers, trainable["logits"], trainable["task"],
-                              granularity=granularity, eps=eps)
+        params = fused_params(
+            sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
+        )
         logits = _apply(model, params, batch["image"], rng, True)
         return segmentation_loss(logits, batch["target"], loss)
 
@@ -169,21 +188,22 @@ def make_adaption_step(model, optimizer: optax.GradientTransformation, *,
         value, grads = jax.value_and_grad(loss_fn)(state.params, sources, fishers, batch, sub)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng),
-                {"loss": value})
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), {"loss": value})
 
     return step
 
 
-def make_adaption_eval_step(model, *, granularity: Granularity = "leaf",
-                            eps: float = DEFAULT_EPS, loss: str = "dice"):
+def make_adaption_eval_step(
+    model, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS, loss: str = "dice"
+):
     """Validation loss/Dice of an adaption state (fused on the fly)."""
     eval_step = make_eval_step(model, loss)
 
     @jax.jit
     def step(trainable, sources, fishers, batch):
-        params = fused_params(sources, fishers, trainable["logits"], trainable["task"],
-                              granularity=granularity, eps=eps)
+        params = fused_params(
+            sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
+        )
         return eval_step(params, batch)
 
     return step

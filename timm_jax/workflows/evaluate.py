@@ -22,8 +22,15 @@ __all__ = ["evaluate_forgetting", "evaluate_model"]
 _log = logging.getLogger(__name__)
 
 
-def evaluate_model(run_dir: str, cfg: EvalConfig = EvalConfig(), *, out_dir: str = "", data_dir: str = "",
-                   params_override=None, spec_override: DataSpec | None = None) -> dict:
+def evaluate_model(
+    run_dir: str,
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    out_dir: str = "",
+    data_dir: str = "",
+    params_override=None,
+    spec_override: DataSpec | None = None,
+) -> dict:
     """Whole-volume evaluation of a run's best checkpoint on one split of its task.
 
     Writes ``<out_dir>/per_case.csv`` and ``summary.json`` (and ``predictions/*.nii.gz``);
@@ -42,8 +49,10 @@ def evaluate_model(run_dir: str, cfg: EvalConfig = EvalConfig(), *, out_dir: str
         raise ConfigError(f"--split={cfg.split} has no cases (have {sorted(data.splits)})")
     n_in = len(LAYOUTS[spec.layout].modalities)
     if (n_in, data.task.num_channels) != (model_cfg.in_channels, model_cfg.out_channels):
-        raise CheckpointError(f"{run_dir} is a {model_cfg.in_channels}→{model_cfg.out_channels} channel "
-                              f"model, the data need {n_in}→{data.task.num_channels}")
+        raise CheckpointError(
+            f"{run_dir} is a {model_cfg.in_channels}→{model_cfg.out_channels} channel "
+            f"model, the data need {n_in}→{data.task.num_channels}"
+        )
     out_dir = out_dir or os.path.join(run_dir, f"eval_{cfg.split}")
     os.makedirs(out_dir, exist_ok=True)
     apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
@@ -51,25 +60,54 @@ def evaluate_model(run_dir: str, cfg: EvalConfig = EvalConfig(), *, out_dir: str
     _log.info("[evaluate] %s: %d %s cases of task %s", run_dir, len(ids), cfg.split, data.task.name)
     rows = []
     for cid, case in zip(ids, data.load(ids)):
-        probs = sliding_window_predict(apply_fn, params, case.image, patch_shape=cfg.patch or None,
-                                       overlap=cfg.overlap, divisor=model_cfg.divisor)
-        rows.append({"case": cid, **evaluate_case(probs, data.task.targets(case.labels),
-                                                  data.task.channel_names, spacing=case.spacing,
-                                                  compute_hd95=cfg.hd95)})
+        probs = sliding_window_predict(
+            apply_fn,
+            params,
+            case.image,
+            patch_shape=cfg.patch or None,
+            overlap=cfg.overlap,
+            divisor=model_cfg.divisor,
+        )
+        rows.append(
+            {
+                "case": cid,
+                **evaluate_case(
+                    probs,
+                    data.task.targets(case.labels),
+                    data.task.channel_names,
+                    spacing=case.spacing,
+                    compute_hd95=cfg.hd95,
+                ),
+            }
+        )
         if cfg.save_predictions:
-            save_prediction_nifti(data.task.decode(probs), case.affine,
-                                  os.path.join(out_dir, "predictions", f"{cid}.nii.gz"))
-    summary = write_results(rows, os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"),
-                            extra={"run": run_dir, "split": cfg.split, "task": data.task.name,
-                                   "channels": list(data.task.channel_names)})
+            save_prediction_nifti(
+                data.task.decode(probs), case.affine, os.path.join(out_dir, "predictions", f"{cid}.nii.gz")
+            )
+    summary = write_results(
+        rows,
+        os.path.join(out_dir, "per_case.csv"),
+        os.path.join(out_dir, "summary.json"),
+        extra={
+            "run": run_dir,
+            "split": cfg.split,
+            "task": data.task.name,
+            "channels": list(data.task.channel_names),
+        },
+    )
     m = summary["metrics"]
-    _log.info("[evaluate] mean Dice %.3f %s -> %s", m["dice_mean"]["mean"],
-              " ".join(f"{c} {m[f'dice_{c}']['mean']:.3f}" for c in data.task.channel_names), out_dir)
+    _log.info(
+        "[evaluate] mean Dice %.3f %s -> %s",
+        m["dice_mean"]["mean"],
+        " ".join(f"{c} {m[f'dice_{c}']['mean']:.3f}" for c in data.task.channel_names),
+        out_dir,
+    )
     return summary
 
 
-def evaluate_forgetting(run_dir: str, source_dirs: Sequence[str], cfg: EvalConfig = EvalConfig(), *,
-                        out_dir: str = "") -> dict:
+def evaluate_forgetting(
+    run_dir: str, source_dirs: Sequence[str], cfg: EvalConfig = EvalConfig(), *, out_dir: str = ""
+) -> dict:
     """Paper Table 4: how well a fused or fine-tuned model still solves the source tasks.
 
     For each source run, the run's transferable leaves are combined with the *source's*

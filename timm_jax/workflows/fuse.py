@@ -88,12 +88,14 @@ class Sources:
     names: list[str]
     params: list[dict]
     metas: list[dict]
-    model_cfg: ModelConfig      # the shared architecture (the first source's config)
+    model_cfg: ModelConfig  # the shared architecture (the first source's config)
 
     def request(self) -> list:
         """What the fusion depends on about each source: path, configuration, trained epochs."""
-        return [[d, m.get("run_key"), (m.get("run") or {}).get("best_epoch")]
-                for d, m in zip(self.dirs, self.metas)]
+        return [
+            [d, m.get("run_key"), (m.get("run") or {}).get("best_epoch")]
+            for d, m in zip(self.dirs, self.metas)
+        ]
 
 
 def load_sources(source_dirs: Sequence[str]) -> Sources:
@@ -109,12 +111,18 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
     first = loaded[0].cfg
     for d, src in zip(source_dirs[1:], loaded[1:]):
         if not src.cfg.same_architecture(first):
-            raise CheckpointError(f"source {d} (base {src.cfg.base_filters}, depth {src.cfg.depth}) is of "
-                                  f"another architecture than {source_dirs[0]} (base {first.base_filters}, "
-                                  f"depth {first.depth})")
-    return Sources(dirs=[s.path for s in loaded],
-                   names=[os.path.basename(os.path.normpath(d)) for d in source_dirs],
-                   params=[s.params for s in loaded], metas=[s.meta for s in loaded], model_cfg=first)
+            raise CheckpointError(
+                f"source {d} (base {src.cfg.base_filters}, depth {src.cfg.depth}) is of "
+                f"another architecture than {source_dirs[0]} (base {first.base_filters}, "
+                f"depth {first.depth})"
+            )
+    return Sources(
+        dirs=[s.path for s in loaded],
+        names=[os.path.basename(os.path.normpath(d)) for d in source_dirs],
+        params=[s.params for s in loaded],
+        metas=[s.meta for s in loaded],
+        model_cfg=first,
+    )
 
 
 def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int = 0) -> dict:
@@ -146,12 +154,18 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
         ids = ids[:max_examples]
     cases = data.load(ids)
     apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
-    _log.info("[fuse] Fisher of %s (%s) on %d training cases of task %s", source_dir, kind, len(ids),
-              data.task.name)
+    _log.info(
+        "[fuse] Fisher of %s (%s) on %d training cases of task %s", source_dir, kind, len(ids), data.task.name
+    )
     # one whole volume per batch (padded only to the network's divisor): memory does not grow
     # with the data set, and no case is padded to another case's size
-    batches = ((pad_to_multiple(c.image, model_cfg.divisor)[None],
-                pad_to_multiple(data.task.targets(c.labels), model_cfg.divisor)[None]) for c in cases)
+    batches = (
+        (
+            pad_to_multiple(c.image, model_cfg.divisor)[None],
+            pad_to_multiple(data.task.targets(c.labels), model_cfg.divisor)[None],
+        )
+        for c in cases
+    )
     if kind == "empirical":
         ll = segmentation_log_likelihood(apply_fn)
     else:
@@ -171,14 +185,27 @@ def fusion_partition(fresh: dict, sources: Sources) -> Partition:
     """Split the target's freshly initialised params: a leaf whose shape differs from ANY source's
     is task-specific (e.g. the first convolution when the input channels differ)."""
     mismatched = sorted({m for p in sources.params for m in split(fresh, reference=p).mismatched})
-    part = split(fresh, is_transferable=lambda names: (
-        default_is_transferable(names) and "/".join(names) not in mismatched))
+    part = split(
+        fresh,
+        is_transferable=lambda names: default_is_transferable(names) and "/".join(names) not in mismatched,
+    )
     part.mismatched = mismatched
     return part
 
 
-def adaption_stage(out_dir: str, meta: dict, *, model, data, part: Partition, src_tr, fishers,
-                   cfg: FuseConfig, adapt_cfg: TrainConfig, rng) -> tuple[PyTree, dict, dict]:
+def adaption_stage(
+    out_dir: str,
+    meta: dict,
+    *,
+    model,
+    data,
+    part: Partition,
+    src_tr,
+    fishers,
+    cfg: FuseConfig,
+    adapt_cfg: TrainConfig,
+    rng,
+) -> tuple[PyTree, dict, dict]:
     """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
     ``(logits, task_specific, summary)``."""
     T = len(src_tr)
@@ -189,16 +216,26 @@ def adaption_stage(out_dir: str, meta: dict, *, model, data, part: Partition, sr
     state = create_state({"logits": logits, "task": part.task_specific}, optimizer, rng)
     step = make_adaption_step(model, optimizer, granularity=cfg.granularity, loss=adapt_cfg.loss)
     eval_step = make_adaption_eval_step(model, granularity=cfg.granularity, loss=adapt_cfg.loss)
-    evaluate = volume_evaluator(lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task,
-                                2 ** (model.depth - 1))
+    evaluate = volume_evaluator(
+        lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, 2 ** (model.depth - 1)
+    )
     adapt_meta = {**meta, "kind": "adaption"}
     with RunDir.create(os.path.join(out_dir, "adaption"), adapt_meta) as run:
-        final, progress = fit(run, state=state, train_step=lambda s, b: step(s, src_tr, fishers, b),
-                              evaluate=evaluate, batches_from=train_batches(train_cases, data.task, adapt_cfg),
-                              cfg=adapt_cfg, name="adapt")
+        final, progress = fit(
+            run,
+            state=state,
+            train_step=lambda s, b: step(s, src_tr, fishers, b),
+            evaluate=evaluate,
+            batches_from=train_batches(train_cases, data.task, adapt_cfg),
+            cfg=adapt_cfg,
+            name="adapt",
+        )
         best, _ = run.restore(state_dict(final), which="best")
-    summary = {"best_epoch": progress["best_epoch"], "best_val_loss": progress["best_loss"],
-               "epochs": progress["epoch"]}
+    summary = {
+        "best_epoch": progress["best_epoch"],
+        "best_val_loss": progress["best_loss"],
+        "epochs": progress["epoch"],
+    }
     return best["params"]["logits"], best["params"]["task"], summary
 
 
@@ -219,8 +256,9 @@ def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
     return out
 
 
-def save_fusion(out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]],
-                source_names: list[str]) -> None:
+def save_fusion(
+    out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]], source_names: list[str]
+) -> None:
     """The ``fused`` run directory: checkpoint, and ``mixing_ratios.{json,csv,png}``."""
     with RunDir.create(out_dir, meta) as run:
         run.save(0, {"params": params}, meta, best=True)
@@ -234,16 +272,29 @@ def save_fusion(out_dir: str, params: dict, meta: dict, ratios: dict[str, list[f
     plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
 
 
-def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, cfg: FuseConfig = FuseConfig(),
-                adapt_cfg: TrainConfig = TrainConfig()) -> dict:
+def fuse_models(
+    source_dirs: Sequence[str],
+    target: DataSpec,
+    out_dir: str,
+    cfg: FuseConfig = FuseConfig(),
+    adapt_cfg: TrainConfig = TrainConfig(),
+) -> dict:
     """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its metadata."""
     sources = load_sources(source_dirs)
     data = resolve(target)
     model, model_cfg = build_model(model_config_for(data, sources.model_cfg))
     timm = cfg.method == "timm"
-    meta = make_meta("fused", model=model_cfg, data=target, train=adapt_cfg if timm else None, fuse=cfg,
-                     sources=sources.request(), task=data.task.to_dict(), splits=data.splits,
-                     train_ids=data.train_ids)
+    meta = make_meta(
+        "fused",
+        model=model_cfg,
+        data=target,
+        train=adapt_cfg if timm else None,
+        fuse=cfg,
+        sources=sources.request(),
+        task=data.task.to_dict(),
+        splits=data.splits,
+        train_ids=data.train_ids,
+    )
     with RunDir.create(out_dir, meta) as run:
         if run.latest_step("best") is not None:
             _log.info("[fuse] %s already holds this fusion; nothing to do", out_dir)
@@ -254,20 +305,42 @@ def fuse_models(source_dirs: Sequence[str], target: DataSpec, out_dir: str, cfg:
     src_tr = [jax.tree_util.tree_map(jnp.asarray, select_like(p, part.transferable)) for p in sources.params]
     fishers = None
     if cfg.imm_mode == "mode":
-        fishers = [jax.tree_util.tree_map(jnp.asarray, select_like(
-            source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples), part.transferable))
-            for d in sources.dirs]
+        fishers = [
+            jax.tree_util.tree_map(
+                jnp.asarray,
+                select_like(
+                    source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples), part.transferable
+                ),
+            )
+            for d in sources.dirs
+        ]
     mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
-    _log.info("[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, %d "
-              "task-specific%s", cfg.method.upper(), cfg.imm_mode, len(sources.dirs), sources.names,
-              data.task.name, len(jax.tree_util.tree_leaves(part.transferable)),
-              len(jax.tree_util.tree_leaves(part.task_specific)), mismatched)
+    _log.info(
+        "[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, %d task-specific%s",
+        cfg.method.upper(),
+        cfg.imm_mode,
+        len(sources.dirs),
+        sources.names,
+        data.task.name,
+        len(jax.tree_util.tree_leaves(part.transferable)),
+        len(jax.tree_util.tree_leaves(part.task_specific)),
+        mismatched,
+    )
     logits = init_logits(part.transferable, len(sources.dirs), cfg.granularity)
     task_specific, summary = part.task_specific, {}
     if timm:
         logits, task_specific, summary = adaption_stage(
-            out_dir, meta, model=model, data=data, part=part, src_tr=src_tr, fishers=fishers, cfg=cfg,
-            adapt_cfg=adapt_cfg, rng=state_rng)
+            out_dir,
+            meta,
+            model=model,
+            data=data,
+            part=part,
+            src_tr=src_tr,
+            fishers=fishers,
+            cfg=cfg,
+            adapt_cfg=adapt_cfg,
+            rng=state_rng,
+        )
     params = materialise_fusion(src_tr, fishers, logits, task_specific, cfg.granularity)
     ratios = layer_ratios(expand_logits(logits, part.transferable, cfg.granularity))
     meta = {**meta, "adaption": summary, "ratios": ratios, "mismatched": part.mismatched}

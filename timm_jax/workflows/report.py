@@ -14,6 +14,7 @@ backend alone.
   prediction overlays.
 * :func:`markdown_table`, :func:`write_report` — a report.md with a table and figures.
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,7 @@ def plot_mixing_ratios(
     left = np.zeros(len(names))
     colors = matplotlib.colormaps["tab10"]
     for t, src in enumerate(sources):
-        ax.barh(y, alpha[:, t], left=left, color=colors(t % 10), edgecolor="white",
-                linewidth=0.5, label=src)
+        ax.barh(y, alpha[:, t], left=left, color=colors(t % 10), edgecolor="white", linewidth=0.5, label=src)
         left += alpha[:, t]
     for t in range(1, len(sources)):
         ax.axvline(t / len(sources), color="black", linestyle="--", linewidth=0.8, alpha=0.6)
@@ -143,8 +143,13 @@ def plot_per_case(
         width = 0.8 / len(others)
         for j, m in enumerate(others):
             diff = (base - values[m])[order]
-            ax.bar(x - 0.4 + (j + 0.5) * width, diff, width=width,
-                   color=colors((methods.index(m)) % 10), label=f"vs {m}")
+            ax.bar(
+                x - 0.4 + (j + 0.5) * width,
+                diff,
+                width=width,
+                color=colors((methods.index(m)) % 10),
+                label=f"vs {m}",
+            )
         ax.axhline(0.0, color="black", linewidth=0.8)
         ax.set_xlabel(f"case (sorted by {baseline} Dice, ascending)")
         ax.set_ylabel(f"Dice({baseline}) − Dice(method)")
@@ -161,9 +166,7 @@ def _overlay_cmap(max_label: int) -> ListedColormap:
     return ListedColormap([base(i % base.N) for i in range(max(max_label, 1))])
 
 
-def plot_prediction(
-    image: Any, truth: Any, pred: Any, png_path: str, title: str = "", axis: int = 2
-) -> str:
+def plot_prediction(image: Any, truth: Any, pred: Any, png_path: str, title: str = "", axis: int = 2) -> str:
     """Three panels of one slice: image, ground-truth overlay, prediction overlay.
 
     The slice is the one along ``axis`` with the most ground-truth foreground (label > 0;
@@ -199,7 +202,7 @@ def plot_prediction(
     max_label = int(max(truth.max(initial=0), pred.max(initial=0), 1))
     cmap = _overlay_cmap(max_label)
     finite = img[np.isfinite(img)]
-    lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
 
@@ -209,8 +212,15 @@ def plot_prediction(
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi, origin="lower", interpolation="nearest")
         if lab is not None:
             masked = np.ma.masked_where(lab <= 0, lab)
-            ax.imshow(masked, cmap=cmap, vmin=0.5, vmax=max_label + 0.5, alpha=0.5,
-                      origin="lower", interpolation="nearest")
+            ax.imshow(
+                masked,
+                cmap=cmap,
+                vmin=0.5,
+                vmax=max_label + 0.5,
+                alpha=0.5,
+                origin="lower",
+                interpolation="nearest",
+            )
         ax.set_title(name)
         ax.axis("off")
     axis_name = "xyz"[axis]

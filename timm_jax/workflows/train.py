@@ -25,7 +25,15 @@ from timm_jax.training.loop import fit, volume_evaluator
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
 
-__all__ = ["INITS", "LoadedModel", "load_init", "load_model", "model_config_for", "train_batches", "train_model"]
+__all__ = [
+    "INITS",
+    "LoadedModel",
+    "load_init",
+    "load_model",
+    "model_config_for",
+    "train_batches",
+    "train_model",
+]
 
 INITS = ("random", "transfer", "fused")
 _log = logging.getLogger(__name__)
@@ -33,8 +41,9 @@ _log = logging.getLogger(__name__)
 
 def model_config_for(data: Data, model_cfg: ModelConfig) -> ModelConfig:
     """``model_cfg`` with the channel counts of the data's layout and task."""
-    return model_cfg.replace(in_channels=len(LAYOUTS[data.spec.layout].modalities),
-                             out_channels=data.task.num_channels)
+    return model_cfg.replace(
+        in_channels=len(LAYOUTS[data.spec.layout].modalities), out_channels=data.task.num_channels
+    )
 
 
 def load_init(init: str, init_from: str, model_cfg: ModelConfig):
@@ -49,33 +58,56 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
         raise ConfigError(f"--init={init} needs --init_from (a run directory)")
     with RunDir.open(init_from) as run:
         if init == "fused" and run.kind != "fused":
-            raise ConfigError(f"--init=fused but {init_from} is a {run.kind!r} run, not a fuse.py "
-                              "output; use --init=transfer")
+            raise ConfigError(
+                f"--init=fused but {init_from} is a {run.kind!r} run, not a fuse.py "
+                "output; use --init=transfer"
+            )
         if init == "transfer" and run.kind != "train":
-            raise ConfigError(f"--init=transfer but {init_from} is a {run.kind!r} run, not a model "
-                              "trained with train.py" + ("; use --init=fused" if run.kind == "fused" else ""))
+            raise ConfigError(
+                f"--init=transfer but {init_from} is a {run.kind!r} run, not a model "
+                "trained with train.py" + ("; use --init=fused" if run.kind == "fused" else "")
+            )
         params, meta = run.load_params()
     src = ModelConfig.from_dict(meta.get("model", {}))
     if not model_cfg.same_architecture(src):
         raise CheckpointError(
             f"{init_from} holds a network of another architecture (base_filters={src.base_filters}, "
             f"depth={src.depth}) than requested (base_filters={model_cfg.base_filters}, "
-            f"depth={model_cfg.depth})")
+            f"depth={model_cfg.depth})"
+        )
     return params, meta
 
 
 def train_batches(cases, task, cfg: TrainConfig):
     """``start_step -> iterator`` of the seeded, resumable training batches of ``cases``."""
+
     def batches_from(start: int):
-        return iter(make_train_dataset(
-            cases, task, patch_shape=tuple(cfg.patch_shape), batch_size=cfg.batch_size, seed=cfg.seed,
-            foreground_rate=cfg.foreground_rate, augment=cfg.augment, num_workers=cfg.num_workers,
-            start_step=start))
+        return iter(
+            make_train_dataset(
+                cases,
+                task,
+                patch_shape=tuple(cfg.patch_shape),
+                batch_size=cfg.batch_size,
+                seed=cfg.seed,
+                foreground_rate=cfg.foreground_rate,
+                augment=cfg.augment,
+                num_workers=cfg.num_workers,
+                start_step=start,
+            )
+        )
+
     return batches_from
 
 
-def train_model(spec: DataSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, workdir: str, *,
-                init: str = "random", init_from: str = "") -> dict:
+def train_model(
+    spec: DataSpec,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    workdir: str,
+    *,
+    init: str = "random",
+    init_from: str = "",
+) -> dict:
     """Train (or resume) one model in ``workdir``; returns the run summary (history, best epoch)."""
     data = resolve(spec)
     model, model_cfg = build_model(model_config_for(data, model_cfg))
@@ -83,13 +115,27 @@ def train_model(spec: DataSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, 
     patch = tuple(train_cfg.patch_shape)
     if any(p % model_cfg.divisor for p in patch):
         raise ConfigError(f"--patch {list(patch)} must be divisible by {model_cfg.divisor} (2^(depth-1))")
-    meta = make_meta("train", model=model_cfg, train=train_cfg, data=spec, task=data.task.to_dict(),
-                     splits=data.splits, train_ids=data.train_ids, init=init,
-                     init_from=os.path.abspath(init_from) if init_from else "")
+    meta = make_meta(
+        "train",
+        model=model_cfg,
+        train=train_cfg,
+        data=spec,
+        task=data.task.to_dict(),
+        splits=data.splits,
+        train_ids=data.train_ids,
+        init=init,
+        init_from=os.path.abspath(init_from) if init_from else "",
+    )
     with RunDir.create(workdir, meta) as run:
-        _log.info("[train] task %s: %d training cases (fraction %s of %d), %d validation; "
-                  "conv_impl=%s", data.task.name, len(data.train_ids), spec.fraction,
-                  len(data.splits["train"]), len(data.splits["val"]), model_cfg.conv_impl)
+        _log.info(
+            "[train] task %s: %d training cases (fraction %s of %d), %d validation; conv_impl=%s",
+            data.task.name,
+            len(data.train_ids),
+            spec.fraction,
+            len(data.splits["train"]),
+            len(data.splits["val"]),
+            model_cfg.conv_impl,
+        )
         train_cases = data.load(data.train_ids)
         val_cases = data.load(data.splits["val"])
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
@@ -100,9 +146,13 @@ def train_model(spec: DataSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, 
                 raise CheckpointError(f"{init_from} shares no transferable leaf with this network")
             params = join(select_like(src_params, part.transferable), part.task_specific)
             mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
-            _log.info("[train] transfer from %s: %d leaves copied, %d task-specific leaves "
-                      "re-initialised%s", init_from, len(jax.tree_util.tree_leaves(part.transferable)),
-                      len(jax.tree_util.tree_leaves(part.task_specific)), mismatched)
+            _log.info(
+                "[train] transfer from %s: %d leaves copied, %d task-specific leaves re-initialised%s",
+                init_from,
+                len(jax.tree_util.tree_leaves(part.transferable)),
+                len(jax.tree_util.tree_leaves(part.task_specific)),
+                mismatched,
+            )
         elif init == "fused":
             bad = shape_mismatches(params, src_params)
             if bad:
@@ -111,18 +161,24 @@ def train_model(spec: DataSpec, model_cfg: ModelConfig, train_cfg: TrainConfig, 
             _log.info("[train] initialised from fused checkpoint %s", init_from)
         optimizer = make_optimizer(train_cfg.learning_rate)
         state = create_state(params, optimizer, state_rng)
-        evaluate = volume_evaluator(make_eval_step(model, train_cfg.loss), val_cases, data.task,
-                                    model_cfg.divisor)
-        _, summary = fit(run, state=state, train_step=make_train_step(model, optimizer, train_cfg.loss),
-                         evaluate=evaluate, batches_from=train_batches(train_cases, data.task, train_cfg),
-                         cfg=train_cfg)
+        evaluate = volume_evaluator(
+            make_eval_step(model, train_cfg.loss), val_cases, data.task, model_cfg.divisor
+        )
+        _, summary = fit(
+            run,
+            state=state,
+            train_step=make_train_step(model, optimizer, train_cfg.loss),
+            evaluate=evaluate,
+            batches_from=train_batches(train_cases, data.task, train_cfg),
+            cfg=train_cfg,
+        )
     return summary
 
 
 class LoadedModel(NamedTuple):
-    path: str               # the run directory, absolute
+    path: str  # the run directory, absolute
     model: UNet3D
-    cfg: ModelConfig        # conv_impl resolved for this machine
+    cfg: ModelConfig  # conv_impl resolved for this machine
     params: dict
     meta: dict
 
@@ -137,8 +193,12 @@ def load_model(run_dir: str, kinds=("train", "fused")) -> LoadedModel:
     try:
         resolve_conv_impl(model_cfg.conv_impl)
     except ValueError:
-        _log.warning("%s was trained with conv_impl=%s, which is not available here; using 'auto' "
-                     "(the same maths, other float rounding)", run_dir, model_cfg.conv_impl)
+        _log.warning(
+            "%s was trained with conv_impl=%s, which is not available here; using 'auto' "
+            "(the same maths, other float rounding)",
+            run_dir,
+            model_cfg.conv_impl,
+        )
         model_cfg = model_cfg.replace(conv_impl="auto")
     model, model_cfg = build_model(model_cfg)
     return LoadedModel(path, model, model_cfg, params, meta)
