@@ -33,34 +33,37 @@ def flag_fields(cls) -> list[tuple[str, dataclasses.Field]]:
     ]
 
 
-def define_flags(cls, *, prefix: str = "") -> None:
-    """Define one absl flag per non-derived field of the config dataclass ``cls``."""
+def define_flags(cls, *, prefix: str = "", flag_values: flags.FlagValues | None = None) -> None:
+    """Define one absl flag per non-derived field of the config dataclass ``cls`` (in
+    ``flag_values``, default absl's global ``FLAGS``)."""
+    fv = {"flag_values": flag_values if flag_values is not None else FLAGS}
     for name, f in flag_fields(cls):
         name, default, help_ = prefix + name, f.default, f.metadata["help"]
         choices = f.metadata.get("choices")
         if choices:
-            flags.DEFINE_enum(name, default if default in choices else None, list(choices), help_)
+            flags.DEFINE_enum(name, default if default in choices else None, list(choices), help_, **fv)
         elif isinstance(default, bool):
-            flags.DEFINE_bool(name, default, help_)
+            flags.DEFINE_bool(name, default, help_, **fv)
         elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, help_)
+            flags.DEFINE_integer(name, default, help_, **fv)
         elif isinstance(default, float):
-            flags.DEFINE_float(name, default, help_)
+            flags.DEFINE_float(name, default, help_, **fv)
         elif isinstance(default, str):
-            flags.DEFINE_string(name, default, help_)
+            flags.DEFINE_string(name, default, help_, **fv)
         elif isinstance(default, tuple):
-            flags.DEFINE_list(name, [str(v) for v in default], help_)
+            flags.DEFINE_list(name, [str(v) for v in default], help_, **fv)
         else:
             raise TypeError(
                 f"{cls.__name__}.{f.name}: no flag type for a default of type {type(default).__name__}"
             )
 
 
-def from_flags(cls, *, prefix: str = ""):
+def from_flags(cls, *, prefix: str = "", flag_values: flags.FlagValues | None = None):
     """An instance of ``cls`` from the parsed flags defined by :func:`define_flags`."""
+    fv = flag_values if flag_values is not None else FLAGS
     kw = {}
     for name, f in flag_fields(cls):
-        value = FLAGS[prefix + name].value
+        value = fv[prefix + name].value
         if value is None:
             value = f.default
         elif isinstance(f.default, tuple):

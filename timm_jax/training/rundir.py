@@ -206,7 +206,7 @@ class RunDir:
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(
                 f"checkpoint metadata {self.path}/checkpoints/{which}/{step}/meta "
-                f"could not be read (corrupt?): {type(e).__name__}: {e}"
+                f"could not be read (corrupt?): {_brief(e)}"
             ) from e
 
     def restore(
@@ -222,7 +222,7 @@ class RunDir:
         except Exception as e:
             raise CheckpointError(
                 f"checkpoint {self.path}/checkpoints/{which}/{step} could not be "
-                f"read (corrupt or of another structure): {type(e).__name__}: {e}"
+                f"read (corrupt or of another structure): {_brief(e)}"
             ) from e
         return out.state, meta
 
@@ -262,6 +262,13 @@ def load_run(path: str, kinds: Sequence[str] = KINDS) -> tuple[dict, dict]:
     """Params and meta of a finished run's best (else latest) checkpoint."""
     with RunDir.open(path, kinds) as run:
         return run.load_params()
+
+
+def _brief(e: Exception) -> str:
+    """orbax/tensorstore errors append a long JSON spec; keep the part a person reads."""
+    text = str(e).split(" [tensorstore_spec=")[0].strip().splitlines()
+    text = text[0] if text else ""
+    return f"{type(e).__name__}: {text[:400]}"
 
 
 def _write_json(path: str, obj: Any) -> None:

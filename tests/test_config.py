@@ -1,0 +1,133 @@
+"""One source of configuration: every field of every config has one default and one flag,
+derived by timm_jax.cli, and the scripts' flags round-trip into the config objects."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+from timm_jax import cli
+from timm_jax.config import EvalConfig, FuseConfig, ModelConfig, TrainConfig
+from timm_jax.data.spec import DataSpec
+from timm_jax.errors import ConfigError, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = (ModelConfig, TrainConfig, FuseConfig, EvalConfig, DataSpec)
+# which configs each script exposes (the rest of its flags are its own run arguments)
+SCRIPTS = {
+    "train.py": (DataSpec, ModelConfig, TrainConfig),
+    "fuse.py": (DataSpec, TrainConfig, FuseConfig),
+    "evaluate.py": (EvalConfig,),
+}
+
+
+@pytest.fixture
+def fv():
+    """A private FlagValues (absl's global FLAGS is parsed already in the test process)."""
+    return flags.FlagValues()
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_every_field_has_one_default_and_a_help(cls):
+    for f in dataclasses.fields(cls):
+        assert f.default is not dataclasses.MISSING, f"{cls.__name__}.{f.name} has no default"
+        assert f.default_factory is dataclasses.MISSING
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_flags_are_derived_one_per_field_with_the_field_default(cls, fv):
+    cli.define_flags(cls, flag_values=fv)
+    names = [name for name, _ in cli.flag_fields(cls)]
+    assert len(names) == len(set(names))
+    derived = [f.name for f in dataclasses.fields(cls) if f.metadata.get("derived")]
+    assert len(names) + len(derived) == len(dataclasses.fields(cls))
+    assert sorted(fv) == sorted(names)
+    fv(["prog"])
+    made = cli.from_flags(cls, flag_values=fv) if cls is not DataSpec else None
+    for name, f in cli.flag_fields(cls):
+        value = fv[name].value
+        default = f.default
+        if isinstance(default, tuple):
+            assert value == [str(v) for v in default]
+        elif f.metadata.get("choices") and default not in f.metadata["choices"]:
+            assert value is None
+        else:
+            assert value == default, name
+        if made is not None:
+            assert getattr(made, f.name) == default
+
+
+def test_flag_values_reach_the_config(fv):
+    cli.define_flags(TrainConfig, flag_values=fv)
+    cli.define_flags(ModelConfig, flag_values=fv)
+    fv(
+        [
+            "prog",
+            "--patch=16,24,32",
+            "--learning_rate=0.01",
+            "--noaugment",
+            "--loss=ce",
+            "--min_learning_rate=1e-7",
+            "--dropout=0.1",
+            "--conv_impl=native",
+        ]
+    )
+    t, m = cli.from_flags(TrainConfig, flag_values=fv), cli.from_flags(ModelConfig, flag_values=fv)
+    assert t.patch_shape == (16, 24, 32) and t.learning_rate == 0.01 and not t.augment
+    assert t.loss == "ce" and t.min_learning_rate == 1e-7
+    assert m.dropout_rate == 0.1 and m.conv_impl == "native" and m.in_channels == 4
+
+
+def test_data_flags_and_their_errors(fv):
+    cli.define_flags(DataSpec, flag_values=fv)
+    fv(["prog", "--layout=parcellation"])
+    with pytest.raises(ConfigError, match="missing required flag.*--data_dir"):
+        cli.from_flags(DataSpec, flag_values=fv)
+    fv["data_dir"].value = "somewhere"
+    fv["labels"].value = ["1", "x"]
+    with pytest.raises(ConfigError, match="--labels takes int values"):
+        cli.from_flags(DataSpec, flag_values=fv)
+    fv["labels"].value = ["1", "3"]
+    spec = cli.from_flags(DataSpec, flag_values=fv)
+    assert spec.labels == (1, 3) and spec.preprocess_config().normalisation == "histogram"
+
+
+@pytest.mark.parametrize(
+    "cls, kw, msg",
+    [
+        (TrainConfig, {"patch_shape": (16, 16)}, "--patch must be three integers"),
+        (TrainConfig, {"loss": "hinge"}, "--loss must be one of"),
+        (TrainConfig, {"batch_size": 0}, "--batch_size"),
+        (ModelConfig, {"conv_impl": "fast"}, "--conv_impl must be one of"),
+        (FuseConfig, {"granularity": "channel"}, "--granularity must be one of"),
+        (EvalConfig, {"overlap": 1.0}, "--overlap"),
+        (DataSpec, {"data_dir": "d", "layout": "nifti"}, "--layout"),
+        (DataSpec, {"data_dir": "d", "layout": "brats", "fraction": 0.0}, "--fraction"),
+    ],
+)
+def test_bad_values_are_user_errors_naming_the_flag(cls, kw, msg):
+    with pytest.raises(ConfigError, match=msg) as e:
+        cls(**kw)
+    assert isinstance(e.value, UserError)
+
+
+@pytest.mark.parametrize("cls", CONFIGS, ids=lambda c: c.__name__)
+def test_dict_round_trip(cls):
+    obj = cls(data_dir="d", layout="brats") if cls is DataSpec else cls()
+    d = obj.to_dict()
+    assert cls.from_dict(d) == obj
+    assert cls.from_dict({**d, "unknown_key": 1}) == obj
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_config_field_is_a_flag_of_the_script(script):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / script), "--helpfull"], capture_output=True, text=True, timeout=120
+    ).stdout
+    for cls in SCRIPTS[script]:
+        for name, _ in cli.flag_fields(cls):
+            assert f"--{name}:" in out or f"--[no]{name}:" in out, f"{script} lacks --{name}"
