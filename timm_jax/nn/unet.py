@@ -329,7 +329,7 @@ def layer_order(names: Sequence[str]) -> list[str]:
         if len(part) >= 3 and part[1][:3] in ("enc", "dec") and part[1][3:].isdigit():
             lvl = int(part[1][3:])
             pos = _STAGE.get(part[2], 3)
-            return (0, lvl, pos, "") if part[1].startswith("enc") else (1, -lvl, pos, "")
+            return (0, lvl, pos, name) if part[1].startswith("enc") else (1, -lvl, pos, name)
         return (2, 0, 0, name)
 
     return sorted(names, key=key)

@@ -81,10 +81,10 @@ def make_meta(kind: str, *, model, data, train=None, **extra) -> dict:
 class RunDir:
     """A run directory (see the module docstring). Use :meth:`create` or :meth:`open`."""
 
-    def __init__(self, path: str, *, max_to_keep: int = 2):
+    def __init__(self, path: str, *, max_to_keep: int = 2, create: bool = True):
         self.path = os.path.abspath(os.path.expanduser(path))
         root = os.path.join(self.path, "checkpoints")
-        opts = dict(create=True)
+        opts = dict(create=create)
         self._managers = {
             "latest": ocp.CheckpointManager(
                 os.path.join(root, "latest"),
@@ -95,6 +95,7 @@ class RunDir:
             ),
         }
         self.meta: dict = {}
+        self.previous: dict | None = None
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -108,7 +109,6 @@ class RunDir:
         run = cls(path)
         try:
             run.meta = meta
-            run.previous = None
             which = "latest" if run.latest_step("latest") is not None else "best"
             if run.latest_step(which) is not None:
                 old = run.read_meta(which)
@@ -149,7 +149,7 @@ class RunDir:
             raise CheckpointError(f"run directory {path} does not exist")
         if not os.path.isdir(os.path.join(path, "checkpoints")):
             raise CheckpointError(f"{path} is not a run directory: it has no checkpoints/ folder")
-        run = cls(path)
+        run = cls(path, create=False)
         try:
             which = run.best_or_latest()
             run.meta = run.read_meta(which)
@@ -171,9 +171,17 @@ class RunDir:
 
     def close(self) -> None:
         """Wait for pending writes and close the orbax managers (idempotent)."""
+        errors = []
         for m in self._managers.values():
-            m.wait_until_finished()
-            m.close()
+            try:
+                m.wait_until_finished()
+            finally:
+                try:
+                    m.close()
+                except Exception as e:  # close the other manager too, then report
+                    errors.append(e)
+        if errors:
+            raise errors[0]
 
     # ------------------------------------------------------------------ reading
     @property

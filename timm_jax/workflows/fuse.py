@@ -134,20 +134,23 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     """
     if kind not in ("empirical", "true"):
         raise ValueError(f"Fisher kind must be 'empirical' or 'true', got {kind!r}")
+    source_dir, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
     with RunDir.open(source_dir, ("train",)) as run:
-        source_dir = run.path
         step = run.latest_step(run.best_or_latest())
-    key = {"step": step, "kind": kind, "max_examples": max_examples, "run_key": run.meta.get("run_key")}
+    key = {"step": step, "kind": kind, "max_examples": max_examples, "run_key": meta.get("run_key")}
     cache = os.path.join(source_dir, "fisher", f"fisher_{kind}.npz")
+    shapes = {k: np.shape(v) for k, v in to_flat_dict(params).items()}
     if os.path.isfile(cache):
         try:
             with np.load(cache, allow_pickle=False) as z:
-                if json.loads(str(z["__key__"])) == key:
-                    _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
-                    return from_flat_dict({k: z[k] for k in z.files if k != "__key__"})
-        except (OSError, ValueError, KeyError):
-            _log.warning("[fuse] Fisher cache %s unreadable; recomputing", cache)
-    _, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
+                flat = {k: z[k] for k in z.files if k != "__key__"}
+                same = json.loads(str(z["__key__"])) == key
+            if same and {k: v.shape for k, v in flat.items()} == shapes:
+                _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
+                return from_flat_dict(flat)
+            _log.info("[fuse] Fisher cache %s is of another checkpoint or setting; recomputing", cache)
+        except Exception as e:  # a torn or foreign file of any kind: recompute it
+            _log.warning("[fuse] Fisher cache %s unreadable (%s); recomputing", cache, type(e).__name__)
     data = resolve(DataSpec.from_dict(meta["data"]))
     ids = list(meta.get("train_ids") or data.train_ids)
     if max_examples:
