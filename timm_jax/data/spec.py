@@ -16,7 +16,7 @@ from pathlib import Path
 from timm_jax.config import Config, setting
 from timm_jax.data.io import DataError, list_cases
 from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed
-from timm_jax.data.splits import fraction_subset, load_splits, make_splits, splits_from_manifest
+from timm_jax.data.splits import fraction_split, load_splits, make_splits, splits_from_manifest
 from timm_jax.data.tasks import Task, brats_regions, parcellation_labels, task_from_manifest
 from timm_jax.errors import ConfigError
 
@@ -27,7 +27,8 @@ _log = logging.getLogger(__name__)
 class DataSpec(Config):
     """Where the data are and what to predict (the ``--data_dir`` ... flags; stored in checkpoints).
 
-    ``fraction`` is the fraction of the training cases used (nested across fractions, >= 1 case).
+    ``fraction`` is the fraction of the annotated pool (train + val) used, split 80 / 20 into
+    train / val and nested across fractions (:func:`timm_jax.data.splits.fraction_split`).
     ``cache_dir`` defaults to ``<data_dir>/../.timm_cache``.
     """
 
@@ -48,7 +49,9 @@ class DataSpec(Config):
     split_seed: int = setting(0, "Seed of the seeded split and of the data fraction.")
     val_fraction: float = setting(0.2, "Validation share of a seeded split (real data).")
     test_fraction: float = setting(0.2, "Test share of a seeded split (real data).")
-    fraction: float = setting(1.0, "Fraction of the training cases used (nested, >= 1 case).")
+    fraction: float = setting(
+        1.0, "Fraction of the annotated pool (train + val) used, split 80/20 into train/val; nested "
+        "across fractions (paper Table 1: 4 % of 255 = 8 + 2 cases). 1: the split itself.")
     normalisation: str = setting(
         "histogram",
         "Intensity normalisation: histogram (original) or zscore.",
@@ -74,8 +77,9 @@ class DataSpec(Config):
 class Data:
     spec: DataSpec
     task: Task
-    splits: dict  # full train/val/test ids
-    train_ids: list  # the fraction of the training ids actually used
+    splits: dict  # the full train/val/test ids
+    train_ids: list  # the training cases of the fraction actually used
+    val_ids: list  # its validation cases
 
     def load(self, ids, *, require_labels: bool = True) -> list:
         """The preprocessed cases ``ids`` (cached), their labels checked against the task."""
@@ -153,5 +157,8 @@ def resolve(spec: DataSpec) -> Data:
             raise DataError(
                 f"the split has no {s} cases ({spec.data_dir}, task {spec.task_key or task.name})"
             )
-    train_ids = fraction_subset(splits["train"], spec.fraction, spec.split_seed)
-    return Data(spec=spec, task=task, splits=splits, train_ids=train_ids)
+    try:
+        train_ids, val_ids = fraction_split(splits, spec.fraction, spec.split_seed)
+    except ValueError as e:
+        raise ConfigError(f"--fraction={spec.fraction}: {e}") from None
+    return Data(spec=spec, task=task, splits=splits, train_ids=train_ids, val_ids=val_ids)

@@ -3,9 +3,11 @@
 All functions sort the case ids first, so the result depends only on the set of ids and the seed,
 never on the order in which the ids were listed.
 
-Fractions follow the T-IMM paper's Table 1 (e.g. 4 %, 8 %, 100 % of the training cases): one seeded
-permutation of the training ids is drawn and fraction ``f`` keeps its first ``max(1, round(f n))``
-ids, so a smaller fraction is always a subset of a larger one.
+Fractions follow the T-IMM paper's Table 1: a fraction is of the whole *pool* of annotated cases
+(training + validation), and the cases it keeps are split 80 / 20 into training and validation —
+4 % of 255 = 10 cases (8 / 2), 8 % = 20 (16 / 4). One seeded permutation of the pool is drawn and
+fraction ``f`` keeps its first ``round(f n)`` cases, so a smaller fraction is always a subset of a
+larger one (:func:`fraction_split`). Fraction 1 is the split itself (the paper's 215 / 40).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ __all__ = [
     "load_splits",
     "fraction_subset",
     "fraction_count",
+    "fraction_split",
 ]
 
 _SPLITS = ("train", "val", "test")
@@ -71,6 +74,8 @@ def make_splits(
 
 def splits_from_manifest(manifest: Mapping[str, Any], task_key: str) -> dict[str, list[str]]:
     """The ``{"train", "val", "test"}`` case ids recorded for ``task_key`` in a demo manifest."""
+    if task_key in manifest.get("splits", {}):
+        return {k: sorted(manifest["splits"][task_key][k]) for k in _SPLITS}
     out: dict[str, list[str]] = {s: [] for s in _SPLITS}
     for case in manifest["cases"]:
         if case["task"] == task_key:
@@ -110,3 +115,25 @@ def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = 0) ->
     if not order:
         raise ValueError("no training cases")
     return sorted(order[: fraction_count(len(order), fraction)])
+
+
+def fraction_split(splits: Mapping[str, Sequence[str]], fraction: float, seed: int = 0,
+                   val_share: float = 0.2) -> tuple[list[str], list[str]]:
+    """``(train, val)`` ids of a ``fraction`` of the pool ``splits["train"] + splits["val"]``.
+
+    Fraction 1 returns the split's own train and val. A smaller fraction keeps the first
+    ``n = round(fraction * |pool|)`` cases of a seeded permutation of the pool (nested across
+    fractions) and takes the last ``max(1, round(val_share * n))`` of them for validation.
+    """
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if fraction == 1:
+        return sorted(splits["train"]), sorted(splits["val"])
+    order = _permuted([*splits["train"], *splits["val"]], seed, salt=2)
+    n = fraction_count(len(order), fraction)
+    if n < 2:
+        raise ValueError(f"fraction {fraction} of {len(order)} cases keeps {n}; training and "
+                         "validation need at least 2")
+    n_val = max(1, int(round(val_share * n)))
+    subset = order[:n]
+    return sorted(subset[: n - n_val]), sorted(subset[n - n_val :])

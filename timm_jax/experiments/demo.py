@@ -28,16 +28,6 @@ from absl import flags
 from timm_jax import cli
 from timm_jax.experiments.presets import SCALES
 
-flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, report).")
-flags.DEFINE_enum(
-    "scale",
-    "full",
-    list(SCALES),
-    "A preset of timm_jax.experiments.presets: full (the "
-    "README's demo) or smoke (a minutes-long check of the whole pipeline, for the tests).",
-)
-flags.DEFINE_float("fraction", 0.08, "Fraction of the tumour task's training cases (paper: 4 %, 8 %).")
-flags.DEFINE_integer("seed", 0, "Seed of data generation, initialisation and sampling.")
 FLAGS = flags.FLAGS
 
 
@@ -52,7 +42,7 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     # imports here so `--help` is fast
     import jax
 
-    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig, TrainConfig
+    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig
     from timm_jax.data.spec import DataSpec
     from timm_jax.experiments.demo_data import build_demo
     from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
@@ -72,16 +62,7 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
         _log(f"== demo data set found in {data_dir}")
     manifest = json.load(open(manifest_path))
     model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
-    train = TrainConfig(
-        patch_shape=scale.patch,
-        batch_size=2,
-        steps_per_epoch=scale.steps_per_epoch,
-        learning_rate=scale.learning_rate,
-        max_epochs=scale.source_epochs,
-        plateau_patience=scale.plateau,
-        early_stopping_patience=scale.early_stop,
-        seed=seed,
-    )
+    train = scale.train_config(scale.source, seed)
     parc = lambda key: DataSpec(
         data_dir=os.path.join(data_dir, "parcellation"),  # noqa: E731
         layout="parcellation",
@@ -102,8 +83,8 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     _log("== M2: task 2, incrementally from M1")
     train_model(parc("task2"), model, train, d("m2"), init="transfer", init_from=d("m1"))
 
-    target = dataclasses.replace(train, max_epochs=scale.target_epochs)
-    adapt = dataclasses.replace(train, max_epochs=scale.adapt_epochs)
+    target = scale.train_config(scale.target, seed)
+    adapt = scale.train_config(scale.adapt, seed)
     _log("== fusion: IMM (mode-IMM, equal ratios) and T-IMM (adaption stage)")
     fuse_models([d("m1"), d("m2")], tumour, d("imm_fused"), FuseConfig(method="imm"), adapt)
     timm_meta = fuse_models(
@@ -151,5 +132,19 @@ def main():
     _log(f"report: {os.path.abspath(report)}")
 
 
+def define_flags() -> None:
+    flags.DEFINE_string("out", "demo_out", "Output directory (data, runs, report).")
+    flags.DEFINE_enum(
+        "scale",
+        "full",
+        list(SCALES),
+        "A preset of timm_jax.experiments.presets: full (the "
+        "README's demo) or smoke (a minutes-long check of the whole pipeline, for the tests).",
+    )
+    flags.DEFINE_float("fraction", 0.08, "Fraction of the tumour task's training cases (paper: 4 %, 8 %).")
+    flags.DEFINE_integer("seed", 0, "Seed of data generation, initialisation and sampling.")
+
+
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

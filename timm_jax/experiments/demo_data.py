@@ -489,27 +489,60 @@ def _plan(
     n_brats_test: int,
     test_donors: Sequence[str],
 ) -> list[dict]:
+    """The cases to build, in three parcellation groups (task 1's, task 2's, the shared test set)
+    and the tumour pool (train + val) plus its test set. ``split`` is the case's role in its own
+    group's task; :func:`task_splits` derives every task's splits from the groups."""
     train_donors = [d for d in (*NATIVE_DONORS, MNI) if d not in test_donors]
     if not train_donors:
         raise ValueError("every anatomy is held out; nothing left for training")
     rng = np.random.default_rng([seed, 0x91A])
     cases: list[dict] = []
 
-    def add(layout, prefix, task, split, n, donors):
+    def add(layout, prefix, task, group, split, n, donors):
         start = sum(1 for c in cases if c["layout"] == layout)
         ids = [f"{prefix}_{start + i:03d}" for i in range(n)]
         for cid, donor in zip(ids, _assign(ids, donors, rng)):
-            cases.append({"id": cid, "layout": layout, "task": task, "split": split, "source": donor})
+            cases.append(
+                {"id": cid, "layout": layout, "task": task, "group": group, "split": split, "source": donor}
+            )
 
-    for task, n in (("task1", n_parc_task1), ("task2", n_parc_task2)):
+    for task, group, n in (("task1", "A", n_parc_task1), ("task2", "B", n_parc_task2)):
         n_val = min(n_parc_val, max(n - 1, 0))
-        add("parcellation", "parc", task, "train", n - n_val, train_donors)
-        add("parcellation", "parc", task, "val", n_val, train_donors)
-        add("parcellation", "parc", task, "test", n_parc_test, list(test_donors))
-    add("brats", "brats", "task3", "train", n_brats_train, train_donors)
-    add("brats", "brats", "task3", "val", n_brats_val, train_donors)
-    add("brats", "brats", "task3", "test", n_brats_test, list(test_donors))
+        add("parcellation", "parc", task, group, "train", n - n_val, train_donors)
+        add("parcellation", "parc", task, group, "val", n_val, train_donors)
+    add("parcellation", "parc", "task1+task2", "C", "test", n_parc_test, list(test_donors))
+    add("brats", "brats", "task3", "T", "train", n_brats_train, train_donors)
+    add("brats", "brats", "task3", "T", "val", n_brats_val, train_donors)
+    add("brats", "brats", "task3", "T", "test", n_brats_test, list(test_donors))
     return cases
+
+
+#: the parcellation tasks: (label ids, groups whose train/val cases they use); all test on group C
+PARCELLATION_TASKS = {
+    "task1": (tuple(range(1, 8)), ("A",)),
+    "task2": (tuple(range(8, 15)), ("B",)),
+    "hcp_1_14": (tuple(range(1, 15)), ("A", "B")),
+    "hcp_1_7": (tuple(range(1, 8)), ("A", "B")),
+    "hcp_8_14": (tuple(range(8, 15)), ("A", "B")),
+}
+
+
+def task_splits(plan: Sequence[dict]) -> dict[str, dict[str, list[str]]]:
+    """Train / val / test case ids of every task (the paper's Table 1, scaled): task 1 on group A,
+    task 2 on group B, the "All-HCP" tasks on A and B together, all of them tested on group C;
+    task 3 on the tumour pool and its own test set."""
+    out = {}
+    for key, (_, groups) in PARCELLATION_TASKS.items():
+        out[key] = {
+            "train": sorted(c["id"] for c in plan if c.get("group") in groups and c["split"] == "train"),
+            "val": sorted(c["id"] for c in plan if c.get("group") in groups and c["split"] == "val"),
+            "test": sorted(c["id"] for c in plan if c.get("group") == "C"),
+        }
+    out["task3"] = {
+        s: sorted(c["id"] for c in plan if c["task"] == "task3" and c["split"] == s)
+        for s in ("train", "val", "test")
+    }
+    return out
 
 
 def _make_case(
@@ -562,13 +595,13 @@ def build_demo(
     *,
     seed: int = 0,
     spacing: float = 3.0,
-    n_parc_task1: int = 24,
-    n_parc_task2: int = 24,
-    n_parc_val: int = 4,
-    n_parc_test: int = 6,
-    n_brats_train: int = 50,
-    n_brats_val: int = 8,
-    n_brats_test: int = 10,
+    n_parc_task1: int = 23,
+    n_parc_task2: int = 23,
+    n_parc_val: int = 5,
+    n_parc_test: int = 12,
+    n_brats_train: int = 215,
+    n_brats_val: int = 40,
+    n_brats_test: int = 40,
     test_donors: Sequence[str] = DEFAULT_TEST_DONORS,
     progress: bool = True,
     make_preview: bool = True,
@@ -580,9 +613,15 @@ def build_demo(
       seed: everything is a deterministic function of it.
       spacing: voxel size in mm; the 144×192×144 mm field of view is rounded up to multiples of 16.
       n_parc_task1, n_parc_task2: training + validation cases of parcellation tasks 1 and 2
-        (disjoint cases), of which ``n_parc_val`` each are validation.
-      n_parc_test: test cases per parcellation task (held-out anatomy).
-      n_brats_train, n_brats_val, n_brats_test: tumour (task 3) cases per split.
+        (disjoint groups A and B), of which ``n_parc_val`` each are validation.
+      n_parc_test: the parcellation test set (group C, held-out anatomy), shared by every
+        parcellation task.
+      n_brats_train, n_brats_val: the tumour (task 3) pool's split at 100 %; ``--fraction``
+        takes smaller nested subsets of the whole pool (see :func:`timm_jax.data.splits.fraction_split`).
+      n_brats_test: tumour test cases (held-out anatomy).
+
+    The defaults are the proportions of the T-IMM paper's Table 1: 23 / 23 / 12 parcellation
+    cases (18 train + 5 val per task, 12 test), a tumour pool of 255 (215 + 40) and 40 test cases.
       test_donors: anatomies used only for test cases (``"mni"`` or native donor ids).
       progress: show a progress bar.
       make_preview: also write ``preview.png``.
@@ -675,28 +714,27 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         abagen_version = version("abagen")
     except Exception:  # pragma: no cover - metadata missing in odd installs
         abagen_version = None
-    task1 = parcellation_labels(
-        range(1, 8), [PARCELLATION_LABELS[i] for i in range(1, 8)], name="task1", known_labels=range(0, 15)
-    )
-    task2 = parcellation_labels(
-        range(8, 15), [PARCELLATION_LABELS[i] for i in range(8, 15)], name="task2", known_labels=range(0, 15)
-    )
+    descriptions = {
+        "task1": "deep grey structures, left and right merged (group A)",
+        "task2": "cortical lobe groups and cerebral white matter (group B)",
+        "hcp_1_14": "all 14 labels on the training cases of tasks 1 and 2 (All-HCP 1:14)",
+        "hcp_1_7": "labels 1-7 on the training cases of tasks 1 and 2 (All-HCP 1:7)",
+        "hcp_8_14": "labels 8-14 on the training cases of tasks 1 and 2 (All-HCP 8:14)",
+    }
+    tasks = {}
+    for key, (ids, _) in PARCELLATION_TASKS.items():
+        task = parcellation_labels(
+            ids, [PARCELLATION_LABELS[i] for i in ids], name=key, known_labels=range(0, 15)
+        )
+        tasks[key] = {
+            "layout": "parcellation",
+            "label_ids": list(task.label_ids),
+            "names": list(task.channel_names),
+            "description": descriptions[key],
+            "task": task.to_dict(),
+        }
     task3 = brats_regions(name="task3")
-    tasks = {
-        "task1": {
-            "layout": "parcellation",
-            "label_ids": list(task1.label_ids),
-            "names": list(task1.channel_names),
-            "description": "deep grey structures, left and right merged",
-            "task": task1.to_dict(),
-        },
-        "task2": {
-            "layout": "parcellation",
-            "label_ids": list(task2.label_ids),
-            "names": list(task2.channel_names),
-            "description": "cortical lobe groups and cerebral white matter",
-            "task": task2.to_dict(),
-        },
+    tasks |= {
         "task3": {
             "layout": "brats",
             "label_ids": [1, 2, 4],
@@ -754,6 +792,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "held_out_note": "test cases of every task use only the held-out donors; no training or validation "
         "case uses them",
         "counts": counts,
+        "splits": task_splits(plan),
         "cases": plan,
     }
 

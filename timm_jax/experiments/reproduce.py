@@ -1,0 +1,266 @@
+"""``make reproduce``: the paper's experiments (Tables 1-4, Figures 3-5) on the demo benchmark,
+with several training seeds and paired statistics.
+
+    python -m timm_jax.experiments.reproduce --out=DIR [--seeds=3] [--scale=demo|paper] [--quick]
+
+1. The demo data set with the proportions of the paper's Table 1 (built unless present).
+2. Sources, trained until the validation loss stops improving: M1 (task 1), M2 (task 2 from
+   M1) and, for the "Understanding T-IMM" rows, three All-HCP sources on the training cases of
+   tasks 1 and 2 together (labels 1:14, 1:7, 8:14). One training seed (0) for every source.
+3. The grid: for each fraction of the tumour pool and each training seed, the five
+   initialisations of task 3 — no transfer, M1, M2, IMM (equal ratios), T-IMM (adaption stage,
+   then fine-tuning) — and at 8 % the three All-HCP transfers; each fine-tuned with the same
+   schedule and evaluated on the tumour test set. The data seed (splits, fractions) is fixed;
+   the training seed changes initialisation, patch sampling and dropout.
+4. Forgetting (Table 4): the transferable weights of M1, M2, IMM and T-IMM (after adaption)
+   with the task-specific leaves of M1 on task 1's test set and of M2 on task 2's.
+5. ``DIR/report.md`` with the tables, figures, paired comparisons and a verdict per claim, and
+   the raw numbers it was computed from in ``DIR/raw/`` (:mod:`timm_jax.experiments.reproduce_report`).
+
+Every run is a train / fuse / evaluate call on its own run directory; re-running the command
+after an interruption reuses whatever finished (runs, evaluations) and continues.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from absl import flags
+
+from timm_jax import cli
+from timm_jax.experiments.presets import SCALES
+
+FLAGS = flags.FLAGS
+
+INITS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
+ALL_HCP = {"All-HCP 1:14": "hcp_1_14", "All-HCP 1:7": "hcp_1_7", "All-HCP 8:14": "hcp_8_14"}
+ALL_HCP_FRACTION = 0.08
+#: source run name -> (task of the demo manifest, source it starts from)
+SOURCES = {
+    "m1": ("task1", ""),
+    "m2": ("task2", "m1"),
+    "hcp_1_14": ("hcp_1_14", ""),
+    "hcp_1_7": ("hcp_1_7", ""),
+    "hcp_8_14": ("hcp_8_14", ""),
+}
+
+_log = logging.getLogger("timm_jax.experiments.reproduce")
+
+
+def slug(init: str) -> str:
+    return init.lower().replace(" ", "_").replace(":", "_").replace("-", "")
+
+
+def cell_dir(out: str, fraction: float, seed: int) -> str:
+    return os.path.join(out, "runs", f"f{round(fraction * 100):03d}", f"seed{seed}")
+
+
+class Progress:
+    """``[grid] k/N`` lines with the elapsed time and an ETA from the cells computed so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.computed, self.t0 = total, 0, 0, time.time()
+
+    def step(self, what: str, computed: bool) -> None:
+        self.done += 1
+        self.computed += computed
+        elapsed = time.time() - self.t0
+        left = self.total - self.done
+        eta = elapsed / self.computed * left if self.computed else 0.0
+        _log.info(
+            "[grid] %d/%d %s%s  elapsed %s  ETA %s",
+            self.done,
+            self.total,
+            what,
+            "" if computed else " (reused)",
+            _hms(elapsed),
+            _hms(eta),
+        )
+
+
+def _hms(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _finished(run_dir: str) -> bool:
+    """A train / fuse run whose last checkpoint says it finished."""
+    from timm_jax.errors import CheckpointError
+    from timm_jax.training.rundir import RunDir
+
+    try:
+        with RunDir.open(run_dir) as run:
+            which = "latest" if run.latest_step("latest") is not None else "best"
+            meta = run.read_meta(which)
+    except CheckpointError:
+        return False
+    return meta.get("kind") == "fused" or bool((meta.get("run") or {}).get("finished"))
+
+
+def run_reproduction(
+    out: str, *, scale_name: str = "repro", seeds: int = 3, fractions=(0.04, 0.08, 1.0), data_seed: int = 0
+) -> str:
+    """Run (or resume) the grid in ``out`` and write ``out/report.md``; returns its path."""
+    from timm_jax.errors import ConfigError
+
+    if seeds < 1 or not fractions:
+        raise ConfigError("--seeds must be >= 1 and --fractions non-empty")
+    import jax
+
+    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig
+    from timm_jax.data.spec import DataSpec
+    from timm_jax.experiments.demo_data import build_demo
+    from timm_jax.experiments.reproduce_report import write_reproduction_report
+    from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
+    from timm_jax.workflows.fuse import fuse_models
+    from timm_jax.workflows.train import train_model
+
+    t_start = time.time()
+    os.makedirs(out, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
+    scale = SCALES[scale_name]
+    fractions = tuple(sorted(float(f) for f in fractions))
+    data_dir = os.path.join(out, "data")
+    if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
+        _log.info("== building the demo data set in %s", data_dir)
+        build_demo(data_dir, seed=data_seed, progress=False, make_preview=False, **scale.data)
+    model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
+    src_dir = lambda name: os.path.join(out, "runs", "sources", name)  # noqa: E731
+
+    def parc(task: str) -> DataSpec:
+        return DataSpec(
+            data_dir=os.path.join(data_dir, "parcellation"),
+            layout="parcellation",
+            task_key=task,
+            split_seed=data_seed,
+        )
+
+    def tumour(fraction: float) -> DataSpec:
+        return DataSpec(
+            data_dir=os.path.join(data_dir, "brats"),
+            layout="brats",
+            task_key="task3",
+            fraction=fraction,
+            split_seed=data_seed,
+        )
+
+    with_hcp = ALL_HCP_FRACTION in fractions
+    sources = [s for s in SOURCES if with_hcp or not s.startswith("hcp")]
+    n_cells = len(fractions) * seeds * len(INITS) + (seeds * len(ALL_HCP) if with_hcp else 0)
+    progress = Progress(len(sources) + n_cells + 1)
+    for name in sources:
+        task, init_from = SOURCES[name]
+        done = _finished(src_dir(name))
+        _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
+        train_model(
+            parc(task),
+            model,
+            scale.train_config(scale.source, 0),
+            src_dir(name),
+            init="transfer" if init_from else "random",
+            init_from=src_dir(init_from) if init_from else "",
+        )
+        if not _evaluated(src_dir(name)):
+            evaluate_model(src_dir(name), EvalConfig(hd95=False))
+        progress.step(f"source {name}", not done)
+
+    no_hd95 = EvalConfig(hd95=False)
+    for fraction in fractions:
+        for seed in range(seeds):
+            cell = cell_dir(out, fraction, seed)
+            spec = tumour(fraction)
+            target, adapt = scale.train_config(scale.target, seed), scale.train_config(scale.adapt, seed)
+            m1, m2 = src_dir("m1"), src_dir("m2")
+            fused = {
+                "IMM": (os.path.join(cell, "imm_fused"), FuseConfig(method="imm")),
+                "T-IMM": (os.path.join(cell, "timm_fused"), FuseConfig(method="timm", granularity="layer")),
+            }
+            inits = {
+                "no transfer": ("random", ""),
+                "M1": ("transfer", m1),
+                "M2": ("transfer", m2),
+                "IMM": ("fused", fused["IMM"][0]),
+                "T-IMM": ("fused", fused["T-IMM"][0]),
+            }
+            if fraction == ALL_HCP_FRACTION:
+                inits |= {k: ("transfer", src_dir(v)) for k, v in ALL_HCP.items()}
+            for init_name, (init, init_from) in inits.items():
+                run_dir = os.path.join(cell, slug(init_name))
+                done = _finished(run_dir) and _evaluated(run_dir)
+                if init_name in fused and not _finished(init_from):
+                    fuse_models([m1, m2], spec, init_from, fused[init_name][1], adapt)
+                _log.info("== %s, seed %d: %s", f"{fraction:.0%}", seed, init_name)
+                train_model(spec, model, target, run_dir, init=init, init_from=init_from)
+                if not _evaluated(run_dir):
+                    evaluate_model(run_dir, no_hd95)
+                progress.step(f"{fraction:.0%} seed {seed} {init_name}", not done)
+            for init_name in ("IMM", "T-IMM"):
+                fused_dir = fused[init_name][0]
+                if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
+                    evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
+    for name in ("m1", "m2"):
+        if not os.path.isfile(os.path.join(src_dir(name), "forgetting", "forgetting.json")):
+            evaluate_forgetting(src_dir(name), [src_dir("m1"), src_dir("m2")], no_hd95)
+    _log.info("== report")
+    state = _add_invocation(out, time.time() - t_start)
+    report = write_reproduction_report(
+        out, scale_name=scale_name, scale=scale, seeds=seeds, fractions=fractions, state=state
+    )
+    progress.step("report", True)
+    return report
+
+
+def _evaluated(run_dir: str) -> bool:
+    return os.path.isfile(os.path.join(run_dir, "eval_test", "summary.json"))
+
+
+def _add_invocation(out: str, seconds: float) -> dict:
+    """Wall time of this invocation, added to ``out/grid_state.json`` (the report states the sum
+    and the number of invocations it took)."""
+    path = os.path.join(out, "grid_state.json")
+    state = json.load(open(path)) if os.path.isfile(path) else {"invocations": []}
+    state["invocations"].append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)})
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return state
+
+
+def main():
+    fractions = tuple(float(f) for f in FLAGS.fractions)
+    if FLAGS.quick:
+        scale, seeds, fractions = "repro_quick", 1, (ALL_HCP_FRACTION,)
+    else:
+        scale, seeds = ("repro" if FLAGS.scale == "demo" else "paper"), FLAGS.seeds
+    report = run_reproduction(
+        FLAGS.out, scale_name=scale, seeds=seeds, fractions=fractions, data_seed=FLAGS.data_seed
+    )
+    _log.info("report: %s", os.path.abspath(report))
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("out", "reproduce_out", "Output directory (data, runs, raw numbers, report).")
+    flags.DEFINE_integer("seeds", 3, "Training seeds per cell (0 .. seeds-1).")
+    flags.DEFINE_enum(
+        "scale",
+        "demo",
+        ["demo", "paper"],
+        "demo: the CPU-sized benchmark (presets 'repro'); paper: the paper's network and "
+        "whole-volume training (preset 'paper', for a GPU).",
+    )
+    flags.DEFINE_bool(
+        "quick",
+        False,
+        "One fraction (8 %), one seed, coarse volumes, a tiny network and "
+        "two epochs per stage: a few minutes, for tests.",
+    )
+    flags.DEFINE_list("fractions", ["0.04", "0.08", "1.0"], "Fractions of the tumour pool.")
+    flags.DEFINE_integer("data_seed", 0, "Seed of the data set, its splits and the fractions.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)
