@@ -16,12 +16,24 @@ ALLOWED = {
     "errors": set(),
     "config": {"errors"},
     "cli": {"errors"},
+    "progress": set(),
     "core": {"core"},
     "nn": {"nn", "core", "config", "errors"},
     "data": {"data", "config", "errors", "cli"},
-    "training": {"training", "nn", "core", "config", "errors"},
-    "workflows": {"workflows", "training", "nn", "core", "data", "config", "errors"},
-    "experiments": {"experiments", "workflows", "training", "nn", "core", "data", "config", "errors", "cli"},
+    "training": {"training", "nn", "core", "config", "errors", "progress"},
+    "workflows": {"workflows", "training", "nn", "core", "data", "config", "errors", "progress"},
+    "experiments": {
+        "experiments",
+        "workflows",
+        "training",
+        "nn",
+        "core",
+        "data",
+        "config",
+        "errors",
+        "cli",
+        "progress",
+    },
 }
 
 

@@ -306,3 +306,105 @@ def test_checkpoint_errors(env):
         line.strip().startswith("error: checkpoint ") and "could not be read" in line
         for line in p.stderr.splitlines()
     ), p.stderr[-2000:]
+
+
+def _events(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_event_files_of_train_fuse_and_evaluate(env):
+    tmp, _ = env
+    r = tmp / "tb"
+    sched = ["--patch=16,16,16", "--batch_size=2", "--steps_per_epoch=2", "--max_epochs=2"]
+    run(env, "train.py", *parc(tmp, "task1"), f"--workdir={r}/m1", *NET, *sched)
+    run(
+        env,
+        "train.py",
+        *parc(tmp, "task2"),
+        f"--workdir={r}/m2",
+        *NET,
+        *sched,
+        "--init=transfer",
+        f"--init_from={r}/m1",
+    )
+    run(env, "fuse.py", f"--source={r}/m1,{r}/m2", *brats(tmp), "--method=timm", f"--out={r}/timm", *sched)
+    run(env, "evaluate.py", f"--run={r}/m1")
+    train = _events(r / "m1")
+    tags = set(train.Tags()["scalars"])
+    assert {
+        "train/loss",
+        "val/loss",
+        "val/dice_mean",
+        "lr",
+        "perf/step_time_s",
+        "perf/voxels_per_s",
+        "val/dice/thalamus",
+        "val/dice/amygdala",
+    } <= tags
+    assert [e.step for e in train.Scalars("train/loss")] == [2, 4]  # one point per epoch, global step
+    metrics = [json.loads(l) for l in (r / "m1" / "metrics.jsonl").read_text().splitlines()]
+    assert [e.value for e in train.Scalars("val/loss")] == pytest.approx([m["val_loss"] for m in metrics])
+    adapt = _events(r / "timm" / "adaption")
+    ratio_tags = [t for t in adapt.Tags()["scalars"] if t.startswith("ratios/")]
+    assert "ratios/conv_enc1_in/m1" in ratio_tags and "ratios/conv_enc1_in/m2" in ratio_tags
+    assert len(adapt.Scalars("ratios/conv_enc1_in/m1")) == 2
+    a1 = adapt.Scalars("ratios/conv_enc1_in/m1")[-1].value
+    a2 = adapt.Scalars("ratios/conv_enc1_in/m2")[-1].value
+    assert a1 + a2 == pytest.approx(1, abs=1e-5)
+    assert "mixing_ratios" in _events(r / "timm").Tags()["images"]
+    ev = _events(r / "m1" / "eval_test")
+    assert "eval/test/dice_mean" in ev.Tags()["scalars"]
+    assert any(t.startswith("predictions/") for t in ev.Tags()["images"])
+
+
+def _run_in_pty(args, env):
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                data = b""
+            if not data and p.poll() is not None:
+                break
+            chunks.append(data)
+        elif p.poll() is not None:
+            break
+    p.wait()
+    os.close(master)
+    return p.returncode, b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_plain_lines_otherwise(env):
+    tmp, e = env
+    e = {k: v for k, v in e.items() if k != "TIMM_JAX_PROGRESS"}
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *parc(tmp, "task1"),
+        *NET,
+        "--patch=16,16,16",
+        "--steps_per_epoch=3",
+        "--max_epochs=1",
+    ]
+    rc, out = _run_in_pty([*args, f"--workdir={tmp}/tty"], e)
+    assert rc == 0, out[-2000:]
+    assert "\r" in out.replace("\r\n", "\n") and ("step/s" in out or "s/step" in out)  # a tqdm bar
+    assert "epoch 1/1" in out
+    p = subprocess.run(
+        [*args, f"--workdir={tmp}/notty"], env=e, cwd=tmp, capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 0
+    both = p.stdout + p.stderr
+    assert "epoch 1/1" in both and "\r" not in both and "step/s" not in both and "s/step" not in both

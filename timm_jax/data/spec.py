@@ -50,8 +50,10 @@ class DataSpec(Config):
     val_fraction: float = setting(0.2, "Validation share of a seeded split (real data).")
     test_fraction: float = setting(0.2, "Test share of a seeded split (real data).")
     fraction: float = setting(
-        1.0, "Fraction of the annotated pool (train + val) used, split 80/20 into train/val; nested "
-        "across fractions (paper Table 1: 4 % of 255 = 8 + 2 cases). 1: the split itself.")
+        1.0,
+        "Fraction of the annotated pool (train + val) used, split 80/20 into train/val; nested "
+        "across fractions (paper Table 1: 4 % of 255 = 8 + 2 cases). 1: the split itself.",
+    )
     normalisation: str = setting(
         "histogram",
         "Intensity normalisation: histogram (original) or zscore.",

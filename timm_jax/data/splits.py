@@ -117,12 +117,13 @@ def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = 0) ->
     return sorted(order[: fraction_count(len(order), fraction)])
 
 
-def fraction_split(splits: Mapping[str, Sequence[str]], fraction: float, seed: int = 0,
-                   val_share: float = 0.2) -> tuple[list[str], list[str]]:
+def fraction_split(
+    splits: Mapping[str, Sequence[str]], fraction: float, seed: int = 0, val_share: float = 0.2
+) -> tuple[list[str], list[str]]:
     """``(train, val)`` ids of a ``fraction`` of the pool ``splits["train"] + splits["val"]``.
 
     Fraction 1 returns the split's own train and val. A smaller fraction keeps the first
-    ``n = round(fraction * |pool|)`` cases of a seeded permutation of the pool (nested across
+    ``n = max(2, round(fraction * |pool|))`` cases of a seeded permutation of the pool (nested across
     fractions) and takes the last ``max(1, round(val_share * n))`` of them for validation.
     """
     if not 0 < fraction <= 1:
@@ -130,10 +131,9 @@ def fraction_split(splits: Mapping[str, Sequence[str]], fraction: float, seed: i
     if fraction == 1:
         return sorted(splits["train"]), sorted(splits["val"])
     order = _permuted([*splits["train"], *splits["val"]], seed, salt=2)
-    n = fraction_count(len(order), fraction)
-    if n < 2:
-        raise ValueError(f"fraction {fraction} of {len(order)} cases keeps {n}; training and "
-                         "validation need at least 2")
+    if len(order) < 2:
+        raise ValueError(f"a pool of {len(order)} case(s) cannot give training and validation cases")
+    n = max(2, fraction_count(len(order), fraction))
     n_val = max(1, int(round(val_share * n)))
     subset = order[:n]
     return sorted(subset[: n - n_val]), sorted(subset[n - n_val :])

@@ -31,40 +31,25 @@ import time
 from absl import flags
 
 from timm_jax import cli
+from timm_jax.experiments.grid import ALL_HCP, ALL_HCP_FRACTION, INITS, SOURCES, cell_dir, slug
 from timm_jax.experiments.presets import SCALES
-
-FLAGS = flags.FLAGS
-
-INITS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
-ALL_HCP = {"All-HCP 1:14": "hcp_1_14", "All-HCP 1:7": "hcp_1_7", "All-HCP 8:14": "hcp_8_14"}
-ALL_HCP_FRACTION = 0.08
-#: source run name -> (task of the demo manifest, source it starts from)
-SOURCES = {
-    "m1": ("task1", ""),
-    "m2": ("task2", "m1"),
-    "hcp_1_14": ("hcp_1_14", ""),
-    "hcp_1_7": ("hcp_1_7", ""),
-    "hcp_8_14": ("hcp_8_14", ""),
-}
 
 _log = logging.getLogger("timm_jax.experiments.reproduce")
 
-
-def slug(init: str) -> str:
-    return init.lower().replace(" ", "_").replace(":", "_").replace("-", "")
-
-
-def cell_dir(out: str, fraction: float, seed: int) -> str:
-    return os.path.join(out, "runs", f"f{round(fraction * 100):03d}", f"seed{seed}")
+FLAGS = flags.FLAGS
 
 
 class Progress:
     """``[grid] k/N`` lines with the elapsed time and an ETA from the cells computed so far."""
 
     def __init__(self, total: int):
+        from timm_jax.progress import bar
+
         self.total, self.done, self.computed, self.t0 = total, 0, 0, time.time()
+        self.bar = bar(total, "[grid]", "cell", leave=True)
 
     def step(self, what: str, computed: bool) -> None:
+        self.bar.update()
         self.done += 1
         self.computed += computed
         elapsed = time.time() - self.t0

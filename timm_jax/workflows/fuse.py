@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import matplotlib.image
 import numpy as np
 
 from timm_jax.config import FuseConfig, ModelConfig, TrainConfig
@@ -53,6 +54,8 @@ from timm_jax.core.partition import (
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError
 from timm_jax.nn.unet import build_model, init_params, layer_order
+from timm_jax.progress import bar
+from timm_jax.training.events import Events
 from timm_jax.training.loop import fit, pad_to_multiple, state_dict, volume_evaluator
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import (
@@ -174,7 +177,16 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     else:
         ll = sampled_segmentation_log_likelihood(apply_fn)
         batches = with_sample_keys(batches, jax.random.PRNGKey(0))
-    fisher = fisher_diagonal(ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1)
+    with bar(len(ids), f"[fuse] Fisher of {os.path.basename(source_dir)}", "case") as progress:
+
+        def seen(n: int) -> None:
+            progress.update()
+            if n % 10 == 0:
+                _log.info("[fuse] Fisher: %d/%d cases", n, len(ids))
+
+        fisher = fisher_diagonal(
+            ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1, progress=seen
+        )
     fisher = jax.tree_util.tree_map(np.asarray, fisher)
     os.makedirs(os.path.dirname(cache), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
@@ -208,6 +220,7 @@ def adaption_stage(
     cfg: FuseConfig,
     adapt_cfg: TrainConfig,
     rng,
+    source_names: list[str] | None = None,
 ) -> tuple[PyTree, dict, dict]:
     """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
     ``(logits, task_specific, summary)``."""
@@ -222,6 +235,12 @@ def adaption_stage(
     evaluate = volume_evaluator(
         lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, 2 ** (model.depth - 1)
     )
+    names = source_names or [f"source{t}" for t in range(len(src_tr))]
+
+    def ratio_scalars(state) -> dict[str, float]:
+        ratios = layer_ratios(expand_logits(state.params["logits"], part.transferable, cfg.granularity))
+        return {f"ratios/{layer}/{n}": a for layer, alphas in ratios.items() for n, a in zip(names, alphas)}
+
     adapt_meta = {**meta, "kind": "adaption"}
     with RunDir.create(os.path.join(out_dir, "adaption"), adapt_meta) as run:
         final, progress = fit(
@@ -232,6 +251,7 @@ def adaption_stage(
             batches_from=train_batches(train_cases, data.task, adapt_cfg),
             cfg=adapt_cfg,
             name="adapt",
+            epoch_scalars=ratio_scalars,
         )
         best, _ = run.restore(state_dict(final), which="best")
     summary = {
@@ -272,7 +292,9 @@ def save_fusion(
         w.writerow(["layer", *source_names])
         for layer, r in ratios.items():
             w.writerow([layer, *[f"{a:.6f}" for a in r]])
-    plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+    png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+    with Events(out_dir) as events:
+        events.image("mixing_ratios", matplotlib.image.imread(png))
 
 
 def fuse_models(
@@ -345,6 +367,7 @@ def fuse_models(
             cfg=cfg,
             adapt_cfg=adapt_cfg,
             rng=state_rng,
+            source_names=sources.names,
         )
     params = materialise_fusion(src_tr, fishers, logits, task_specific, cfg.granularity)
     ratios = layer_ratios(expand_logits(logits, part.transferable, cfg.granularity))

@@ -300,3 +300,25 @@ def write_report(
         os.makedirs(parent, exist_ok=True)
     with open(path, "w") as f:
         f.write("\n".join(parts).rstrip() + "\n")
+
+
+def prediction_slice(image: Any, truth: Any, pred: Any) -> np.ndarray:
+    """An (H, 3W, 3) float image for TensorBoard: one slice (the axial one with the most reference
+    foreground) of ``image`` in grey, then with the reference labels, then with the predicted
+    labels overlaid (one colour per label value)."""
+    image, truth, pred = np.asarray(image, np.float32), np.asarray(truth), np.asarray(pred)
+    fg = (truth > 0).sum(axis=(0, 1))
+    z = int(np.argmax(fg)) if fg.max() > 0 else image.shape[2] // 2
+    img = image[:, :, z].T[::-1]
+    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+    grey = np.repeat(np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1)[..., None], 3, axis=-1)
+    colours = matplotlib.colormaps["tab10"](np.arange(10))[:, :3]
+
+    def overlay(labels):
+        lab = labels[:, :, z].T[::-1].astype(np.int64)
+        out = grey.copy()
+        mask = lab > 0
+        out[mask] = 0.5 * out[mask] + 0.5 * colours[lab[mask] % 10]
+        return out
+
+    return np.concatenate([grey, overlay(truth), overlay(pred)], axis=1)
