@@ -362,10 +362,15 @@ def test_tensorboard_event_files_of_train_fuse_and_evaluate(env):
 
 
 def _run_in_pty(args, env):
+    import fcntl
     import pty
     import select
+    import struct
+    import termios
 
     master, slave = pty.openpty()
+    # a terminal of 24 x 80 (a fresh pseudo-terminal reports 0 x 0, which tqdm draws as nothing)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
     p = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     chunks = []

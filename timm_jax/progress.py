@@ -8,6 +8,7 @@ only when standard error is a terminal, so CI logs and files stay readable. Set
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 __all__ = ["bar", "bars_enabled"]
@@ -44,4 +45,6 @@ def bar(total: int | None, desc: str, unit: str = "it", leave: bool = False):
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, leave=leave, dynamic_ncols=True, file=sys.stderr)
+    # a terminal that reports no width (a fresh pseudo-terminal) gets 80 columns, not an empty bar
+    width = shutil.get_terminal_size().columns
+    return tqdm(total=total, desc=desc, unit=unit, leave=leave, ncols=width or 80, file=sys.stderr)
