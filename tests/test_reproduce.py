@@ -192,3 +192,15 @@ def test_quick_grid_killed_resumes_and_writes_the_full_report(tmp_path):
     assert len(rows) == 1 + 40 * (len(INITS) + len(ALL_HCP))
     for fig in ("fig3_forgetting", "fig4_per_case", "fig5_ratios"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
+
+
+def test_an_output_directory_holds_one_grid_configuration(tmp_path):
+    from timm_jax.errors import ConfigError
+    from timm_jax.experiments.reproduce import _claim
+
+    _claim(str(tmp_path), {"scale": "repro", "data_seed": 0})
+    _claim(str(tmp_path), {"scale": "repro", "data_seed": 0})  # the same grid: resumed
+    with pytest.raises(ConfigError, match="another configuration"):
+        _claim(str(tmp_path), {"scale": "repro_quick", "data_seed": 0})
+    state = json.loads((tmp_path / "grid_state.json").read_text())
+    assert state["config"]["scale"] == "repro" and state["invocations"] == []

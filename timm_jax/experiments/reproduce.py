@@ -23,6 +23,7 @@ after an interruption reuses whatever finished (runs, evaluations) and continues
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -105,6 +106,10 @@ def run_reproduction(
 
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
+    # finished runs are reused without re-checking each one, so the grid as a whole must match
+    _claim(
+        out, {"scale": scale_name, "preset": dataclasses.asdict(SCALES[scale_name]), "data_seed": data_seed}
+    )
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     scale = SCALES[scale_name]
     fractions = tuple(sorted(float(f) for f in fractions))
@@ -140,14 +145,15 @@ def run_reproduction(
         task, init_from = SOURCES[name]
         done = _finished(src_dir(name))
         _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
-        train_model(
-            parc(task),
-            model,
-            scale.train_config(scale.source, 0),
-            src_dir(name),
-            init="transfer" if init_from else "random",
-            init_from=src_dir(init_from) if init_from else "",
-        )
+        if not done:
+            train_model(
+                parc(task),
+                model,
+                scale.train_config(scale.source, 0),
+                src_dir(name),
+                init="transfer" if init_from else "random",
+                init_from=src_dir(init_from) if init_from else "",
+            )
         if not _evaluated(src_dir(name)):
             evaluate_model(src_dir(name), EvalConfig(hd95=False))
         progress.step(f"source {name}", not done)
@@ -178,7 +184,8 @@ def run_reproduction(
                 if init_name in fused and not _finished(init_from):
                     fuse_models([m1, m2], spec, init_from, fused[init_name][1], adapt)
                 _log.info("== %s, seed %d: %s", f"{fraction:.0%}", seed, init_name)
-                train_model(spec, model, target, run_dir, init=init, init_from=init_from)
+                if not _finished(run_dir):
+                    train_model(spec, model, target, run_dir, init=init, init_from=init_from)
                 if not _evaluated(run_dir):
                     evaluate_model(run_dir, no_hd95)
                 progress.step(f"{fraction:.0%} seed {seed} {init_name}", not done)
@@ -200,6 +207,26 @@ def run_reproduction(
 
 def _evaluated(run_dir: str) -> bool:
     return os.path.isfile(os.path.join(run_dir, "eval_test", "summary.json"))
+
+
+def _claim(out: str, config: dict) -> None:
+    """Refuse an output directory that holds a grid of another configuration (seeds and
+    fractions may be added to a grid; the scale and data seed may not change)."""
+    from timm_jax.errors import ConfigError
+
+    path = os.path.join(out, "grid_state.json")
+    state = json.load(open(path)) if os.path.isfile(path) else {"invocations": []}
+    config = json.loads(json.dumps(config))
+    if state.get("config", config) != config:
+        raise ConfigError(
+            f"{out} holds a reproduction grid of another configuration "
+            f"({state['config']['scale']}, data seed {state['config']['data_seed']}); "
+            "use another --out"
+        )
+    state["config"] = config
+    with open(path + ".tmp", "w") as f:
+        json.dump(state, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _add_invocation(out: str, seconds: float) -> dict:
