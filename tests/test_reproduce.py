@@ -204,3 +204,14 @@ def test_an_output_directory_holds_one_grid_configuration(tmp_path):
         _claim(str(tmp_path), {"scale": "repro_quick", "data_seed": 0})
     state = json.loads((tmp_path / "grid_state.json").read_text())
     assert state["config"]["scale"] == "repro" and state["invocations"] == []
+
+
+@pytest.mark.parametrize("name", ["full", "smoke", "repro", "repro_quick", "paper"])
+def test_every_preset_gives_valid_stage_configs(name):
+    from timm_jax.experiments.presets import SCALES
+
+    scale = SCALES[name]
+    for sched in (scale.source, scale.target, scale.adapt):
+        cfg = scale.train_config(sched, seed=2)
+        assert cfg.max_epochs == sched.max_epochs and cfg.seed == 2 and cfg.patch_shape == scale.patch
+        assert all(p % 2 ** (scale.depth - 1) == 0 for p in scale.patch)
