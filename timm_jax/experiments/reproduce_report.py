@@ -412,7 +412,8 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
     # Table 4
     t4_rows = []
     for weights, frac in [("M1", None), ("M2", None), *[(w, f) for w in ("IMM", "T-IMM") for f in fractions]]:
-        row = {"weights": weights if frac is None else f"{weights} ({frac:.0%})"}
+        after = " after adaption" if weights == "T-IMM" else ""
+        row = {"weights": weights if frac is None else f"{weights}{after} ({frac:.0%})"}
         for task, col in (("task1", "task 1 (M1's heads)"), ("task2", "task 2 (M2's heads)")):
             if frac is None:
                 row[col] = f"{np.mean(list(_forgetting_cases(forgetting, weights, task).values())):.3f}"
@@ -501,7 +502,10 @@ def write_reproduction_report(out: str, *, scale_name: str, scale, seeds: int, f
         "- Statistics: per test case, the Dice (mean of ET, TC, WT) is averaged over the seeds; T-IMM is "
         "compared with each initialisation by the mean paired difference over the test cases, a 95 % "
         "percentile-bootstrap interval (10,000 resamples of the cases) and the two-sided Wilcoxon "
-        "signed-rank test. Table cells are mean ± sd over seeds of the mean over test cases.",
+        "signed-rank test. Table cells are mean ± sd over seeds of the mean over test cases. The "
+        "intervals and p-values treat the test cases as the sample, with the seeds averaged: they do not "
+        "contain the seed-to-seed spread of Table 2's ± columns, so with 3 seeds a difference of a few "
+        "Dice points that is 'supported' here may not hold for other training seeds.",
         "",
         "## Sources",
         "",
@@ -572,10 +576,11 @@ def _sources_sentence(sources: list[dict]) -> str:
         return ""
     dice = [r["test_dice"] for r in sources]
     stopped = sum(1 for r in sources if r["early_stopped"])
+    capped = "" if stopped == len(sources) else ", the others at the epoch cap"
     return (
         f"The sources reach a test Dice of {min(dice):.2f}–{max(dice):.2f} on their own tasks "
-        f"({stopped} of {len(sources)} stopped early on the validation loss, the others at the epoch "
-        "cap); the paper's M1 and M2 reach 0.89. At this scale the demo's sources are weaker than the "
+        f"({stopped} of {len(sources)} stopped early on the validation loss{capped}); the paper's M1 "
+        "and M2 reach 0.89. At this scale the demo's sources are weaker than the "
         "paper's, which bounds what transfer from them can show."
     )
 
