@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 
+import jax
 import numpy as np
 
 __all__ = ["Events"]
@@ -26,11 +27,14 @@ _warned = False
 
 
 class Events:
-    """Event files in ``logdir``; a no-op (after one warning) without ``tensorboardX``."""
+    """Event files in ``logdir``; a no-op (after one warning) without ``tensorboardX``, and in
+    every process but process 0 of a multi-process run."""
 
     def __init__(self, logdir: str, *, purge_step: int | None = None):
         global _warned
         self._writer = None
+        if jax.process_index() != 0:
+            return
         try:
             from tensorboardX import SummaryWriter
         except ImportError:

@@ -19,6 +19,10 @@ managers are closed on exit, also after an error.
 * ``RunDir.open(path, kinds=...)`` — an existing run to read; refuses a missing directory, one
   without checkpoints, or one of another kind.
 
+In a multi-process run (``jax.distributed``) every process opens the same ``RunDir`` and calls
+the same methods: orbax coordinates the checkpoint writes, and only process 0 writes
+``config.json`` and ``metrics.jsonl``.
+
 orbax writes each checkpoint into a temporary folder and renames it when complete, so a process
 killed at any point leaves either the previous checkpoint or the new one. ``meta`` carries
 everything on the host side that a resumed run needs (configuration, split, epoch, counters,
@@ -51,10 +55,16 @@ def _dictify(obj: Any) -> Any:
     return obj.to_dict() if hasattr(obj, "to_dict") else obj
 
 
+#: metadata fields that a run's result does not depend on: its progress, the key itself and where
+#: it ran (a run may resume on another number of devices or processes)
+_UNKEYED = ("run", "run_key", "num_devices", "num_processes")
+
+
 def run_key(meta: dict) -> str:
     """Hash of what a run's result depends on: everything in ``meta`` except its progress
-    (``run``), the key itself and the convolution implementation (same maths, other rounding)."""
-    keyed = {k: v for k, v in meta.items() if k not in ("run", "run_key")}
+    (``run``), the key itself, the device and process counts and the convolution implementation
+    (same maths, other rounding)."""
+    keyed = {k: v for k, v in meta.items() if k not in _UNKEYED}
     if isinstance(keyed.get("model"), dict):
         keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "conv_impl"}
     blob = json.dumps(_jsonable(keyed), sort_keys=True)
@@ -129,7 +139,8 @@ class RunDir:
                         new_impl,
                     )
                 run.previous = old
-            _write_json(os.path.join(run.path, "config.json"), meta)
+            if jax.process_index() == 0:
+                _write_json(os.path.join(run.path, "config.json"), meta)
         except BaseException:
             run.close()
             raise
@@ -258,7 +269,9 @@ class RunDir:
             m.wait_until_finished()
 
     def write_metrics(self, records: list[dict]) -> None:
-        """``metrics.jsonl``: one line per record, replaced atomically."""
+        """``metrics.jsonl``: one line per record, replaced atomically (by process 0 only)."""
+        if jax.process_index() != 0:
+            return
         tmp = os.path.join(self.path, "metrics.jsonl.tmp")
         with open(tmp, "w") as f:
             for r in records:
@@ -288,10 +301,16 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 def _abstract(tree: PyTree) -> PyTree:
-    return jax.tree_util.tree_map(
-        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype),
-        tree,
-    )
+    """The restore target: shapes and dtypes, and the sharding of ``jax.Array`` leaves, so that a
+    checkpoint is restored onto the target's devices (whatever device count wrote it)."""
+
+    def leaf(x):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return x
+        sharding = x.sharding if isinstance(x, jax.Array) else None
+        return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map(leaf, tree)
 
 
 def _jsonable(obj):
