@@ -14,14 +14,15 @@ PKG = Path(__file__).resolve().parents[1] / "timm_jax"
 # the layer of a module is the first component after ``timm_jax`` (or the module itself)
 ALLOWED = {
     "errors": set(),
+    "faults": set(),
     "config": {"errors"},
     "cli": {"errors"},
     "progress": set(),
     "core": {"core"},
     "nn": {"nn", "core", "config", "errors"},
-    "data": {"data", "config", "errors", "cli"},
-    "training": {"training", "nn", "core", "config", "errors", "progress"},
-    "workflows": {"workflows", "training", "nn", "core", "data", "config", "errors", "progress"},
+    "data": {"data", "config", "errors", "cli", "faults"},
+    "training": {"training", "nn", "core", "config", "errors", "progress", "faults"},
+    "workflows": {"workflows", "training", "nn", "core", "data", "config", "errors", "progress", "faults"},
     "experiments": {
         "experiments",
         "workflows",
@@ -33,6 +34,7 @@ ALLOWED = {
         "errors",
         "cli",
         "progress",
+        "faults",
     },
 }
 

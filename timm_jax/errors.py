@@ -9,6 +9,10 @@ file, flag or leaf with what was expected.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+from collections.abc import Iterator
+
 
 class UserError(Exception):
     """Bad input from the user: the message names what is wrong and what was expected."""
@@ -24,3 +28,46 @@ class CheckpointError(UserError, RuntimeError):
 
 class DivergenceError(UserError, FloatingPointError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
+
+
+class DiskFullError(UserError, OSError):
+    """A write failed because the disk (or the user's quota) is full; names the path. What was
+    written before (the previous checkpoint) is intact: free space and run the same command again."""
+
+
+class RunLockedError(UserError, RuntimeError):
+    """The run directory is held by another live process (its lock file names it)."""
+
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it was raised from is "no space left" (ENOSPC / EDQUOT);
+    orbax / tensorstore report it in their message rather than as an ``OSError``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in _FULL:
+            return True
+        if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+@contextlib.contextmanager
+def writing(path) -> Iterator[None]:
+    """Turn a full disk while writing ``path`` into :class:`DiskFullError` (one line naming the
+    path); any other error passes unchanged."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise DiskFullError(
+                f"disk full: no space left while writing {path}; the previous checkpoint is intact — "
+                "free some space and run the same command again to resume"
+            ) from e
+        raise

@@ -52,7 +52,8 @@ from timm_jax.core.partition import (
     to_flat_dict,
 )
 from timm_jax.data.spec import DataSpec, resolve
-from timm_jax.errors import CheckpointError
+from timm_jax.errors import CheckpointError, writing
+from timm_jax.faults import fault
 from timm_jax.nn.unet import build_model, init_params, layer_order
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
@@ -180,6 +181,7 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     with bar(len(ids), f"[fuse] Fisher of {os.path.basename(source_dir)}", "case") as progress:
 
         def seen(n: int) -> None:
+            fault("fisher.case")
             progress.update()
             if n % 10 == 0:
                 _log.info("[fuse] Fisher: %d/%d cases", n, len(ids))
@@ -188,11 +190,18 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
             ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1, progress=seen
         )
     fisher = jax.tree_util.tree_map(np.asarray, fisher)
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
-    os.replace(tmp, cache)
+    with writing(cache):
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        # a unique temporary file, renamed: two processes computing the same cache never mix
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
+            fault("fisher.cache", tmp)
+            os.replace(tmp, cache)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return fisher
 
 
@@ -282,19 +291,23 @@ def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
 def save_fusion(
     out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]], source_names: list[str]
 ) -> None:
-    """The ``fused`` run directory: checkpoint, and ``mixing_ratios.{json,csv,png}``."""
+    """The ``fused`` run directory: ``mixing_ratios.{json,csv,png}``, then the checkpoint — the
+    checkpoint is written last, since a run directory with one counts as finished."""
+    with writing(out_dir):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
+            json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
+        fault("ratios.write", out_dir)
+        with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", *source_names])
+            for layer, r in ratios.items():
+                w.writerow([layer, *[f"{a:.6f}" for a in r]])
+        png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+        with Events(out_dir) as events:
+            events.image("mixing_ratios", matplotlib.image.imread(png))
     with RunDir.create(out_dir, meta) as run:
         run.save(0, {"params": params}, meta, best=True)
-    with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
-        json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
-    with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["layer", *source_names])
-        for layer, r in ratios.items():
-            w.writerow([layer, *[f"{a:.6f}" for a in r]])
-    png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
-    with Events(out_dir) as events:
-        events.image("mixing_ratios", matplotlib.image.imread(png))
 
 
 def fuse_models(
