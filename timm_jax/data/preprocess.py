@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from timm_jax.data.io import Case, DataError, case_files, load_case
+from timm_jax.errors import writing
+from timm_jax.faults import fault
 
 __all__ = [
     "PreprocessConfig",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 _CACHE_VERSION = 1
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,10 +321,13 @@ def load_preprocessed(
                         paths=json.loads(str(z["paths"])),
                         meta=json.loads(str(z["meta"])),
                     )
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable cache entry: recompute and overwrite
+        except Exception as e:  # truncated, zeroed or foreign file (zipfile, zlib, EOF, ...): rebuild it
+            _log.warning(
+                "preprocessed-data cache entry %s is unreadable (%s); rebuilding it", path, _brief(e)
+            )
     case = preprocess_case(load_case(root, case_id, layout, require_labels=require_labels), config)
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    with writing(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
     arrays = dict(
         image=case.image,
         affine=case.affine,
@@ -330,15 +337,21 @@ def load_preprocessed(
     )
     if case.labels is not None:
         arrays["labels"] = case.labels
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with writing(path):
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            fault("preprocess.cache", tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     return case
+
+
+def _brief(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def load_preprocessed_many(

@@ -16,16 +16,28 @@ import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from timm_jax.config import TrainConfig
 from timm_jax.errors import DivergenceError
+from timm_jax.faults import fault
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
 from timm_jax.training.rundir import RunDir
 from timm_jax.training.steps import TrainState, learning_rate, scale_learning_rate
 
 _log = logging.getLogger(__name__)
+
+
+@jax.jit
+def _finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _all_finite(tree) -> bool:
+    return bool(_finite(tree))
 
 
 def state_dict(state: TrainState) -> dict:
@@ -60,6 +72,7 @@ def volume_evaluator(eval_step: Callable, cases: list, task, divisor: int) -> Ca
     def evaluate(params) -> dict:
         ls, ds = [], []
         for v in volumes:
+            fault("validate")
             out = eval_step(params, v)
             ls.append(float(out["loss"]))
             ds.append(np.asarray(out["dice"])[0])
@@ -116,8 +129,9 @@ def fit(
         "history": [],
         "finished": False,
     }
-    if run.latest_step() is not None:
-        restored, old = run.restore(state_dict(state))
+    resumed = run.restore_newest(state_dict(state))
+    if resumed is not None:
+        restored, old = resumed
         state = from_state_dict(restored)
         progress.update(old["run"])
         _log.info(
@@ -135,8 +149,7 @@ def fit(
                 progress["best_epoch"],
             )
             return state, progress
-    resumed = run.latest_step() is not None
-    events = Events(run.path, purge_step=int(state.step) + 1 if resumed else None)
+    events = Events(run.path, purge_step=int(state.step) + 1 if resumed is not None else None)
     try:
         return _epochs(
             run,
@@ -165,16 +178,39 @@ def _epochs(
     while progress["epoch"] < cfg.max_epochs:
         t0 = time.time()
         train_losses = []
+        skip = getattr(cfg, "skip_nonfinite_steps", False)
         with bar(cfg.steps_per_epoch, f"[{name}] epoch {progress['epoch'] + 1}", "step") as steps:
-            for _ in range(cfg.steps_per_epoch):
-                state, m = train_step(state, next(batches))
-                train_losses.append(m["loss"])
+            for i in range(cfg.steps_per_epoch):
+                fault(f"{name}.step")
+                backup = jax.tree_util.tree_map(jnp.copy, state) if skip else None  # the step donates it
+                new_state, m = train_step(state, next(batches))
+                loss = float(m["loss"])  # one scalar per step: a non-finite step is named, not averaged
+                finite = math.isfinite(loss) and (not skip or _all_finite(new_state.params))
+                if not finite:
+                    where = (
+                        f"in epoch {progress['epoch'] + 1}, step {i + 1}/{cfg.steps_per_epoch} "
+                        f"(global step {int(new_state.step)})"
+                    )
+                    if not skip:
+                        raise DivergenceError(
+                            f"[{name}] training loss is {loss} {where} (the loss or the previous step's "
+                            "gradient is not finite); lower the learning rate. The last good checkpoint "
+                            f"is in {run.path}"
+                        )
+                    # keep step counter and RNG (the input pipeline moves on), drop the update
+                    new_state = new_state.replace(params=backup.params, opt_state=backup.opt_state)
+                    progress["skipped_steps"] = progress.get("skipped_steps", 0) + 1
+                    _log.warning("[%s] skipped a non-finite step %s (loss %s)", name, where, loss)
+                else:
+                    train_losses.append(loss)
+                state = new_state
                 steps.update()
-        train_loss = float(np.mean(jax.device_get(train_losses)))
-        if not np.isfinite(train_loss):
+        train_loss = float(np.mean(train_losses)) if train_losses else math.nan
+        if not math.isfinite(train_loss) or not _all_finite(state.params):
             raise DivergenceError(
-                f"[{name}] training loss is {train_loss} in epoch {progress['epoch'] + 1} (step "
-                f"{int(state.step)}); lower the learning rate. The last good checkpoint is in {run.path}"
+                f"[{name}] training produced non-finite parameters in epoch {progress['epoch'] + 1} "
+                f"(global step {int(state.step)}; the last step's gradient was not finite); lower the "
+                f"learning rate. The last good checkpoint is in {run.path}"
             )
         t_train = time.time() - t0
         val = evaluate(state.params)
@@ -212,6 +248,8 @@ def _epochs(
             "voxels_per_s": voxels * cfg.steps_per_epoch / max(t_train, 1e-9),
             "epoch_s": time.time() - t0,
         }
+        if skip:
+            record["skipped_steps"] = progress.get("skipped_steps", 0)
         progress["history"].append(record)
         stop = progress["bad_epochs"] >= cfg.early_stopping_patience
         progress["finished"] = stop or progress["epoch"] >= cfg.max_epochs

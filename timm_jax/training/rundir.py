@@ -5,7 +5,9 @@ A run directory holds::
     config.json             the run's metadata (written when the run is created)
     checkpoints/latest/<step>/{state,meta}    the last few checkpoints, for resuming
     checkpoints/best/<step>/{state,meta}      the checkpoint with the best validation loss
-    metrics.jsonl           one JSON record per epoch
+    checkpoints/corrupt/    unreadable checkpoints set aside when a run resumed past them
+    metrics.jsonl           one JSON record per epoch (read it with :func:`read_metrics`)
+    run.lock                while a process writes the run: its pid and host
 
 :class:`RunDir` owns the metadata schema (:func:`make_meta`: ``kind``, ``model``, ``train``,
 ``data``, ``run_key`` and whatever the workflow adds), the "is this the same configuration?"
@@ -15,7 +17,9 @@ managers are closed on exit, also after an error.
 * ``RunDir.create(path, meta)`` — a run to write. If the directory already holds checkpoints
   of another configuration (another ``run_key``) it refuses with :class:`CheckpointError`
   before anything is computed; if they were written with another convolution implementation it
-  says so (the results then differ in float rounding).
+  says so (the results then differ in float rounding). It takes ``run.lock`` first: a run held
+  by a live process is refused (:class:`RunLockedError`), a lock left by a dead process of this
+  host is taken over with a warning; in a multi-process run only process 0 takes it.
 * ``RunDir.open(path, kinds=...)`` — an existing run to read; refuses a missing directory, one
   without checkpoints, or one of another kind.
 
@@ -24,7 +28,10 @@ the same methods: orbax coordinates the checkpoint writes, and only process 0 wr
 ``config.json`` and ``metrics.jsonl``.
 
 orbax writes each checkpoint into a temporary folder and renames it when complete, so a process
-killed at any point leaves either the previous checkpoint or the new one. ``meta`` carries
+killed at any point leaves either the previous checkpoint or the new one; a checkpoint damaged
+afterwards is skipped by :meth:`RunDir.restore_newest` (the previous good one is resumed, with a
+warning) and a write to a full disk raises :class:`~timm_jax.errors.DiskFullError` naming the
+path (see docs/reliability.md). ``meta`` carries
 everything on the host side that a resumed run needs (configuration, split, epoch, counters,
 history).
 """
@@ -35,6 +42,8 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,9 +52,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from timm_jax.core import PyTree
-from timm_jax.errors import CheckpointError
+from timm_jax.errors import CheckpointError, RunLockedError, writing
+from timm_jax.faults import fault
 
-__all__ = ["KINDS", "RunDir", "load_run", "make_meta", "run_key"]
+__all__ = ["KINDS", "LOCK_FILE", "RunDir", "load_run", "make_meta", "read_metrics", "run_key"]
 
 KINDS = ("train", "adaption", "fused")
 _log = logging.getLogger(__name__)
@@ -91,21 +101,30 @@ def make_meta(kind: str, *, model, data, train=None, **extra) -> dict:
 class RunDir:
     """A run directory (see the module docstring). Use :meth:`create` or :meth:`open`."""
 
-    def __init__(self, path: str, *, max_to_keep: int = 2, create: bool = True):
+    def __init__(self, path: str, *, max_to_keep: int = 2, create: bool = True, lock: bool = False):
         self.path = os.path.abspath(os.path.expanduser(path))
-        root = os.path.join(self.path, "checkpoints")
-        opts = dict(create=create)
-        self._managers = {
-            "latest": ocp.CheckpointManager(
-                os.path.join(root, "latest"),
-                options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **opts),
-            ),
-            "best": ocp.CheckpointManager(
-                os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
-            ),
-        }
         self.meta: dict = {}
         self.previous: dict | None = None
+        self._managers: dict = {}
+        self._lock = None
+        if lock and jax.process_index() == 0:
+            # before the orbax managers exist: they must not touch a live writer's checkpoints
+            self._lock = _acquire_lock(self.path)
+        root = os.path.join(self.path, "checkpoints")
+        opts = dict(create=create)
+        try:
+            self._managers = {
+                "latest": ocp.CheckpointManager(
+                    os.path.join(root, "latest"),
+                    options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, **opts),
+                ),
+                "best": ocp.CheckpointManager(
+                    os.path.join(root, "best"), options=ocp.CheckpointManagerOptions(max_to_keep=1, **opts)
+                ),
+            }
+        except BaseException:
+            self._release()
+            raise
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -116,12 +135,11 @@ class RunDir:
         ``meta``, and :attr:`previous` the metadata of the latest checkpoint already there (or
         ``None`` for a new run). Writes ``config.json``.
         """
-        run = cls(path)
+        run = cls(path, lock=True)
         try:
             run.meta = meta
-            which = "latest" if run.latest_step("latest") is not None else "best"
-            if run.latest_step(which) is not None:
-                old = run.read_meta(which)
+            old = run._newest_meta()
+            if old is not None:
                 if old.get("run_key") != meta.get("run_key"):
                     raise CheckpointError(
                         f"{run.path} already holds checkpoints of a {old.get('kind', 'train')} run with "
@@ -181,18 +199,29 @@ class RunDir:
         self.close()
 
     def close(self) -> None:
-        """Wait for pending writes and close the orbax managers (idempotent)."""
+        """Wait for pending writes, close the orbax managers and release the lock (idempotent)."""
         errors = []
-        for m in self._managers.values():
-            try:
-                m.wait_until_finished()
-            finally:
+        try:
+            for m in self._managers.values():
                 try:
-                    m.close()
-                except Exception as e:  # close the other manager too, then report
+                    with writing(os.path.join(self.path, "checkpoints")):
+                        m.wait_until_finished()
+                except Exception as e:
                     errors.append(e)
+                finally:
+                    try:
+                        m.close()
+                    except Exception as e:  # close the other manager too, then report
+                        errors.append(e)
+        finally:
+            self._release()
         if errors:
             raise errors[0]
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            _release_lock(self._lock)
+            self._lock = None
 
     # ------------------------------------------------------------------ reading
     @property
@@ -245,6 +274,69 @@ class RunDir:
             ) from e
         return out.state, meta
 
+    def _newest_meta(self) -> dict | None:
+        """Metadata of the newest readable checkpoint (``latest``, else ``best``); ``None`` for a
+        directory without checkpoints. Raises :class:`CheckpointError` when checkpoints exist but
+        none can be read: a run is never silently restarted over its history."""
+        errors = []
+        for which in ("latest", "best"):
+            for step in sorted(self._managers[which].all_steps(), reverse=True):
+                try:
+                    return self.read_meta(which, step)
+                except CheckpointError as e:
+                    errors.append(str(e))
+        if errors:
+            raise CheckpointError(
+                f"no checkpoint in {self.path}/checkpoints can be read ({errors[0]}); move the run "
+                "directory aside to start again"
+            )
+        return None
+
+    def restore_newest(self, target: PyTree) -> tuple[PyTree, dict] | None:
+        """``(state, meta)`` of the newest readable checkpoint, for resuming: the ``latest`` steps
+        newest first, then ``best``. Unreadable ones before it are moved to
+        ``checkpoints/corrupt/`` (kept, not deleted) with a warning, so the run continues from
+        the previous good checkpoint. ``None`` if the run has no checkpoint; if it has some but
+        none is readable, :class:`CheckpointError` names them and nothing is moved."""
+        candidates = [("latest", s) for s in sorted(self._managers["latest"].all_steps(), reverse=True)]
+        candidates += [("best", s) for s in sorted(self._managers["best"].all_steps(), reverse=True)]
+        bad = []
+        for which, step in candidates:
+            try:
+                out = self.restore(target, which, step)
+            except CheckpointError as e:
+                bad.append((which, step, e))
+                continue
+            for bad_which, bad_step, e in bad:
+                moved = self._set_aside(bad_which, bad_step)
+                _log.warning(
+                    "%s; moved it to %s and resumed from the previous good checkpoint (%s step %d)",
+                    e,
+                    moved,
+                    which,
+                    step,
+                )
+            return out
+        if bad:
+            raise CheckpointError(
+                f"no checkpoint of {self.path} can be read: {bad[0][2]}; nothing was changed — move "
+                "the run directory aside to start again"
+            )
+        return None
+
+    def _set_aside(self, which: str, step: int) -> str:
+        """Move an unreadable checkpoint to ``checkpoints/corrupt/<which>-<step>[-k]``."""
+        src = os.path.join(self.path, "checkpoints", which, str(step))
+        dst = os.path.join(self.path, "checkpoints", "corrupt", f"{which}-{step}")
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        k = 0
+        while os.path.exists(dst + (f"-{k}" if k else "")):
+            k += 1
+        dst += f"-{k}" if k else ""
+        os.replace(src, dst)
+        self._managers[which].reload()
+        return dst
+
     def load_params(self, which: str | None = None) -> tuple[dict, dict]:
         """Model params (numpy) and meta of the ``best`` checkpoint (else ``latest``). The params
         structure is read from the checkpoint itself, so no model is needed."""
@@ -260,23 +352,47 @@ class RunDir:
         killed in between resumes from the previous ``latest`` with ``best`` at least as new as
         the resumed metadata says; a step already present is not written again."""
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(_jsonable(meta)))
-        if best and step not in self._managers["best"].all_steps():
-            self._managers["best"].save(step, args=args, force=True)
-            self._managers["best"].wait_until_finished()
-        if step not in self._managers["latest"].all_steps():
-            self._managers["latest"].save(step, args=args, force=True)
-        for m in self._managers.values():
-            m.wait_until_finished()
+        for which in ("best", "latest"):
+            m = self._managers[which]
+            if (which == "latest" or best) and step not in m.all_steps():
+                with writing(os.path.join(self.path, "checkpoints", which, str(step))):
+                    m.save(step, args=args, force=True)
+                    fault(f"checkpoint.{which}", m.directory)
+                    m.wait_until_finished()
 
     def write_metrics(self, records: list[dict]) -> None:
         """``metrics.jsonl``: one line per record, replaced atomically (by process 0 only)."""
         if jax.process_index() != 0:
             return
-        tmp = os.path.join(self.path, "metrics.jsonl.tmp")
-        with open(tmp, "w") as f:
-            for r in records:
-                f.write(json.dumps(r) + "\n")
-        os.replace(tmp, os.path.join(self.path, "metrics.jsonl"))
+        path = os.path.join(self.path, "metrics.jsonl")
+        with writing(path):
+            tmp = path + ".tmp"
+            with open(tmp, "w") as f:
+                for r in records:
+                    f.write(json.dumps(r) + "\n")
+                fault("metrics.write", path)
+            os.replace(tmp, path)
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a ``metrics.jsonl`` (or of the run directory ``path``). A torn last line
+    (a copy or sync cut short) is skipped with a warning; a damaged line elsewhere is an error."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "metrics.jsonl")
+    with open(path) as f:
+        lines = f.read().splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                _log.warning("%s: last line is incomplete (%d characters); skipped", path, len(line))
+                break
+            raise CheckpointError(f"{path} line {i + 1} is not a JSON record: {line[:80]!r}") from None
+    return records
 
 
 def load_run(path: str, kinds: Sequence[str] = KINDS) -> tuple[dict, dict]:
@@ -293,11 +409,94 @@ def _brief(e: Exception) -> str:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    with writing(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------- the lock
+LOCK_FILE = "run.lock"
+_held: set[str] = set()  # the lock files this process holds
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _acquire_lock(run_path: str) -> str:
+    """Create ``<run>/run.lock`` holding this process's pid and host, atomically (``O_EXCL``).
+    A lock of a live process refuses with :class:`RunLockedError`; one left by a dead process of
+    this host (its pid is not running, or is this very process's: a container restarted) is
+    taken over with a warning."""
+    path = os.path.join(run_path, LOCK_FILE)
+    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    with writing(path):
+        os.makedirs(run_path, exist_ok=True)
+    for _ in range(20):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            pass
+        else:
+            with writing(path), os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            _held.add(path)
+            return path
+        try:
+            with open(path) as f:
+                holder = json.load(f)
+            pid, host = int(holder["pid"]), str(holder["host"])
+        except FileNotFoundError:
+            continue  # released meanwhile: try again
+        except (ValueError, KeyError, TypeError):
+            time.sleep(0.05)  # being written by its holder right now, or damaged: look again
+            try:
+                if time.time() - os.path.getmtime(path) < 2.0:
+                    continue
+            except FileNotFoundError:
+                continue
+            pid, host = -1, me["host"]  # a damaged lock nobody is writing: stale
+        if path in _held:
+            raise RunLockedError(f"{run_path} is already open for writing in this process (lock file {path})")
+        if host == me["host"] and (pid == me["pid"] or pid < 0 or not _pid_alive(pid)):
+            stale = f"{path}.stale-{os.getpid()}"
+            try:
+                os.replace(path, stale)  # only one of several racing processes gets the file
+            except FileNotFoundError:
+                continue
+            os.unlink(stale)
+            _log.warning(
+                "%s: took over the lock left by process %d on %s, which is not running", run_path, pid, host
+            )
+            continue
+        raise RunLockedError(
+            f"{run_path} is in use by process {pid} on {host} (lock file {path}); wait for it to "
+            "finish, or delete the lock file if that process is no longer running"
+        )
+    raise RunLockedError(
+        f"could not take the lock {path}: it keeps changing; is another process starting here?"
+    )
+
+
+def _release_lock(path: str) -> None:
+    """Remove the lock if it is still this process's."""
+    _held.discard(path)
+    try:
+        with open(path) as f:
+            holder = json.load(f)
+        if holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            os.unlink(path)
+    except (OSError, ValueError):
+        pass
 
 
 def _abstract(tree: PyTree) -> PyTree:
