@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` runs the T-IMM pipeline on the built-in demo data,
-# `make test` runs the test suite. Both create the virtual environment on first use.
+# `make test` runs the test suite (`make test-all` adds the slow crash matrix, `make reliability`
+# records it in docs/reliability.md). Both create the virtual environment on first use.
 # `make reproduce` runs the paper's experiment grid with 3 seeds (about 100 min on 2 cores;
 # resumable) and writes $(REPRO)/report.md.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,7 +10,7 @@ OUT    ?= demo_out
 REPRO  ?= reproduce_out
 SEEDS  ?= 3
 
-.PHONY: demo test env bench clean reproduce
+.PHONY: demo test test-all reliability env bench clean reproduce
 
 env: $(VENV)/.installed
 
@@ -21,6 +22,17 @@ $(VENV)/.installed: pyproject.toml
 
 test: env
 	$(PY) -m pytest -q tests
+
+# everything, the slow crash-consistency matrix included (pyproject's addopts deselect `slow`)
+test-all: env
+	$(PY) -m pytest -q -m "" tests
+
+# run the reliability tests and regenerate docs/reliability.md from what they recorded
+reliability: env
+	rm -f docs/reliability/harness_results.json
+	TIMM_JAX_RELIABILITY_RESULTS=docs/reliability/harness_results.json \
+	  $(PY) -m pytest -q -m "" tests/test_crash_matrix.py tests/test_reliability.py
+	$(PY) docs/reliability/render.py
 
 demo: env
 	$(PY) -m timm_jax.experiments.demo --out=$(OUT)
