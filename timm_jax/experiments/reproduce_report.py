@@ -21,6 +21,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from timm_jax.experiments import stats
+from timm_jax.training.rundir import read_metrics
 from timm_jax.workflows.report import markdown_table
 
 __all__ = ["collect", "write_reproduction_report"]
@@ -53,8 +54,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 
 
 def _metrics(run_dir: str) -> list[dict]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_metrics(run_dir)  # a torn last line is skipped with a warning
 
 
 def _run_row(run_dir: str, **keys) -> dict:
