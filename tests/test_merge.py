@@ -25,7 +25,11 @@ def np_sigmoid(b):
 def np_merge_leaf(thetas, fishers, betas, eps=EPS):
     """The formula, literally: α_t = σ(β_t)/Σσ(β_s); θ = Σ α F θ / (Σ α F + ε)."""
     betas = np.asarray(betas, np.float64)
-    alpha = np_sigmoid(betas) / np_sigmoid(betas).sum()
+    # σ(β_t)/Σσ(β_s) with numerator and denominator scaled by 1/max σ: the same number, but no 0/0
+    # in float64 when every σ(β) underflows (β ≲ -745)
+    log_sig = -np.logaddexp(0.0, -betas)
+    sig = np.exp(log_sig - log_sig.max())
+    alpha = sig / sig.sum()
     if fishers is None:
         fishers = [np.ones_like(t) for t in thetas]
         eps = 0.0
@@ -190,7 +194,7 @@ def test_bad_inputs_name_the_leaf():
     with pytest.raises(ValueError, match="empty"):
         imm_merge([], None, logits)
     bad = dict(params[1], conv_a=dict(params[1]["conv_a"], kernel=np.zeros((3, 3, 3, 4, 4), np.float32)))
-    with pytest.raises(ValueError, match=r"params_list\[1\] leaf \['conv_a'\]\['kernel'\] has shape"):
+    with pytest.raises(ValueError, match=r"params_list\[1\] leaf conv_a/kernel has shape"):
         imm_merge([params[0], bad], fishers, logits)
     missing = {k: v for k, v in params[1].items() if k != "scalar"}
     with pytest.raises(ValueError, match=r"params_list\[1\].*structure.*'scalar'"):
@@ -199,17 +203,17 @@ def test_bad_inputs_name_the_leaf():
         fishers[0],
         dict(fishers[1], block={"conv_b": dict(fishers[1]["block"]["conv_b"], bias=-np.ones(4, np.float32))}),
     ]
-    with pytest.raises(ValueError, match=r"fishers\[1\] leaf \['block'\]\['conv_b'\]\['bias'\] has negative"):
+    with pytest.raises(ValueError, match=r"fishers\[1\] leaf block/conv_b/bias has negative"):
         imm_merge(params, neg, logits)
     nan = [dict(fishers[0], scalar=np.float32(np.nan)), fishers[1]]
-    with pytest.raises(ValueError, match=r"fishers\[0\] leaf \['scalar'\] has non-finite"):
+    with pytest.raises(ValueError, match=r"fishers\[0\] leaf scalar has non-finite values \(1 NaN of 1\)"):
         imm_merge(params, nan, logits)
     with pytest.raises(ValueError, match="got 1 Fishers for 2"):
         imm_merge(params, fishers[:1], logits)
     with pytest.raises(ValueError, match=r"logits leaf .* expected \(2,\)"):
         imm_merge(params, fishers, uniform_logits(params[0], 3))
     nanp = [params[0], dict(params[1], scalar=np.float32(np.inf))]
-    with pytest.raises(ValueError, match=r"params_list\[1\] leaf \['scalar'\] has non-finite"):
+    with pytest.raises(ValueError, match=r"params_list\[1\] leaf scalar has non-finite"):
         imm_merge(nanp, fishers, logits)
     # shape errors are raised at trace time under jit as well
     with pytest.raises(ValueError, match="has shape"):
@@ -226,3 +230,100 @@ def test_inputs_unchanged_and_dtype_preserved():
     assert all(x.dtype == jnp.bfloat16 for x in jax.tree_util.tree_leaves(out))
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(copies)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_check_fishers_names_source_leaf_and_what_was_found():
+    from timm_jax.core.merge import check_fishers
+
+    rng = np.random.default_rng(8)
+    good = [make_tree(rng, positive=True) for _ in range(2)]
+    check_fishers(good, names=["m1", "m2"])  # clean Fishers pass silently
+    check_fishers([jax.tree_util.tree_map(np.zeros_like, good[0])])  # zeros are legal
+    kernel = good[1]["conv_a"]["kernel"].copy()
+    kernel[0, 0, 0, 0, :2] = np.nan
+    kernel[1, 0, 0, 0, 0] = np.inf
+    bad = dict(good[1], conv_a=dict(good[1]["conv_a"], kernel=kernel))
+    with pytest.raises(
+        ValueError,
+        match=r"^Fisher of source m2 \(index 1\): leaf conv_a/kernel has non-finite values "
+        r"\(2 NaN, 1 Inf of 216\)$",
+    ):
+        check_fishers([good[0], bad], names=["m1", "m2"])
+    neg = dict(good[0], scalar=np.float32(-0.5))
+    with pytest.raises(
+        ValueError, match=r"^fishers\[0\] leaf scalar has negative values \(1 of 1, min -0\.5\)"
+    ):
+        check_fishers([neg, good[1]])
+    bf16 = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.bfloat16), bad)
+    with pytest.raises(
+        ValueError, match=r"Fisher of source b \(index 0\): leaf conv_a/kernel .*2 NaN, 1 Inf"
+    ):
+        check_fishers([bf16], names=["b"])
+    with pytest.raises(ValueError, match="2 names for 1 Fishers"):
+        check_fishers([good[0]], names=["a", "b"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_low_precision_inputs_zero_fishers_and_huge_logits_stay_finite_and_accurate(dtype):
+    """float32 compute for every input dtype: the result is the float64 formula up to its final rounding."""
+    rng = np.random.default_rng(9)
+    T = 3
+    params = [jax.tree_util.tree_map(lambda x: jnp.asarray(x * 50, dtype), make_tree(rng)) for _ in range(T)]
+    fishers = [
+        jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), make_tree(rng, positive=True))
+        for _ in range(T)
+    ]
+    zero = dict(fishers[0], conv_a=jax.tree_util.tree_map(jnp.zeros_like, fishers[0]["conv_a"]))
+    fishers = [zero, *fishers[1:]]  # one source with zero Fisher on a layer
+    all_zero = [jax.tree_util.tree_map(jnp.zeros_like, f) for f in fishers]
+    # round the resolution of the dtype: it is one ulp of the largest |θ| (the result is a convex combination)
+    rtol = {jnp.float32: 1e-5, jnp.bfloat16: 2**-8, jnp.float16: 2**-10}[dtype]
+    for b in ([1e4, -1e4, 0.0], [-1e4, -1e4, -1e4], [1e4, 1e4, 1e4], [0.0, 0.0, 1e4], [-1e4, 3.0, -2.0]):
+        logits = jax.tree_util.tree_map(lambda _, b=b: jnp.asarray(b, dtype), params[0])
+        np_params = [jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), p) for p in params]
+        np_logits = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), logits)
+        for fs in (fishers, all_zero, None):
+            np_fs = (
+                None
+                if fs is None
+                else [jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), f) for f in fs]
+            )
+            got = jax.jit(imm_merge)(params, fs, logits)
+            for g, want, *thetas in zip(
+                jax.tree_util.tree_leaves(got),
+                np_merge_tree(np_params, np_fs, np_logits),
+                *(jax.tree_util.tree_leaves(p) for p in np_params),
+            ):
+                assert g.dtype == dtype
+                g = np.asarray(g, np.float64)
+                assert np.all(np.isfinite(g))
+                scale = np.max(np.abs(np.stack(thetas)), axis=0)
+                assert np.all(np.abs(g - want) <= rtol * scale + 1e-30), (b, fs is None)
+        for r in jax.tree_util.tree_leaves(mixing_ratios(logits)):
+            assert r.dtype == dtype and np.all(np.isfinite(np.asarray(r, np.float32)))
+
+
+def test_huge_and_tiny_fishers_do_not_overflow_or_vanish():
+    """Σ α F θ overflowed float32 for F ≈ 1e38 (inf or NaN); the weights are now normalised per element."""
+    theta = [{"a": np.array([10.0, -7.0, 0.5], np.float32)}, {"a": np.array([-4.0, 2.0, 0.25], np.float32)}]
+    logits = {"a": jnp.asarray([0.7, -0.2], jnp.float32)}
+    for f in (1e38, 3e38, 1e30, 1e-30, 1e-38):
+        fishers = [{"a": np.full(3, f, np.float32)}, {"a": np.full(3, f / 2, np.float32)}]
+        got = np.asarray(imm_merge(theta, fishers, logits)["a"], np.float64)
+        want = np_merge_leaf([t["a"] for t in theta], [x["a"] for x in fishers], logits["a"])
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30 * 10, err_msg=f"F={f}")
+    # the gradient with respect to the logits stays exact too (float64 finite differences of the formula)
+    for f in (1e38, 1e-30):
+        fishers = [{"a": np.full(3, f, np.float32)}, {"a": np.full(3, f / 2, np.float32)}]
+        obj = lambda l, fishers=fishers: jnp.sum(imm_merge(theta, fishers, {"a": l})["a"])
+        ref = lambda b, fishers=fishers: np_merge_leaf(
+            [t["a"] for t in theta], [x["a"] for x in fishers], b
+        ).sum()
+        g = np.asarray(jax.grad(obj)(jnp.asarray([0.7, -0.2])))
+        h = 1e-6
+        fd = [
+            (ref([0.7 + h, -0.2]) - ref([0.7 - h, -0.2])) / (2 * h),
+            (ref([0.7, -0.2 + h]) - ref([0.7, -0.2 - h])) / (2 * h),
+        ]
+        assert min(abs(x) for x in fd) > 0  # a gradient that could be wrong (≈ 0.3 at 1e38, ≈ 3e-23 at 1e-30)
+        np.testing.assert_allclose(g, fd, rtol=1e-4, err_msg=f"F={f}")

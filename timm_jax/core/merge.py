@@ -13,7 +13,19 @@ the plain IMM baseline of Lee et al. (2017) uses equal ratios α_t = 1/T (all lo
 Everything here is pure and jittable; :func:`imm_merge` is differentiable w.r.t. the logits, which
 is what the T-IMM adaption stage trains. Shape and structure checks run at trace time; value
 checks (negative or non-finite Fishers) run only when the inputs are concrete arrays, i.e. when
-called outside ``jax.jit``.
+called outside ``jax.jit``; :func:`check_fishers` is the same value check on its own, for callers
+that want it before any merge (the fuse workflow, which names the source runs).
+
+Error messages name a leaf by its path with ``/`` between the keys (``conv_enc0_in/kernel``).
+
+**Dtype policy.** Inputs may be float32, bfloat16 or float16 (or float64 under x64). The ratios
+and the weighted sums are computed in ``promote_types(dtype, float32)`` — float32 for the low
+precision types — and only the result is cast back to the parameters' dtype, so a bfloat16 merge
+is as accurate as a float32 one up to the final rounding. In mode-IMM the Fishers of each element
+are divided by their largest value over the sources before the sums (and ε by the same number,
+which leaves θ^i unchanged), so any finite Fishers, from 0 and 1e-30 to 1e38, give a finite θ^i
+between the smallest and the largest θ_t^i, and finite gradients; all-zero Fishers give 0, as the
+formula says.
 """
 
 from __future__ import annotations
@@ -32,18 +44,50 @@ Granularity = Literal["leaf", "layer", "global"]
 DEFAULT_EPS = 1e-8
 
 
+def leaf_path(path: tuple) -> str:
+    """A pytree key path as ``conv_enc0_in/kernel`` (``<root>`` for a bare array)."""
+    parts = []
+    for key in path:
+        for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+            if hasattr(key, attr):
+                parts.append(str(getattr(key, attr)))
+                break
+        else:
+            parts.append(str(key))
+    return "/".join(parts) or "<root>"
+
+
 def _paths_and_leaves(tree: PyTree) -> tuple[list[str], list[Any], Any]:
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    return [jax.tree_util.keystr(p) for p, _ in flat], [x for _, x in flat], treedef
+    return [leaf_path(p) for p, _ in flat], [x for _, x in flat], treedef
+
+
+def _compute_dtype(dtype) -> Any:
+    """float32 for bfloat16 / float16 / integers, float64 for float64: where the maths runs."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _ratios(b: jax.Array) -> jax.Array:
+    """α in the compute dtype (see the module docstring), along the last axis."""
+    b = jnp.asarray(b)
+    return jax.nn.softmax(jax.nn.log_sigmoid(b.astype(_compute_dtype(b.dtype))), axis=-1)
 
 
 def mixing_ratios(logits: PyTree) -> PyTree:
     """α = σ(β) / Σ_t σ(β_t) along the last axis of every leaf (shape (T,) per leaf).
 
     Computed as ``softmax(log σ(β))``, which is the same quantity but finite for any logit
-    (σ(β) itself underflows to 0 for β ≲ -88 in float32, making the plain ratio 0/0).
+    (σ(β) itself underflows to 0 for β ≲ -88 in float32, making the plain ratio 0/0). The
+    softmax runs in float32 (float64 for float64 logits) and the ratios come back in the logits'
+    floating dtype (float32 for integer logits).
     """
-    return jax.tree_util.tree_map(lambda b: jax.nn.softmax(jax.nn.log_sigmoid(b), axis=-1), logits)
+
+    def one(b):
+        b = jnp.asarray(b)
+        out_dtype = b.dtype if jnp.issubdtype(b.dtype, jnp.floating) else jnp.float32
+        return _ratios(b).astype(out_dtype)
+
+    return jax.tree_util.tree_map(one, logits)
 
 
 def uniform_logits(params: PyTree, num_sources: int) -> PyTree:
@@ -98,6 +142,64 @@ def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity = "le
     raise ValueError(f"granularity must be 'leaf', 'layer' or 'global', got {granularity!r}")
 
 
+def _host_array(x) -> np.ndarray:
+    """A concrete leaf as a NumPy array NumPy's ufuncs understand (bfloat16 → float32, exactly)."""
+    a = np.asarray(x)
+    if a.dtype.kind not in "biufc":  # ml_dtypes' bfloat16 and friends
+        a = a.astype(np.float32)
+    return a
+
+
+def _fisher_leaf_problem(f) -> str | None:
+    """What is wrong with the values of one concrete Fisher leaf (NaN / Inf / negative), or None."""
+    a = _host_array(f)
+    if a.dtype.kind == "c":
+        return f"is complex ({a.dtype}); a Fisher diagonal is real and ≥ 0"
+    if a.size == 0:
+        return None
+    if a.dtype.kind == "f":
+        n_nan = int(np.count_nonzero(np.isnan(a)))
+        n_inf = int(np.count_nonzero(np.isinf(a)))
+        if n_nan or n_inf:
+            found = ", ".join(s for n, s in ((n_nan, f"{n_nan} NaN"), (n_inf, f"{n_inf} Inf")) if n)
+            return f"has non-finite values ({found} of {a.size})"
+    n_neg = int(np.count_nonzero(a < 0))
+    if n_neg:
+        return (
+            f"has negative values ({n_neg} of {a.size}, min {float(a.min()):.3g}); a Fisher diagonal is ≥ 0"
+        )
+    return None
+
+
+def check_fishers(fishers: Sequence[PyTree], names: Sequence[str] | None = None) -> None:
+    """Reject Fishers with NaN, Inf or negative entries, naming the source and the leaf.
+
+    Pure host-side check (no I/O) for concrete arrays; traced leaves (inside ``jax.jit``) are
+    skipped. :func:`imm_merge` runs the same check on concrete inputs; call this one first where
+    the sources have names worth reporting (e.g. their run directories).
+
+    Args:
+      fishers: one pytree of diagonal Fishers per source.
+      names: optional name per source, used in the message instead of ``fishers[t]``.
+
+    Raises:
+      ValueError: ``"Fisher of source <name>: leaf conv_enc0_in/kernel has non-finite values
+        (3 NaN of 864)"`` — for the first bad leaf found, source by source.
+    """
+    fishers = list(fishers)
+    if names is not None and len(names) != len(fishers):
+        raise ValueError(f"check_fishers got {len(names)} names for {len(fishers)} Fishers")
+    for t, fisher in enumerate(fishers):
+        label = f"fishers[{t}]" if names is None else f"Fisher of source {names[t]} (index {t}):"
+        paths, leaves, _ = _paths_and_leaves(fisher)
+        for path, f in zip(paths, leaves):
+            if isinstance(f, jax.core.Tracer):
+                continue
+            what = _fisher_leaf_problem(f)
+            if what is not None:
+                raise ValueError(f"{label} leaf {path} {what}")
+
+
 def _check_inputs(params_list, fishers, logits):
     """Structure/shape checks (trace time) and value checks (concrete inputs only)."""
     if len(params_list) == 0:
@@ -134,15 +236,7 @@ def _check_inputs(params_list, fishers, logits):
                     raise ValueError(
                         f"fishers[{t}] leaf {path} has shape {jnp.shape(f)}, the parameter has {jnp.shape(a)}"
                     )
-                if not isinstance(f, jax.core.Tracer):
-                    f = np.asarray(f)
-                    if not np.all(np.isfinite(f)):
-                        raise ValueError(f"fishers[{t}] leaf {path} has non-finite values")
-                    if np.any(f < 0):
-                        raise ValueError(
-                            f"fishers[{t}] leaf {path} has negative values "
-                            f"(min {f.min():.3g}); a Fisher diagonal is ≥ 0"
-                        )
+        check_fishers(fishers)
     logit_leaves = same_structure(logits, "logits")
     for path, b in zip(ref_paths, logit_leaves):
         if jnp.shape(b) != (num_sources,):
@@ -150,24 +244,40 @@ def _check_inputs(params_list, fishers, logits):
                 f"logits leaf {path} has shape {jnp.shape(b)}, expected "
                 f"({num_sources},) (one logit per source model)"
             )
-        if not isinstance(b, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(b))):
+        if not isinstance(b, jax.core.Tracer) and not np.all(np.isfinite(_host_array(b))):
             raise ValueError(f"logits leaf {path} has non-finite values")
     for t, tree in enumerate(params_list):
         for path, a in zip(ref_paths, _paths_and_leaves(tree)[1]):
-            if not isinstance(a, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(a))):
+            if not isinstance(a, jax.core.Tracer) and not np.all(np.isfinite(_host_array(a))):
                 raise ValueError(f"params_list[{t}] leaf {path} has non-finite values")
 
 
 def _merge_leaf(thetas, fishers, alpha, eps):
-    """One leaf. Unrolled over sources so XLA emits a single fused element-wise loop."""
+    """One leaf. Unrolled over sources so XLA emits a single fused element-wise loop.
+
+    Runs in the compute dtype and casts the result back (module docstring, dtype policy). In
+    mode-IMM each element's Fishers are divided by their largest value M (ε too):
+
+        θ = Σ_t α_t F̂_t θ_t / (Σ_t α_t F̂_t + ε/M),   F̂_t = F_t / M ∈ [0, 1]
+
+    is the same quotient, but its sums stay within max|θ_t| (no overflow for huge Fishers, no
+    flush to zero for tiny ones), and so do the gradients with respect to the logits.
+    """
+    thetas = [jnp.asarray(th) for th in thetas]
     dtype = thetas[0].dtype
-    acc_dtype = jnp.promote_types(dtype, jnp.float32)
+    acc_dtype = _compute_dtype(jnp.result_type(dtype, alpha.dtype))
+    alpha = alpha.astype(acc_dtype)
     if fishers is None:
         out = sum(alpha[t] * thetas[t].astype(acc_dtype) for t in range(len(thetas)))
     else:
-        weights = [alpha[t] * fishers[t].astype(acc_dtype) for t in range(len(thetas))]
+        fs = [jnp.asarray(f).astype(acc_dtype) for f in fishers]
+        big = fs[0]
+        for f in fs[1:]:
+            big = jnp.maximum(big, f)
+        big = jnp.where(big > 0, big, jnp.ones_like(big))  # all-zero Fishers: F̂ = 0, the result is 0
+        weights = [alpha[t] * (f / big) for t, f in enumerate(fs)]
         num = sum(w * th.astype(acc_dtype) for w, th in zip(weights, thetas))
-        out = num / (sum(weights) + eps)
+        out = num / (sum(weights) + eps / big)
     return out.astype(dtype)
 
 
@@ -189,8 +299,14 @@ def imm_merge(
       eps: the ε of the denominator; guards leaves whose Fisher is zero in every source (they
         come out as 0, exactly as the formula says).
 
+    Raises:
+      ValueError: mismatched tree structures or leaf shapes, a logits leaf not of shape (T,),
+        a Fisher count other than T, or (concrete inputs only) NaN / Inf anywhere or negative
+        Fishers; the message names the source and the leaf (``conv_enc0_in/kernel``).
+
     Returns:
-      The fused pytree θ, same structure and dtypes as ``params_list[0]``:
+      The fused pytree θ, same structure and dtypes as ``params_list[0]``, computed in float32
+      for bfloat16 / float16 inputs (module docstring, dtype policy):
       θ^i = Σ_t α_t^i F_t^i θ_t^i / (Σ_t α_t^i F_t^i + ε),  α^i = σ(β^i) / Σ_t σ(β_t^i).
     """
     params_list = list(params_list)
@@ -199,7 +315,7 @@ def imm_merge(
     _, _, treedef = _paths_and_leaves(params_list[0])
     theta_leaves = [jax.tree_util.tree_leaves(p) for p in params_list]
     fisher_leaves = None if fishers is None else [jax.tree_util.tree_leaves(f) for f in fishers]
-    alpha_leaves = jax.tree_util.tree_leaves(mixing_ratios(logits))
+    alpha_leaves = [_ratios(b) for b in jax.tree_util.tree_leaves(logits)]
     out = []
     for i, alpha in enumerate(alpha_leaves):
         thetas = [leaves[i] for leaves in theta_leaves]
