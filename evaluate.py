@@ -8,11 +8,12 @@ Examples:
 from absl import flags
 
 from timm_jax import cli
-from timm_jax.config import EvalConfig
+from timm_jax.config import DeviceConfig, EvalConfig
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
 
 cli.define_flags(EvalConfig)
+cli.define_flags(DeviceConfig)
 flags.DEFINE_string("run", None, "Run directory (train.py workdir or fuse.py output).")
 flags.DEFINE_string("out", "", "Output directory (default <run>/eval_<split>, or <run>/forgetting).")
 flags.DEFINE_string("data_dir", "", "Override the run's data directory (e.g. data moved).")
@@ -29,10 +30,11 @@ def main():
     if not FLAGS.run:
         raise ConfigError("missing required flag: --run")
     cfg = cli.from_flags(EvalConfig)
+    devices = cli.from_flags(DeviceConfig)
     if FLAGS.forgetting:
-        evaluate_forgetting(FLAGS.run, FLAGS.forgetting, cfg, out_dir=FLAGS.out)
+        evaluate_forgetting(FLAGS.run, FLAGS.forgetting, cfg, out_dir=FLAGS.out, devices=devices)
     else:
-        evaluate_model(FLAGS.run, cfg, out_dir=FLAGS.out, data_dir=FLAGS.data_dir)
+        evaluate_model(FLAGS.run, cfg, out_dir=FLAGS.out, data_dir=FLAGS.data_dir, devices=devices)
 
 
 if __name__ == "__main__":

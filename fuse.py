@@ -9,12 +9,13 @@ The training flags (--learning_rate, --max_epochs, ...) set the T-IMM adaption s
 from absl import flags
 
 from timm_jax import cli
-from timm_jax.config import FuseConfig, TrainConfig
+from timm_jax.config import DeviceConfig, FuseConfig, TrainConfig
 from timm_jax.data.spec import DataSpec
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.fuse import fuse_models
 
 cli.define_flags(DataSpec)
+cli.define_flags(DeviceConfig)
 cli.define_flags(TrainConfig)
 cli.define_flags(FuseConfig)
 flags.DEFINE_list("source", [], "Source run directories (trained with train.py).")
@@ -33,6 +34,7 @@ def main():
         FLAGS.out,
         cli.from_flags(FuseConfig),
         cli.from_flags(TrainConfig),
+        devices=cli.from_flags(DeviceConfig),
     )
 
 

@@ -11,12 +11,13 @@ Re-running the same command resumes from the latest checkpoint in --workdir.
 from absl import flags
 
 from timm_jax import cli
-from timm_jax.config import ModelConfig, TrainConfig
+from timm_jax.config import DeviceConfig, ModelConfig, TrainConfig
 from timm_jax.data.spec import DataSpec
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.train import INITS, train_model
 
 cli.define_flags(DataSpec)
+cli.define_flags(DeviceConfig)
 cli.define_flags(ModelConfig)
 cli.define_flags(TrainConfig)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, config.json).")
@@ -40,6 +41,7 @@ def main():
         FLAGS.workdir,
         init=FLAGS.init,
         init_from=FLAGS.init_from,
+        devices=cli.from_flags(DeviceConfig),
     )
 
 

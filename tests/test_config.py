@@ -10,17 +10,17 @@ import pytest
 from absl import flags
 
 from timm_jax import cli
-from timm_jax.config import EvalConfig, FuseConfig, ModelConfig, TrainConfig
+from timm_jax.config import DeviceConfig, EvalConfig, FuseConfig, ModelConfig, TrainConfig
 from timm_jax.data.spec import DataSpec
 from timm_jax.errors import ConfigError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = (ModelConfig, TrainConfig, FuseConfig, EvalConfig, DataSpec)
+CONFIGS = (ModelConfig, TrainConfig, FuseConfig, EvalConfig, DeviceConfig, DataSpec)
 # which configs each script exposes (the rest of its flags are its own run arguments)
 SCRIPTS = {
-    "train.py": (DataSpec, ModelConfig, TrainConfig),
-    "fuse.py": (DataSpec, TrainConfig, FuseConfig),
-    "evaluate.py": (EvalConfig,),
+    "train.py": (DataSpec, ModelConfig, TrainConfig, DeviceConfig),
+    "fuse.py": (DataSpec, TrainConfig, FuseConfig, DeviceConfig),
+    "evaluate.py": (EvalConfig, DeviceConfig),
 }
 
 
@@ -105,6 +105,9 @@ def test_data_flags_and_their_errors(fv):
         (ModelConfig, {"conv_impl": "fast"}, "--conv_impl must be one of"),
         (FuseConfig, {"granularity": "channel"}, "--granularity must be one of"),
         (EvalConfig, {"overlap": 1.0}, "--overlap"),
+        (ModelConfig, {"precision": "float16"}, "--precision must be one of"),
+        (DeviceConfig, {"num_devices": -1}, "--num_devices"),
+        (DeviceConfig, {"num_processes": 2, "process_id": 2}, "--process_id must be in 0..1"),
         (DataSpec, {"data_dir": "d", "layout": "nifti"}, "--layout"),
         (DataSpec, {"data_dir": "d", "layout": "brats", "fraction": 0.0}, "--fraction"),
     ],

@@ -100,16 +100,19 @@ def test_segmentation_log_likelihood_readds_batch_axis_and_true_fisher():
     assert abs(float(t1["a"]) - float(f["a"])) > 1e-3
 
 
-def test_data_parallel_fisher_on_4_devices_equals_single_device():
-    """The pitfall in core/fisher.py's docstring: per-example grads of a sharded batch, 4 fake CPU
-    devices (conftest)."""
+@pytest.mark.parametrize("n_devices", [1, 2, 4])
+def test_data_parallel_fisher_equals_single_device(n_devices):
+    """The pitfall in core/fisher.py's docstring: per-example grads of a sharded batch, on 1, 2
+    and 4 fake CPU devices (conftest). Summing gradients over devices before squaring (the
+    plausible failure) gives a different, smaller Fisher and fails this."""
     devices = jax.devices()
     assert len(devices) == 4, "tests/conftest.py forces 4 host devices"
-    mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+    mesh = jax.sharding.Mesh(np.array(devices[:n_devices]), ("data",))
     params, x, y = setup(n=10)
     want = loop_reference(params, x, y)
     got = fisher_diagonal(log_likelihood, params, [(x[:6], y[:6]), (x[6:], y[6:])], chunk_size=4, mesh=mesh)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-7)
-    with pytest.raises(ValueError, match="multiple of the 4 devices"):
-        fisher_diagonal(log_likelihood, params, [(x, y)], chunk_size=3, mesh=mesh)
+    if n_devices > 1:
+        with pytest.raises(ValueError, match=f"multiple of the {n_devices} devices"):
+            fisher_diagonal(log_likelihood, params, [(x, y)], chunk_size=n_devices + 1, mesh=mesh)

@@ -20,6 +20,7 @@ from typing import Any
 from timm_jax.errors import ConfigError
 
 CONV_IMPLS = ("auto", "native", "depth2d", "direct")
+PRECISIONS = ("float32", "bfloat16")
 LOSSES = ("dice", "ce", "dice+ce")
 
 
@@ -86,9 +87,16 @@ class ModelConfig(Config):
         "when the model is built; checkpoints record the resolved name.",
         choices=CONV_IMPLS,
     )
+    precision: str = setting(
+        "float32",
+        "Dtype of the network's activations: float32, or bfloat16 (mixed precision; parameters, "
+        "gradients, the optimiser and the merge stay float32).",
+        choices=PRECISIONS,
+    )
 
     def __post_init__(self):
         _check_choice(self.conv_impl, "conv_impl", CONV_IMPLS)
+        _check_choice(self.precision, "precision", PRECISIONS)
 
     @property
     def divisor(self) -> int:
@@ -177,3 +185,43 @@ class EvalConfig(Config):
             raise ConfigError(f"--patch must be three integers D,H,W, got {list(self.patch)}")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class DeviceConfig(Config):
+    """Where a run computes: the devices of its data-parallel mesh and, for multi-host runs, the
+    ``jax.distributed`` processes. Not part of a run's configuration key: a run may resume on
+    another number of devices or processes."""
+
+    num_devices: int = setting(
+        0,
+        "Devices of the data-parallel mesh (0: every visible device, of every process). The "
+        "global --batch_size must divide over them.",
+    )
+    distributed: bool = setting(
+        False,
+        "Start jax.distributed (multi-host run). Without --coordinator_address/--num_processes/"
+        "--process_id, JAX detects them from the cluster (Slurm, Open MPI, ...).",
+    )
+    coordinator_address: str = setting("", "host:port of process 0 (multi-host runs).")
+    num_processes: int = setting(0, "Number of processes of a multi-host run (0: detect).")
+    process_id: int = setting(-1, "This process's index, 0 .. num_processes-1 (-1: detect).")
+    distributed_timeout: int = setting(300, "Seconds to wait for every process to join.")
+
+    def __post_init__(self):
+        if self.num_devices < 0:
+            raise ConfigError(f"--num_devices must be >= 0, got {self.num_devices}")
+        if self.num_processes < 0:
+            raise ConfigError(f"--num_processes must be >= 0, got {self.num_processes}")
+        if self.num_processes and not -1 <= self.process_id < self.num_processes:
+            raise ConfigError(
+                f"--process_id must be in 0..{self.num_processes - 1} for --num_processes="
+                f"{self.num_processes}, got {self.process_id}"
+            )
+        if self.distributed_timeout < 1:
+            raise ConfigError(f"--distributed_timeout must be >= 1 s, got {self.distributed_timeout}")
+
+    @property
+    def multi_process(self) -> bool:
+        """Whether ``jax.distributed`` is to be started."""
+        return self.distributed or bool(self.coordinator_address) or self.num_processes > 1

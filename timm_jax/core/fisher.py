@@ -75,7 +75,11 @@ def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
         return jax.tree_util.tree_map(jnp.add, acc, part)
 
     step = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis)), out_specs=P())
-    return jax.jit(step, donate_argnums=(0,))
+    # explicit shardings place host (numpy) chunks on the mesh, also one spanning several processes
+    rep, data = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(axis)))
+    return jax.jit(
+        step, in_shardings=(rep, rep, data, data, data), out_shardings=rep, donate_argnums=(0,)
+    )
 
 
 def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
@@ -110,7 +114,9 @@ def fisher_diagonal(
         become grouped convolutions there (see benchmarks/README.md).
       progress: optional callback called with the number of examples seen so far.
       mesh: optional ``jax.sharding.Mesh``; each chunk is then split over its ``axis_name``
-        axis (data parallel), so ``chunk_size`` must be a multiple of that axis' size.
+        axis (data parallel), so ``chunk_size`` must be a multiple of that axis' size. In a
+        multi-process run every process passes the same batches (the whole chunk); each device
+        takes its rows.
 
     Returns:
       A float32 pytree like ``params``.

@@ -23,6 +23,7 @@ and with probability ``noise_prob`` additive Gaussian noise of std ``U(0, noise_
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -182,14 +183,32 @@ def make_train_batches(
     foreground_rate: float = 0.33,
     augment: bool | AugmentConfig = True,
     num_steps: int = 2**40,
+    process_index: int = 0,
+    process_count: int = 1,
 ):
-    """The training stream as a grain ``MapDataset`` of batches: ``ds[s]`` is the batch of step ``s``."""
+    """The training stream as a grain ``MapDataset`` of batches: ``ds[s]`` is the batch of step ``s``.
+
+    With ``process_count > 1`` (a multi-process run), ``ds[s]`` is this process's contiguous share
+    of global batch ``s``: rows ``process_index * b … (process_index + 1) * b - 1`` with
+    ``b = batch_size / process_count``. Only those elements are ever computed, and the global
+    batches are those of a single-process stream of the same seed.
+    """
     import grain
 
+    batch_size, process_count = int(batch_size), int(process_count)
+    if process_count < 1 or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} must be in 0..{process_count - 1}")
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} does not divide over {process_count} processes")
     sampler = PatchSampler(
         cases, task, patch_shape, seed=seed, foreground_rate=foreground_rate, augment=augment
     )
-    return grain.MapDataset.range(0, int(num_steps) * int(batch_size)).map(sampler).batch(int(batch_size))
+    local = batch_size // process_count
+    elements = grain.MapDataset.range(0, int(num_steps) * local)
+    if process_count > 1:
+        first = int(process_index) * local
+        elements = elements.map(functools.partial(_global_element, batch_size, local, first))
+    return elements.map(sampler).batch(local)
 
 
 def make_train_dataset(
@@ -206,6 +225,8 @@ def make_train_dataset(
     num_steps: int = 2**40,
     read_threads: int = 1,
     prefetch: int = 4,
+    process_index: int = 0,
+    process_count: int = 1,
 ):
     """An endless iterable of training batches ``{"image": (B, *patch, C), "target": (B, *patch, K)}``.
 
@@ -222,6 +243,8 @@ def make_train_dataset(
       start_step: first global step to yield — batches equal those of an uninterrupted run.
       num_steps: length of the stream (practically endless by default).
       read_threads, prefetch: grain read threads and buffer size per process.
+      process_index, process_count: in a multi-process run, each process reads only its
+        contiguous rows of every global batch (see :func:`make_train_batches`).
 
     Returns:
       a grain ``IterDataset``; ``iter()`` it (and ``close()`` the iterator when workers are used).
@@ -237,6 +260,8 @@ def make_train_dataset(
         foreground_rate=foreground_rate,
         augment=augment,
         num_steps=num_steps,
+        process_index=process_index,
+        process_count=process_count,
     )
     if start_step:
         batches = batches.slice(slice(int(start_step), None))
@@ -253,6 +278,11 @@ def make_train_dataset(
         # as soon as the batch is consumed (not at interpreter exit, where grain cannot free it).
         ds = ds.map(_own_arrays)
     return ds
+
+
+def _global_element(batch_size: int, local: int, first: int, i: int) -> int:
+    """Element index of a global batch for the ``i``-th element of a process's local stream."""
+    return (i // local) * batch_size + first + i % local
 
 
 def _own_arrays(batch: dict) -> dict:

@@ -179,7 +179,9 @@ class UNet3D(nn.Module):
         at most ``depth - 1``.
       conv_impl: ``"native"``, ``"depth2d"``, ``"direct"`` or ``"auto"`` (see :func:`conv3d`);
         resolved when the module is constructed (``"auto"`` never survives construction).
-      dtype: computation dtype (``None``: float32 / the input's). Parameters stay float32.
+      dtype: computation dtype of the activations (``None``: float32 / the input's; e.g.
+        ``jnp.bfloat16`` for mixed precision). Parameters stay float32 and the returned logits
+        are float32.
     """
 
     out_channels: int
@@ -265,7 +267,9 @@ class UNet3D(nn.Module):
         for l in range(self.num_segmentation_levels - 1, -1, -1):
             s = Conv3D(self.out_channels, 1, 1, impl, dtype=self.dtype, name=f"head{l}")(loc_outputs[l])
             seg = s if seg is None else s + upsample_nearest(seg)
-        return seg
+        # logits leave the network in float32 whatever the activations' dtype, so that losses,
+        # Dice and the Fisher's log-likelihood sum over voxels in float32
+        return seg.astype(jnp.float32)
 
 
 def init_params(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict:
@@ -313,6 +317,7 @@ def build_model(cfg: ModelConfig) -> tuple[UNet3D, ModelConfig]:
         dropout_rate=cfg.dropout_rate,
         conv_impl=cfg.conv_impl,
         num_segmentation_levels=min(3, cfg.depth - 1),
+        dtype=None if cfg.precision == "float32" else jnp.dtype(cfg.precision),
     )
     return model, cfg.replace(conv_impl=model.conv_impl)
 

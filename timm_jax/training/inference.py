@@ -29,6 +29,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from timm_jax.training.parallel import data_parallel_jit
+
 __all__ = [
     "gaussian_importance_map",
     "sliding_window_predict",
@@ -89,18 +91,25 @@ def gaussian_importance_map(patch_shape: Sequence[int], sigma_scale: float = 1.0
     return np.maximum(w, 1e-6).astype(np.float32)
 
 
-def _probability_fn(apply_fn: Callable) -> Callable:
-    """``jit(sigmoid ∘ apply_fn)``, cached per ``apply_fn`` so repeated calls reuse compilations."""
+def _probability_fn(apply_fn: Callable, mesh=None, sharded: bool = False) -> Callable:
+    """``jit(sigmoid ∘ apply_fn)``, cached per ``apply_fn`` (and mesh) so repeated calls reuse
+    compilations. With ``mesh``, the input batch is split over its ``data`` axis if ``sharded``
+    (else replicated); params and the output probabilities are replicated."""
+
+    def make():
+        fn = lambda params, x: jax.nn.sigmoid(apply_fn(params, x))  # noqa: E731
+        return data_parallel_jit(fn, mesh, batch_argnums=(1,) if sharded else (), nargs=2)
+
+    key = (apply_fn, mesh, sharded)
     try:
-        hash(apply_fn)
+        hash(key)
     except TypeError:
-        return jax.jit(lambda params, x: jax.nn.sigmoid(apply_fn(params, x)))
-    fn = _COMPILED.get(apply_fn)
+        return make()
+    fn = _COMPILED.get(key)
     if fn is None:
         if len(_COMPILED) >= _MAX_COMPILED:
             _COMPILED.pop(next(iter(_COMPILED)))
-        fn = jax.jit(lambda params, x: jax.nn.sigmoid(apply_fn(params, x)))
-        _COMPILED[apply_fn] = fn
+        fn = _COMPILED[key] = make()
     return fn
 
 
@@ -136,6 +145,7 @@ def sliding_window_predict(
     batch_size: int = 1,
     gaussian: bool = True,
     divisor: int = 16,
+    mesh=None,
 ) -> np.ndarray:
     """Sigmoid probabilities (D, H, W, K) of a channels-last volume ``image`` (D, H, W, C).
 
@@ -162,6 +172,10 @@ def sliding_window_predict(
       batch_size: windows per network call.
       gaussian: Gaussian (sigma = patch/8) instead of uniform importance weights.
       divisor: whole-volume mode only: padded sizes are multiples of this.
+      mesh: optional ``("data",)`` mesh (:mod:`timm_jax.training.parallel`): each batch of
+        windows is split over its devices (``batch_size`` must be a multiple of the mesh size;
+        a whole volume is replicated). Every process of a multi-process run passes the same
+        image and gets the same result.
 
     Returns:
       float32 numpy array (D, H, W, K) of probabilities in [0, 1].
@@ -173,9 +187,9 @@ def sliding_window_predict(
             f"{image.shape}; add a channel axis with image[..., None] for one modality"
         )
     spatial = image.shape[:3]
-    fn = _probability_fn(apply_fn)
 
     if patch_shape is None:
+        fn = _probability_fn(apply_fn, mesh)
         divisor = int(divisor)
         if divisor < 1:
             raise ValueError(f"divisor must be >= 1, got {divisor}")
@@ -193,6 +207,9 @@ def sliding_window_predict(
     batch_size = int(batch_size)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mesh is not None and batch_size % mesh.size:
+        raise ValueError(f"batch_size {batch_size} must be a multiple of the mesh's {mesh.size} devices")
+    fn = _probability_fn(apply_fn, mesh, sharded=True)
 
     padded, crop = _pad_to(image, patch)
     pshape = padded.shape[:3]

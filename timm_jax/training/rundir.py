@@ -68,6 +68,9 @@ def _dictify(obj: Any) -> Any:
 #: metadata fields that a run's result does not depend on: its progress, the key itself and where
 #: it ran (a run may resume on another number of devices or processes)
 _UNKEYED = ("run", "run_key", "num_devices", "num_processes")
+#: model settings added after runs had been written: keyed only when not at their default, so
+#: that older runs keep their key (and resume)
+_LATER_MODEL_DEFAULTS = {"precision": "float32"}
 
 
 def run_key(meta: dict) -> str:
@@ -76,7 +79,11 @@ def run_key(meta: dict) -> str:
     (same maths, other rounding)."""
     keyed = {k: v for k, v in meta.items() if k not in _UNKEYED}
     if isinstance(keyed.get("model"), dict):
-        keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "conv_impl"}
+        keyed["model"] = {
+            k: v
+            for k, v in keyed["model"].items()
+            if k != "conv_impl" and _LATER_MODEL_DEFAULTS.get(k, object()) != v
+        }
     blob = json.dumps(_jsonable(keyed), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -5,8 +5,10 @@ transferable params are ``imm_merge(sources, fishers, β)`` of *frozen* source m
 inside the loss so that ``jax.grad`` differentiates through the fusion. Fine-tuning (stage 2)
 starts from :func:`materialise` and is a plain training run.
 
-All steps take a global batch ``{"image": (B, D, H, W, C), "target": (B, D, H, W, K)}`` and keep
-no per-example host logic, so a data-parallel sharding of the batch can be added by the caller.
+All steps take a global batch ``{"image": (B, D, H, W, C), "target": (B, D, H, W, K)}``. Given a
+``mesh`` (:mod:`timm_jax.training.parallel`), the training and adaption steps split that batch
+over the mesh's ``data`` axis and keep everything else replicated; the losses are means over the
+global batch, so the gradients (all-reduced by XLA) are the single-device ones.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import optax
 from timm_jax.core import PyTree, losses
 from timm_jax.core.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
 from timm_jax.core.partition import join
+from timm_jax.training.parallel import data_parallel_jit
 
 Batch = dict
 
@@ -104,14 +107,14 @@ def _apply(model, params, image, rng, train):
     return model.apply({"params": params}, image, train=train, rngs=rngs)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = "dice"):
-    """``step(state, batch) -> (state, {"loss"})``: one Adam step on the segmentation loss."""
+def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = "dice", *, mesh=None):
+    """``step(state, batch) -> (state, {"loss"})``: one Adam step on the segmentation loss.
+    With ``mesh``, data parallel: the batch is split over its ``data`` axis, the state replicated."""
 
     def loss_fn(params, batch, rng):
         logits = _apply(model, params, batch["image"], rng, True)
         return segmentation_loss(logits, batch["target"], loss)
 
-    @partial(jax.jit, donate_argnums=(0,))
     def step(state: TrainState, batch: Batch):
         rng, sub = jax.random.split(state.rng)
         value, grads = jax.value_and_grad(loss_fn)(state.params, batch, sub)
@@ -119,14 +122,14 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = 
         params = optax.apply_updates(state.params, updates)
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), {"loss": value})
 
-    return step
+    return data_parallel_jit(step, mesh, batch_argnums=(1,), nargs=2, donate_argnums=(0,))
 
 
-def make_eval_step(model, loss: str = "dice"):
+def make_eval_step(model, loss: str = "dice", *, mesh=None):
     """``eval_step(params, batch) -> {"loss", "dice" (B, K)}`` on a batch, no dropout.
-    Dice thresholds σ(logits) at 0.5."""
+    Dice thresholds σ(logits) at 0.5. With ``mesh``, everything is replicated over it (a
+    validation batch is one whole volume)."""
 
-    @jax.jit
     def eval_step(params, batch):
         logits = _apply(model, params, batch["image"], None, False)
         return {
@@ -134,7 +137,7 @@ def make_eval_step(model, loss: str = "dice"):
             "dice": losses.hard_dice(logits > 0, batch["target"] > 0.5),
         }
 
-    return eval_step
+    return data_parallel_jit(eval_step, mesh, batch_argnums=(), nargs=2)
 
 
 def fused_params(
@@ -167,12 +170,15 @@ def make_adaption_step(
     granularity: Granularity = "leaf",
     eps: float = DEFAULT_EPS,
     loss: str = "dice",
+    mesh=None,
 ):
     """``step(state, sources, fishers, batch) -> (state, {"loss"})`` for T-IMM stage 1.
 
     ``state.params = {"logits": β (compact, see merge.init_logits), "task": 𝒮}``; ``sources``
     (T transferable trees) and ``fishers`` (T trees or None) are frozen inputs, passed as
     arguments (not closed over) so they are neither baked into the program nor differentiated.
+    With ``mesh``, the batch is split over its ``data`` axis; the state, sources and Fishers are
+    replicated (the merge runs on every device, the loss gradient is all-reduced).
     """
 
     def loss_fn(trainable, sources, fishers, batch, rng):
@@ -182,7 +188,6 @@ def make_adaption_step(
         logits = _apply(model, params, batch["image"], rng, True)
         return segmentation_loss(logits, batch["target"], loss)
 
-    @partial(jax.jit, donate_argnums=(0,))
     def step(state: TrainState, sources, fishers, batch: Batch):
         rng, sub = jax.random.split(state.rng)
         value, grads = jax.value_and_grad(loss_fn)(state.params, sources, fishers, batch, sub)
@@ -190,20 +195,19 @@ def make_adaption_step(
         params = optax.apply_updates(state.params, updates)
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), {"loss": value})
 
-    return step
+    return data_parallel_jit(step, mesh, batch_argnums=(3,), nargs=4, donate_argnums=(0,))
 
 
 def make_adaption_eval_step(
-    model, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS, loss: str = "dice"
+    model, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS, loss: str = "dice", mesh=None
 ):
-    """Validation loss/Dice of an adaption state (fused on the fly)."""
+    """Validation loss/Dice of an adaption state (fused on the fly); replicated over ``mesh``."""
     eval_step = make_eval_step(model, loss)
 
-    @jax.jit
     def step(trainable, sources, fishers, batch):
         params = fused_params(
             sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
         )
         return eval_step(params, batch)
 
-    return step
+    return data_parallel_jit(step, mesh, batch_argnums=(), nargs=4)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from timm_jax.config import EvalConfig
+from timm_jax.config import DeviceConfig, EvalConfig
 from timm_jax.core.partition import join, select_like, split
 from timm_jax.data.io import LAYOUTS
 from timm_jax.data.spec import DataSpec, resolve
@@ -17,7 +17,8 @@ from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
 from timm_jax.training.inference import sliding_window_predict
-from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, write_results
+from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, summarize, write_results
+from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, load_run
 from timm_jax.workflows.report import prediction_slice
 from timm_jax.workflows.train import load_model
@@ -36,14 +37,18 @@ def evaluate_model(
     data_dir: str = "",
     params_override=None,
     spec_override: DataSpec | None = None,
+    devices: DeviceConfig | None = None,
 ) -> dict:
     """Whole-volume evaluation of a run's best checkpoint on one split of its task.
 
     Writes ``<out_dir>/per_case.csv`` and ``summary.json`` (and ``predictions/*.nii.gz``);
     returns the summary. ``cfg.patch=()`` predicts each volume in one pass; otherwise a
     Gaussian-weighted sliding window with ``cfg.overlap``. ``params_override`` evaluates other
-    parameters of the same architecture, ``spec_override`` other data.
+    parameters of the same architecture, ``spec_override`` other data. ``devices``: the mesh
+    (``None``: one device); sliding windows are then predicted one per device per call, and in
+    a multi-process run only process 0 writes files.
     """
+    dp = DataParallel.setup(devices)
     run_dir, model, model_cfg, params, meta = load_model(run_dir)
     if params_override is not None:
         params = params_override
@@ -60,10 +65,19 @@ def evaluate_model(
             f"model, the data need {n_in}→{data.task.num_channels}"
         )
     out_dir = out_dir or os.path.join(run_dir, f"eval_{cfg.split}")
-    os.makedirs(out_dir, exist_ok=True)
+    if dp.is_main:
+        os.makedirs(out_dir, exist_ok=True)
     apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    params = dp.replicate(params)
     ids = data.splits[cfg.split]
-    _log.info("[evaluate] %s: %d %s cases of task %s", run_dir, len(ids), cfg.split, data.task.name)
+    _log.info(
+        "[evaluate] %s: %d %s cases of task %s; on %s",
+        run_dir,
+        len(ids),
+        cfg.split,
+        data.task.name,
+        dp.describe(),
+    )
     rows = []
     with Events(out_dir) as events, bar(len(ids), f"[evaluate] {cfg.split}", "case") as progress:
         for i, (cid, case) in enumerate(zip(ids, data.load(ids))):
@@ -74,6 +88,8 @@ def evaluate_model(
                 patch_shape=cfg.patch or None,
                 overlap=cfg.overlap,
                 divisor=model_cfg.divisor,
+                batch_size=dp.num_devices,
+                mesh=dp.mesh,
             )
             rows.append(
                 {
@@ -87,7 +103,7 @@ def evaluate_model(
                     ),
                 }
             )
-            if cfg.save_predictions:
+            if cfg.save_predictions and dp.is_main:
                 save_prediction_nifti(
                     data.task.decode(probs),
                     case.affine,
@@ -105,17 +121,17 @@ def evaluate_model(
             0,
             {f"eval/{cfg.split}/{k}": np.mean([r[k] for r in rows]) for k in rows[0] if k.startswith("dice")},
         )
-    summary = write_results(
-        rows,
-        os.path.join(out_dir, "per_case.csv"),
-        os.path.join(out_dir, "summary.json"),
-        extra={
-            "run": run_dir,
-            "split": cfg.split,
-            "task": data.task.name,
-            "channels": list(data.task.channel_names),
-        },
-    )
+    extra = {
+        "run": run_dir,
+        "split": cfg.split,
+        "task": data.task.name,
+        "channels": list(data.task.channel_names),
+    }
+    if dp.is_main:
+        csv_path, json_path = (os.path.join(out_dir, f) for f in ("per_case.csv", "summary.json"))
+        summary = write_results(rows, csv_path, json_path, extra=extra)
+    else:
+        summary = {"n_cases": len(rows), "metrics": summarize(rows), "extra": extra}
     m = summary["metrics"]
     _log.info(
         "[evaluate] mean Dice %.3f %s -> %s",
@@ -127,7 +143,12 @@ def evaluate_model(
 
 
 def evaluate_forgetting(
-    run_dir: str, source_dirs: Sequence[str], cfg: EvalConfig = EvalConfig(), *, out_dir: str = ""
+    run_dir: str,
+    source_dirs: Sequence[str],
+    cfg: EvalConfig = EvalConfig(),
+    *,
+    out_dir: str = "",
+    devices: DeviceConfig | None = None,
 ) -> dict:
     """Paper Table 4: how well a fused or fine-tuned model still solves the source tasks.
 
@@ -145,7 +166,10 @@ def evaluate_forgetting(
         combo = join(select_like(params, part.transferable), part.task_specific)
         name = os.path.basename(os.path.normpath(src))
         _log.info("[forgetting] %s with the task-specific leaves of %s", run_dir, src)
-        results[name] = evaluate_model(src, cfg, params_override=combo, out_dir=os.path.join(out_dir, name))
-    with open(os.path.join(out_dir, "forgetting.json"), "w") as f:
-        json.dump({k: v["metrics"]["dice_mean"] for k, v in results.items()}, f, indent=2)
+        results[name] = evaluate_model(
+            src, cfg, params_override=combo, out_dir=os.path.join(out_dir, name), devices=devices
+        )
+    if DataParallel.setup(devices).is_main:
+        with open(os.path.join(out_dir, "forgetting.json"), "w") as f:
+            json.dump({k: v["metrics"]["dice_mean"] for k, v in results.items()}, f, indent=2)
     return results

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 
-from timm_jax.config import FuseConfig, ModelConfig, TrainConfig
+from timm_jax.config import DeviceConfig, FuseConfig, ModelConfig, TrainConfig
 from timm_jax.core import PyTree
 from timm_jax.core.fisher import (
     fisher_diagonal,
@@ -58,6 +58,7 @@ from timm_jax.nn.unet import build_model, init_params, layer_order
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
 from timm_jax.training.loop import fit, pad_to_multiple, state_dict, volume_evaluator
+from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import (
     create_state,
@@ -129,12 +130,16 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
     )
 
 
-def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int = 0) -> dict:
+def source_fisher(
+    source_dir: str, *, kind: str = "empirical", max_examples: int = 0, dp: DataParallel = DataParallel()
+) -> dict:
     """Diagonal Fisher of a trained run on its own training cases (cached beside its checkpoint).
 
     ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model.
     The cache ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
-    configuration and the settings, and written atomically.
+    configuration and the settings, and written atomically (by process 0 only). With a mesh,
+    each call of the per-example gradients takes one case per device (cases of equal padded
+    shape are grouped; the sum over cases is the same).
     """
     if kind not in ("empirical", "true"):
         raise ValueError(f"Fisher kind must be 'empirical' or 'true', got {kind!r}")
@@ -144,17 +149,30 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     key = {"step": step, "kind": kind, "max_examples": max_examples, "run_key": meta.get("run_key")}
     cache = os.path.join(source_dir, "fisher", f"fisher_{kind}.npz")
     shapes = {k: np.shape(v) for k, v in to_flat_dict(params).items()}
+    cached = _read_fisher_cache(cache, key, shapes)
+    # every process of a multi-process run must take the same branch (the computation is collective)
+    if dp.agree(cached is not None):
+        _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
+        return cached
+    return _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_examples, key, cache, dp)
+
+
+def _read_fisher_cache(cache: str, key: dict, shapes: dict) -> dict | None:
+    """The cached Fisher if ``cache`` holds one for ``key`` with these leaf shapes, else None."""
     if os.path.isfile(cache):
         try:
             with np.load(cache, allow_pickle=False) as z:
                 flat = {k: z[k] for k in z.files if k != "__key__"}
                 same = json.loads(str(z["__key__"])) == key
             if same and {k: v.shape for k, v in flat.items()} == shapes:
-                _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
                 return from_flat_dict(flat)
             _log.info("[fuse] Fisher cache %s is of another checkpoint or setting; recomputing", cache)
         except Exception as e:  # a torn or foreign file of any kind: recompute it
             _log.warning("[fuse] Fisher cache %s unreadable (%s); recomputing", cache, type(e).__name__)
+    return None
+
+
+def _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_examples, key, cache, dp) -> dict:
     data = resolve(DataSpec.from_dict(meta["data"]))
     ids = list(meta.get("train_ids") or data.train_ids)
     if max_examples:
@@ -178,6 +196,8 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
     else:
         ll = sampled_segmentation_log_likelihood(apply_fn)
         batches = with_sample_keys(batches, jax.random.PRNGKey(0))
+    if dp.mesh is not None:  # up to one case per device per call (same per-case sample keys)
+        batches = _group_cases(((x[0], y[0]) for x, y in batches), dp.num_devices)
     with bar(len(ids), f"[fuse] Fisher of {os.path.basename(source_dir)}", "case") as progress:
 
         def seen(n: int) -> None:
@@ -187,7 +207,12 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
                 _log.info("[fuse] Fisher: %d/%d cases", n, len(ids))
 
         fisher = fisher_diagonal(
-            ll, jax.tree_util.tree_map(jnp.asarray, params), batches, chunk_size=1, progress=seen
+            ll,
+            jax.tree_util.tree_map(jnp.asarray, params) if dp.mesh is None else dp.replicate(params),
+            batches,
+            chunk_size=dp.num_devices,
+            progress=seen,
+            mesh=dp.mesh,
         )
     fisher = jax.tree_util.tree_map(np.asarray, fisher)
     with writing(cache):
@@ -203,6 +228,18 @@ def source_fisher(source_dir: str, *, kind: str = "empirical", max_examples: int
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return fisher
+
+
+def _group_cases(items, n: int):
+    """Consecutive ``(x, y)`` examples stacked into batches of up to ``n`` of one shape."""
+    buf: list = []
+    for x, y in items:
+        if buf and (len(buf) == n or buf[0][0].shape != x.shape):
+            yield np.stack([b[0] for b in buf]), np.stack([b[1] for b in buf])
+            buf = []
+        buf.append((x, y))
+    if buf:
+        yield np.stack([b[0] for b in buf]), np.stack([b[1] for b in buf])
 
 
 def fusion_partition(fresh: dict, sources: Sources) -> Partition:
@@ -230,17 +267,21 @@ def adaption_stage(
     adapt_cfg: TrainConfig,
     rng,
     source_names: list[str] | None = None,
+    dp: DataParallel = DataParallel(),
 ) -> tuple[PyTree, dict, dict]:
     """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
-    ``(logits, task_specific, summary)``."""
+    ``(logits, task_specific, summary)``. With a mesh (``dp``), the batches are split over it and
+    the sources, Fishers and adaption state are replicated."""
     T = len(src_tr)
     logits = init_logits(part.transferable, T, cfg.granularity)
     train_cases = data.load(data.train_ids)
     val_cases = data.load(data.val_ids)
     optimizer = make_adaption_optimizer(cfg.logits_learning_rate, adapt_cfg.learning_rate)
-    state = create_state({"logits": logits, "task": part.task_specific}, optimizer, rng)
-    step = make_adaption_step(model, optimizer, granularity=cfg.granularity, loss=adapt_cfg.loss)
-    eval_step = make_adaption_eval_step(model, granularity=cfg.granularity, loss=adapt_cfg.loss)
+    state = dp.replicate(create_state({"logits": logits, "task": part.task_specific}, optimizer, rng))
+    src_tr, fishers = dp.replicate(src_tr), dp.replicate(fishers)
+    kw = dict(granularity=cfg.granularity, loss=adapt_cfg.loss, mesh=dp.mesh)
+    step = make_adaption_step(model, optimizer, **kw)
+    eval_step = make_adaption_eval_step(model, **kw)
     evaluate = volume_evaluator(
         lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, 2 ** (model.depth - 1)
     )
@@ -257,7 +298,7 @@ def adaption_stage(
             state=state,
             train_step=lambda s, b: step(s, src_tr, fishers, b),
             evaluate=evaluate,
-            batches_from=train_batches(train_cases, data.task, adapt_cfg),
+            batches_from=train_batches(train_cases, data.task, adapt_cfg, dp),
             cfg=adapt_cfg,
             name="adapt",
             epoch_scalars=ratio_scalars,
@@ -291,21 +332,23 @@ def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
 def save_fusion(
     out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]], source_names: list[str]
 ) -> None:
-    """The ``fused`` run directory: ``mixing_ratios.{json,csv,png}``, then the checkpoint — the
-    checkpoint is written last, since a run directory with one counts as finished."""
+    """The ``fused`` run directory: ``mixing_ratios.{json,csv,png}`` (by process 0 of a
+    multi-process run), then the checkpoint (by every process) — the checkpoint is written last,
+    since a run directory with one counts as finished."""
     with writing(out_dir):
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
-            json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
-        fault("ratios.write", out_dir)
-        with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["layer", *source_names])
-            for layer, r in ratios.items():
-                w.writerow([layer, *[f"{a:.6f}" for a in r]])
-        png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
-        with Events(out_dir) as events:
-            events.image("mixing_ratios", matplotlib.image.imread(png))
+        if jax.process_index() == 0:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
+                json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
+            fault("ratios.write", out_dir)
+            with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["layer", *source_names])
+                for layer, r in ratios.items():
+                    w.writerow([layer, *[f"{a:.6f}" for a in r]])
+            png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+            with Events(out_dir) as events:
+                events.image("mixing_ratios", matplotlib.image.imread(png))
     with RunDir.create(out_dir, meta) as run:
         run.save(0, {"params": params}, meta, best=True)
 
@@ -316,12 +359,19 @@ def fuse_models(
     out_dir: str,
     cfg: FuseConfig = FuseConfig(),
     adapt_cfg: TrainConfig = TrainConfig(),
+    devices: DeviceConfig | None = None,
 ) -> dict:
-    """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its metadata."""
+    """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its
+    metadata. ``devices``: the data-parallel mesh of the Fisher and the adaption stage (``None``:
+    one device, no mesh; ``DeviceConfig()``: every visible device, as ``fuse.py`` does)."""
+    dp = DataParallel.setup(devices)
+    timm = cfg.method == "timm"
+    if timm:
+        dp.check_batch(adapt_cfg.batch_size)
+    _log.info("[fuse] fusing %d source run(s) into %s on %s", len(source_dirs), out_dir, dp.describe())
     sources = load_sources(source_dirs)
     data = resolve(target)
     model, model_cfg = build_model(model_config_for(data, sources.model_cfg))
-    timm = cfg.method == "timm"
     meta = make_meta(
         "fused",
         model=model_cfg,
@@ -334,6 +384,7 @@ def fuse_models(
         splits=data.splits,
         train_ids=data.train_ids,
         val_ids=data.val_ids,
+        **dp.record(),
     )
     with RunDir.create(out_dir, meta) as run:
         if run.latest_step("best") is not None:
@@ -349,14 +400,16 @@ def fuse_models(
             jax.tree_util.tree_map(
                 jnp.asarray,
                 select_like(
-                    source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples), part.transferable
+                    source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples, dp=dp),
+                    part.transferable,
                 ),
             )
             for d in sources.dirs
         ]
     mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
     _log.info(
-        "[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, %d task-specific%s",
+        "[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, "
+        "%d task-specific%s; on %s",
         cfg.method.upper(),
         cfg.imm_mode,
         len(sources.dirs),
@@ -365,6 +418,7 @@ def fuse_models(
         len(jax.tree_util.tree_leaves(part.transferable)),
         len(jax.tree_util.tree_leaves(part.task_specific)),
         mismatched,
+        dp.describe(),
     )
     logits = init_logits(part.transferable, len(sources.dirs), cfg.granularity)
     task_specific, summary = part.task_specific, {}
@@ -381,6 +435,7 @@ def fuse_models(
             adapt_cfg=adapt_cfg,
             rng=state_rng,
             source_names=sources.names,
+            dp=dp,
         )
     params = materialise_fusion(src_tr, fishers, logits, task_specific, cfg.granularity)
     ratios = layer_ratios(expand_logits(logits, part.transferable, cfg.granularity))

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from timm_jax.config import ModelConfig, TrainConfig
+from timm_jax.config import DeviceConfig, ModelConfig, TrainConfig
 from timm_jax.core.partition import join, select_like, shape_mismatches, split
 from timm_jax.data.io import LAYOUTS
 from timm_jax.data.pipeline import make_train_dataset
@@ -22,6 +22,7 @@ from timm_jax.data.spec import Data, DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.nn.unet import UNet3D, build_model, init_params, resolve_conv_impl
 from timm_jax.training.loop import fit, volume_evaluator
+from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
 
@@ -78,23 +79,25 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
     return params, meta
 
 
-def train_batches(cases, task, cfg: TrainConfig):
-    """``start_step -> iterator`` of the seeded, resumable training batches of ``cases``."""
+def train_batches(cases, task, cfg: TrainConfig, dp: DataParallel = DataParallel()):
+    """``start_step -> iterator`` of the seeded, resumable training batches of ``cases``; with a
+    mesh, each process reads its rows of every global batch and they arrive split over the mesh."""
 
     def batches_from(start: int):
-        return iter(
-            make_train_dataset(
-                cases,
-                task,
-                patch_shape=tuple(cfg.patch_shape),
-                batch_size=cfg.batch_size,
-                seed=cfg.seed,
-                foreground_rate=cfg.foreground_rate,
-                augment=cfg.augment,
-                num_workers=cfg.num_workers,
-                start_step=start,
-            )
+        stream = make_train_dataset(
+            cases,
+            task,
+            patch_shape=tuple(cfg.patch_shape),
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            foreground_rate=cfg.foreground_rate,
+            augment=cfg.augment,
+            num_workers=cfg.num_workers,
+            start_step=start,
+            process_index=dp.process_index,
+            process_count=dp.num_processes,
         )
+        return map(dp.shard, iter(stream))
 
     return batches_from
 
@@ -107,8 +110,14 @@ def train_model(
     *,
     init: str = "random",
     init_from: str = "",
+    devices: DeviceConfig | None = None,
 ) -> dict:
-    """Train (or resume) one model in ``workdir``; returns the run summary (history, best epoch)."""
+    """Train (or resume) one model in ``workdir``; returns the run summary (history, best epoch).
+
+    ``devices``: the data-parallel mesh and ``jax.distributed`` processes (``None``: one device,
+    no mesh; ``DeviceConfig()``: every visible device, as the scripts do)."""
+    dp = DataParallel.setup(devices)
+    dp.check_batch(train_cfg.batch_size)
     data = resolve(spec)
     model, model_cfg = build_model(model_config_for(data, model_cfg))
     src_params, _ = load_init(init, init_from, model_cfg)
@@ -126,16 +135,19 @@ def train_model(
         val_ids=data.val_ids,
         init=init,
         init_from=os.path.abspath(init_from) if init_from else "",
+        **dp.record(),
     )
     with RunDir.create(workdir, meta) as run:
         _log.info(
-            "[train] task %s: %d training + %d validation cases (fraction %s of a pool of %d); conv_impl=%s",
+            "[train] task %s: %d training + %d validation cases (fraction %s of a pool of %d); "
+            "conv_impl=%s; on %s",
             data.task.name,
             len(data.train_ids),
             len(data.val_ids),
             spec.fraction,
             len(data.splits["train"]) + len(data.splits["val"]),
             model_cfg.conv_impl,
+            dp.describe(),
         )
         train_cases = data.load(data.train_ids)
         val_cases = data.load(data.val_ids)
@@ -161,16 +173,16 @@ def train_model(
             params = jax.tree_util.tree_map(np.asarray, src_params)
             _log.info("[train] initialised from fused checkpoint %s", init_from)
         optimizer = make_optimizer(train_cfg.learning_rate)
-        state = create_state(params, optimizer, state_rng)
+        state = dp.replicate(create_state(params, optimizer, state_rng))
         evaluate = volume_evaluator(
-            make_eval_step(model, train_cfg.loss), val_cases, data.task, model_cfg.divisor
+            make_eval_step(model, train_cfg.loss, mesh=dp.mesh), val_cases, data.task, model_cfg.divisor
         )
         _, summary = fit(
             run,
             state=state,
-            train_step=make_train_step(model, optimizer, train_cfg.loss),
+            train_step=make_train_step(model, optimizer, train_cfg.loss, mesh=dp.mesh),
             evaluate=evaluate,
-            batches_from=train_batches(train_cases, data.task, train_cfg),
+            batches_from=train_batches(train_cases, data.task, train_cfg, dp),
             cfg=train_cfg,
         )
     return summary
