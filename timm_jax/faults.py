@@ -7,7 +7,9 @@ of :func:`fault` with that ``point`` in this process
   would: no ``finally``, no flushing;
 * ``enospc`` — raise ``OSError(ENOSPC)``, as a write to a full disk does.
 
-Without the variable :func:`fault` returns at once. The points (``tests/test_crash_matrix.py``
+``TIMM_JAX_FAULT_LOG=<file>`` appends the name of every point reached to ``<file>`` (one per
+line), so a test can choose "the last checkpoint write" from an uninterrupted run's trace.
+Without either variable :func:`fault` returns at once. The points (``tests/test_crash_matrix.py``
 and ``docs/reliability.md`` list where each one sits): ``train.step`` / ``adapt.step`` (before
 each training step of the epoch loop ``train`` / ``adapt``), ``validate`` (before each
 validation volume), ``checkpoint.best`` / ``checkpoint.latest`` (while orbax writes that
@@ -31,6 +33,10 @@ _hits: dict[str, int] = {}
 def fault(point: str, path: str = "") -> None:
     """Count a visit of ``point``; kill the process or fail the write to ``path`` when
     ``TIMM_JAX_FAULT`` asks for this visit."""
+    log = os.environ.get("TIMM_JAX_FAULT_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(point + "\n")
     spec = os.environ.get("TIMM_JAX_FAULT")
     if not spec:
         return

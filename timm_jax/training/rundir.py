@@ -254,15 +254,19 @@ class RunDir:
     def read_meta(self, which: str = "latest", step: int | None = None) -> dict:
         """The metadata stored with a checkpoint."""
         step = self._step(which, step)
+        where = f"{self.path}/checkpoints/{which}/{step}/meta"
         try:
-            return (
+            meta = (
                 self._managers[which].restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
             )
         except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(
-                f"checkpoint metadata {self.path}/checkpoints/{which}/{step}/meta "
-                f"could not be read (corrupt?): {_brief(e)}"
+                f"checkpoint metadata {where} could not be read (corrupt?): {_brief(e)}"
             ) from e
+        if not isinstance(meta, dict) or "run_key" not in meta or meta.get("kind", "train") not in KINDS:
+            # valid JSON of something else (a foreign or overwritten file)
+            raise CheckpointError(f"checkpoint metadata {where} is not a run's metadata (no run_key or kind)")
+        return meta
 
     def restore(
         self, target: PyTree | None = None, which: str = "latest", step: int | None = None

@@ -1,0 +1,268 @@
+"""Crash consistency: ``train.py`` and ``fuse.py --method=timm`` killed with SIGKILL at named points.
+
+Each case runs the real script in a subprocess on a tiny demo data set with a tiny network, kills
+it at a point named by ``TIMM_JAX_FAULT`` (``timm_jax/faults.py``: the process sends itself
+SIGKILL there — during a training step, validation, an orbax checkpoint write, the Fisher
+computation and its cache write, the adaption stage, the fused checkpoint and the mixing-ratio
+files), possibly several times in a row, then runs the same command again without a fault. The
+re-run must finish, and its final parameters (latest and best), its metrics and — for a
+fusion — its Fisher cache and mixing ratios must equal an uninterrupted run's bit for bit.
+
+Two cases run in the default suite; the whole matrix is marked ``slow`` (``make test-all``, and
+``make reliability`` records it in docs/reliability.md).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from _reliability import record
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = ["--base_filters=2", "--depth=2"]
+SCHED = ["--patch=16,16,16", "--batch_size=1", "--steps_per_epoch=2"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("crash")
+    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TIMM_JAX_FAULT")}
+    e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), PYTHONPATH=str(ROOT))
+    from timm_jax.experiments.demo_data import build_demo
+
+    build_demo(
+        tmp / "data",
+        seed=0,
+        spacing=6.0,
+        n_parc_task1=3,
+        n_parc_task2=2,
+        n_parc_val=1,
+        n_parc_test=1,
+        n_brats_train=2,
+        n_brats_val=1,
+        n_brats_test=1,
+        progress=False,
+        make_preview=False,
+    )
+    w = SimpleNamespace(tmp=tmp, env=e)
+    w.train_args = [
+        f"--data_dir={tmp}/data/parcellation",
+        "--layout=parcellation",
+        "--task_key=task1",
+        *NET,
+        *SCHED,
+        "--max_epochs=3",
+    ]
+    w.fuse_args = [
+        f"--data_dir={tmp}/data/brats",
+        "--layout=brats",
+        "--task_key=task3",
+        "--method=timm",
+        *SCHED,
+        "--max_epochs=2",
+    ]
+    w.train_ref = tmp / "ref_train"
+    w.train_trace = _run(w, "train.py", *w.train_args, f"--workdir={w.train_ref}", trace=tmp / "train.trace")
+    # the fusion's source: the reference run before any Fisher cache was written into it
+    w.source = tmp / "source"
+    shutil.copytree(w.train_ref, w.source)
+    return w
+
+
+@pytest.fixture(scope="module")
+def fuse_ref(world):
+    src = world.tmp / "ref_fuse_source"
+    shutil.copytree(world.source, src)
+    out = world.tmp / "ref_fuse"
+    trace = _run(
+        world, "fuse.py", f"--source={src}", *world.fuse_args, f"--out={out}", trace=world.tmp / "f.trace"
+    )
+    return SimpleNamespace(out=out, source=src, trace=trace)
+
+
+def _run(w, script, *args, fault="", trace=None):
+    """Run a script; with ``fault`` it must die of SIGKILL there; ``trace``: the points it passed."""
+    env = dict(w.env)
+    if fault:
+        env["TIMM_JAX_FAULT"] = fault
+    if trace is not None:
+        env["TIMM_JAX_FAULT_LOG"] = str(trace)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        env=env,
+        cwd=w.tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if fault:
+        assert p.returncode == -signal.SIGKILL, (
+            f"{script} with TIMM_JAX_FAULT={fault} was not killed (status {p.returncode}):\n"
+            f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+        )
+    else:
+        assert p.returncode == 0, f"{script} {args} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}"
+    return Path(trace).read_text().split() if trace is not None else p.stdout + p.stderr
+
+
+def _resolve(spec: str, trace: list[str]) -> str:
+    """``point:last`` -> ``point:<n>`` with n the point's last visit in an uninterrupted run."""
+    point, n = spec.split(":")
+    hits = trace.count(point)
+    assert hits, f"the uninterrupted run never reached {point}"
+    n = hits if n == "last" else int(n)
+    assert n <= hits, f"{point} is reached {hits} times, not {n}"
+    return f"{point}:{n}"
+
+
+def _params(run_dir, which):
+    from timm_jax.core.partition import to_flat_dict
+    from timm_jax.training.rundir import RunDir
+
+    with RunDir.open(str(run_dir)) as run:
+        params = run.load_params(which)[0]
+    return {k: np.asarray(v) for k, v in to_flat_dict(params).items()}
+
+
+def _assert_same_params(a_dir, b_dir, which):
+    a, b = _params(a_dir, which), _params(b_dir, which)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=f"{which} {k}")
+
+
+def _metrics(run_dir):
+    from timm_jax.training.rundir import read_metrics
+
+    return [
+        {k: v for k, v in r.items() if k not in ("epoch_s", "voxels_per_s")}
+        for r in read_metrics(str(run_dir))
+    ]
+
+
+def _no_lock_left(run_dir):
+    assert not (Path(run_dir) / "run.lock").exists(), f"{run_dir}/run.lock left behind by a finished run"
+
+
+#: (id, faults in order, where) — train.py: 3 epochs of 2 steps, one validation case
+TRAIN = [
+    ("train-step-first", ["train.step:1"], "train.py: before the first training step (nothing saved yet)"),
+    ("train-step-mid", ["train.step:4"], "train.py: epoch 2, step 2 of 2 (epoch 1 checkpointed)"),
+    ("train-validate", ["validate:2"], "train.py: during validation of epoch 2"),
+    ("train-ckpt-best", ["checkpoint.best:1"], "train.py: while orbax writes the first best checkpoint"),
+    (
+        "train-ckpt-latest",
+        ["checkpoint.latest:2"],
+        "train.py: while orbax writes epoch 2's latest checkpoint (its best already written)",
+    ),
+    ("train-ckpt-final", ["checkpoint.latest:last"], "train.py: while writing the final checkpoint"),
+    (
+        "train-metrics",
+        ["metrics.write:2"],
+        "train.py: metrics.jsonl written to its temporary file, not renamed",
+    ),
+    (
+        "train-twice",
+        ["checkpoint.latest:2", "checkpoint.latest:1"],
+        "train.py: twice in a row while writing epoch 2's latest checkpoint",
+    ),
+    (
+        "train-preprocess",
+        ["preprocess.cache:2"],
+        "train.py: while writing the preprocessed-data cache (fresh cache)",
+    ),
+]
+FAST = {"train-step-mid", "train-ckpt-latest"}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, id=c[0], marks=() if c[0] in FAST else pytest.mark.slow) for c in TRAIN],
+)
+def test_train_killed_and_rerun_equals_uninterrupted(world, case):
+    name, faults, where = case
+    work = world.tmp / name
+    args = [*world.train_args, f"--workdir={work}"]
+    if name == "train-preprocess":
+        args.append(f"--cache_dir={world.tmp / name}-cache")
+    for spec in faults:
+        _run(world, "train.py", *args, fault=_resolve(spec, world.train_trace))
+    out = _run(world, "train.py", *args)
+    if not faults[0].startswith(("train.step:1", "preprocess", "checkpoint.best:1")):
+        assert "resuming from checkpoint" in out, out[-2000:]
+    assert "took over the lock left by process" in out, out[-2000:]  # the killed run's run.lock
+    for which in ("latest", "best"):
+        _assert_same_params(world.train_ref, work, which)
+    assert _metrics(work) == _metrics(world.train_ref)
+    _no_lock_left(work)
+    record(
+        "SIGKILL",
+        where,
+        len(faults),
+        "re-run finished; latest and best params and metrics.jsonl bitwise equal to an uninterrupted run",
+    )
+
+
+#: fuse.py --method=timm of one source: Fisher on 2 cases, adaption 2 epochs of 2 steps
+FUSE = [
+    ("fuse-fisher-case", ["fisher.case:1"], "fuse.py: during the Fisher computation (after case 1 of 2)"),
+    (
+        "fuse-fisher-cache",
+        ["fisher.cache:1"],
+        "fuse.py: Fisher cache written to its temporary file, not renamed",
+    ),
+    ("fuse-adapt-step", ["adapt.step:3"], "fuse.py: adaption stage, epoch 2, step 1"),
+    ("fuse-adapt-validate", ["validate:1"], "fuse.py: during the adaption stage's first validation"),
+    (
+        "fuse-adapt-ckpt",
+        ["checkpoint.latest:1"],
+        "fuse.py: while writing the adaption stage's first checkpoint",
+    ),
+    ("fuse-ratios", ["ratios.write:1"], "fuse.py: between the mixing-ratio files (json written, csv not)"),
+    ("fuse-fused-best", ["checkpoint.best:last"], "fuse.py: while writing the fused checkpoint (best)"),
+    ("fuse-fused-latest", ["checkpoint.latest:last"], "fuse.py: while writing the fused checkpoint (latest)"),
+    (
+        "fuse-twice",
+        ["fisher.cache:1", "fisher.cache:1"],
+        "fuse.py: twice in a row with the Fisher cache written but not renamed",
+    ),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", FUSE, ids=[c[0] for c in FUSE])
+def test_fuse_killed_and_rerun_equals_uninterrupted(world, fuse_ref, case):
+    name, faults, where = case
+    src = world.tmp / f"{name}-source"
+    shutil.copytree(world.source, src)
+    out_dir = world.tmp / name
+    args = [f"--source={src}", *world.fuse_args, f"--out={out_dir}"]
+    for spec in faults:
+        _run(world, "fuse.py", *args, fault=_resolve(spec, fuse_ref.trace))
+    _run(world, "fuse.py", *args)
+    _assert_same_params(fuse_ref.out, out_dir, "best")
+    ref_ratios = json.loads((fuse_ref.out / "mixing_ratios.json").read_text())
+    assert json.loads((out_dir / "mixing_ratios.json").read_text()) == ref_ratios
+    ref_csv = (fuse_ref.out / "mixing_ratios.csv").read_text()
+    assert (out_dir / "mixing_ratios.csv").read_text() == ref_csv
+    with np.load(fuse_ref.source / "fisher" / "fisher_empirical.npz") as a:
+        with np.load(src / "fisher" / "fisher_empirical.npz") as b:
+            assert sorted(a.files) == sorted(b.files)
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    _assert_same_params(fuse_ref.out / "adaption", out_dir / "adaption", "best")
+    _no_lock_left(out_dir)
+    _no_lock_left(out_dir / "adaption")
+    record(
+        "SIGKILL",
+        where,
+        len(faults),
+        "re-run finished; fused params, mixing ratios and Fisher cache bitwise equal to an uninterrupted run",
+    )
