@@ -128,6 +128,11 @@ class TrainConfig(Config):
     loss: str = setting("dice", "Training loss.", choices=LOSSES)
     seed: int = setting(0, "Seed of initialisation, dropout and patch sampling.")
     num_workers: int = setting(0, "Input pipeline worker processes (0: in-process).")
+    skip_nonfinite_steps: bool = setting(
+        False,
+        "Skip a training step whose loss or updated parameters are not finite (counted as "
+        "skipped_steps in metrics.jsonl) instead of stopping the run.",
+    )
 
     def __post_init__(self):
         if len(self.patch_shape) != 3 or not all(isinstance(p, int) and p > 0 for p in self.patch_shape):
