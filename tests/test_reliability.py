@@ -464,3 +464,20 @@ def test_nan_gradient_on_the_last_step_is_caught_before_the_checkpoint(tmp_path)
         1,
         "stops before the checkpoint; epoch-1 checkpoint kept",
     )
+
+
+@pytest.mark.parametrize("what", ["loss", "params"])
+def test_skip_nonfinite_steps_drops_the_update_and_counts_it(tmp_path, log, what):
+    state, progress = train(
+        tmp_path, step_wrapper=_poison(3, what), cfg=CFG.replace(skip_nonfinite_steps=True)
+    )
+    assert int(state.step) == 6 and progress["epoch"] == 3  # the pipeline and the step counter moved on
+    assert all(np.isfinite(x).all() for x in leaves(state.params))
+    assert [r["skipped_steps"] for r in read_metrics(str(tmp_path))] == [0, 1, 1]
+    assert "skipped a non-finite step in epoch 2, step 1/2 (global step 3)" in log.text
+    record(
+        f"NaN {'loss' if what == 'loss' else 'gradient'}",
+        "training step 3 with --skip_nonfinite_steps",
+        1,
+        "step skipped (update dropped), counted as skipped_steps in metrics.jsonl; run finishes",
+    )

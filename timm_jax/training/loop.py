@@ -178,7 +178,7 @@ def _epochs(
     while progress["epoch"] < cfg.max_epochs:
         t0 = time.time()
         train_losses = []
-        skip = getattr(cfg, "skip_nonfinite_steps", False)
+        skip = cfg.skip_nonfinite_steps
         with bar(cfg.steps_per_epoch, f"[{name}] epoch {progress['epoch'] + 1}", "step") as steps:
             for i in range(cfg.steps_per_epoch):
                 fault(f"{name}.step")
