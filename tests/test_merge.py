@@ -312,6 +312,15 @@ def test_huge_and_tiny_fishers_do_not_overflow_or_vanish():
         got = np.asarray(imm_merge(theta, fishers, logits)["a"], np.float64)
         want = np_merge_leaf([t["a"] for t in theta], [x["a"] for x in fishers], logits["a"])
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-30 * 10, err_msg=f"F={f}")
+    # a source with a huge Fisher but ratio 0 (logit -1e4) must not drown the others: the weights
+    # are normalised by max_t α_t F_t, not by max_t F_t (which gave 0 and NaN here)
+    three = [*theta, {"a": np.array([0.02, 0.03, 0.2], np.float32)}]
+    for small in (1e-7, 1e-30, 1.0):
+        fishers = [{"a": np.full(3, f, np.float32)} for f in (1e30, small, 2 * small)]
+        b = np.array([-1e4, 0.0, 0.5], np.float32)
+        got = np.asarray(imm_merge(three, fishers, {"a": jnp.asarray(b)})["a"], np.float64)
+        want = np_merge_leaf([t["a"] for t in three], [x["a"] for x in fishers], b)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=0, err_msg=f"others' F={small}")
     # the gradient with respect to the logits stays exact too (float64 finite differences of the formula)
     for f in (1e38, 1e-30):
         fishers = [{"a": np.full(3, f, np.float32)}, {"a": np.full(3, f / 2, np.float32)}]

@@ -21,11 +21,11 @@ Error messages name a leaf by its path with ``/`` between the keys (``conv_enc0_
 **Dtype policy.** Inputs may be float32, bfloat16 or float16 (or float64 under x64). The ratios
 and the weighted sums are computed in ``promote_types(dtype, float32)`` — float32 for the low
 precision types — and only the result is cast back to the parameters' dtype, so a bfloat16 merge
-is as accurate as a float32 one up to the final rounding. In mode-IMM the Fishers of each element
-are divided by their largest value over the sources before the sums (and ε by the same number,
-which leaves θ^i unchanged), so any finite Fishers, from 0 and 1e-30 to 1e38, give a finite θ^i
-between the smallest and the largest θ_t^i, and finite gradients; all-zero Fishers give 0, as the
-formula says.
+is as accurate as a float32 one up to the final rounding. In mode-IMM the weights α_t F_t of each
+element are divided by their largest value over the sources before the sums (and ε by the same
+number, which leaves θ^i unchanged), so any finite Fishers, from 0 and 1e-30 to 1e38, with any
+logits give a finite θ^i between the smallest and the largest θ_t^i, and finite gradients;
+all-zero weights give 0, as the formula says.
 """
 
 from __future__ import annotations
@@ -256,12 +256,14 @@ def _merge_leaf(thetas, fishers, alpha, eps):
     """One leaf. Unrolled over sources so XLA emits a single fused element-wise loop.
 
     Runs in the compute dtype and casts the result back (module docstring, dtype policy). In
-    mode-IMM each element's Fishers are divided by their largest value M (ε too):
+    mode-IMM each element's weights α_t F_t are divided by their largest value m (ε too):
 
-        θ = Σ_t α_t F̂_t θ_t / (Σ_t α_t F̂_t + ε/M),   F̂_t = F_t / M ∈ [0, 1]
+        θ = Σ_t α_t r_t θ_t / (Σ_t α_t r_t + ε/m),   r_t = F_t / m,   m = max_t α_t F_t
 
-    is the same quotient, but its sums stay within max|θ_t| (no overflow for huge Fishers, no
-    flush to zero for tiny ones), and so do the gradients with respect to the logits.
+    is the same quotient, but the largest normalised weight is 1, so the sums neither overflow
+    for huge Fishers nor flush to zero for tiny ones. m and r_t are constants for autodiff: θ does
+    not depend on m, so the gradient with respect to the logits is exact, and it is formed as
+    ``cotangent · r_t`` (never ``cotangent / m``, which underflows for m ≈ 1e38).
     """
     thetas = [jnp.asarray(th) for th in thetas]
     dtype = thetas[0].dtype
@@ -271,13 +273,17 @@ def _merge_leaf(thetas, fishers, alpha, eps):
         out = sum(alpha[t] * thetas[t].astype(acc_dtype) for t in range(len(thetas)))
     else:
         fs = [jnp.asarray(f).astype(acc_dtype) for f in fishers]
-        big = fs[0]
-        for f in fs[1:]:
-            big = jnp.maximum(big, f)
-        big = jnp.where(big > 0, big, jnp.ones_like(big))  # all-zero Fishers: F̂ = 0, the result is 0
-        weights = [alpha[t] * (f / big) for t, f in enumerate(fs)]
+        const = jax.lax.stop_gradient
+        m = const(alpha[0] * fs[0])
+        for t in range(1, len(fs)):
+            m = jnp.maximum(m, const(alpha[t] * fs[t]))
+        m = jnp.where(m > 0, m, jnp.ones_like(m))  # all weights 0: r_t α_t = 0, the result is 0
+        # r_t ≤ 1/α_t; only a flushed α_t = 0 can make it inf, and then α_t r_t must be 0, not NaN
+        top = jnp.finfo(acc_dtype).max
+        ratios = [jnp.minimum(f / m, top) for f in fs]
+        weights = [alpha[t] * r for t, r in enumerate(ratios)]
         num = sum(w * th.astype(acc_dtype) for w, th in zip(weights, thetas))
-        out = num / (sum(weights) + eps / big)
+        out = num / (sum(weights) + eps / m)
     return out.astype(dtype)
 
 
