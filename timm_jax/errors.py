@@ -67,7 +67,7 @@ def writing(path) -> Iterator[None]:
     except Exception as e:
         if is_disk_full(e):
             raise DiskFullError(
-                f"disk full: no space left while writing {path}; the previous checkpoint is intact — "
-                "free some space and run the same command again to resume"
+                f"disk full: no space left while writing {path}; what was written before (the previous "
+                "checkpoint) is intact — free some space and run the same command again to resume"
             ) from e
         raise
