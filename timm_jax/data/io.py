@@ -10,10 +10,12 @@ Layouts (file names may end in ``.nii.gz`` or ``.nii``):
 A case is read into a :class:`Case`: the modalities stacked on a trailing channel axis as float32
 ``(D, H, W, C)`` in the layout's modality order, the label map as int32 ``(D, H, W)`` (``None`` when a
 case has no label file and labels are not required, e.g. for inference), and the voxel-to-world
-affine. Every check (missing or unreadable file, not 3-D, shape or affine mismatch between files,
-non-finite values, empty image, label values outside the layout's set) produces a :class:`Problem`
-naming the file; :func:`load_case` raises them together as one :class:`DataError`, and
-``python -m timm_jax.data.validate`` prints them.
+affine. Every check (missing, unreadable or truncated file, unsupported voxel type, no voxels, not
+3-D, non-finite affine, shape or affine mismatch between files, non-finite values, empty image,
+label values that are not integers, do not fit int32 or lie outside the layout's set) produces a
+one-line :class:`Problem` naming the file; :func:`load_case` raises them together as one
+:class:`DataError`, and ``python -m timm_jax.data.validate`` prints them. No file content makes
+these checks raise anything else (``tests/test_fuzz_validate.py``).
 """
 
 from __future__ import annotations
@@ -169,11 +171,11 @@ def list_cases(root: str | os.PathLike, layout: str | Layout) -> list[str]:
     if not root.is_dir():
         raise DataError([Problem("", str(root), "data folder not found")])
     found: dict[str, Path] = {}
-    for entry in sorted(root.iterdir()):
+    for entry in sorted(_list_dir(root)):
         if not _is_case_dir(entry):
             continue
         if entry.name in lay.group_dirs:
-            subs = [e for e in sorted(entry.iterdir()) if _is_case_dir(e)]
+            subs = [e for e in sorted(_list_dir(entry)) if _is_case_dir(e)]
         else:
             subs = [entry]
         for sub in subs:
@@ -181,6 +183,21 @@ def list_cases(root: str | os.PathLike, layout: str | Layout) -> list[str]:
                 raise DataError([Problem(sub.name, str(sub), f"case id also found at {found[sub.name]}")])
             found[sub.name] = sub
     return sorted(found)
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    try:
+        return list(folder.iterdir())
+    except OSError as err:
+        raise DataError([Problem("", str(folder), f"cannot list folder ({_describe(err)})")]) from None
+
+
+def _describe(err: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception on one line (readers' messages may span several)."""
+    msg = " ".join(str(err).split())
+    if len(msg) > limit:
+        msg = msg[: limit - 3] + "..."
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
 def case_dir(root: str | os.PathLike, case_id: str, layout: str | Layout) -> Path:
@@ -209,11 +226,18 @@ def case_files(root: str | os.PathLike, case_id: str, layout: str | Layout) -> d
     return out
 
 
+class _UnsupportedVoxels(ValueError):
+    """The file's voxel type is not a real number (complex, RGB, ...)."""
+
+
 def _read_volume(path: Path, *, as_labels: bool) -> tuple[np.ndarray, np.ndarray]:
     """Read one NIfTI file; images come back as float32, labels as whatever dtype is stored."""
     import nibabel as nib
 
     img = nib.load(str(path))
+    stored = img.get_data_dtype()
+    if stored.kind not in "biuf":  # complex would lose its imaginary part silently, RGB cannot convert
+        raise _UnsupportedVoxels(f"voxel type {stored} is not supported (expected integers or real numbers)")
     if as_labels:
         data = np.asanyarray(img.dataobj)
     else:
@@ -264,20 +288,31 @@ def inspect_case(
             continue
         try:
             data, affine = _read_volume(path, as_labels=is_label)
+        except _UnsupportedVoxels as err:
+            problem(path, str(err))
+            continue
         except Exception as err:  # nibabel raises many types for corrupt or non-NIfTI files
-            problem(path, f"cannot read file ({type(err).__name__}: {err})")
+            problem(path, f"cannot read file ({_describe(err)})")
             continue
         data = _squeeze_to_3d(data)
+        if data.size == 0:
+            problem(path, f"volume has no voxels (shape {tuple(data.shape)})")
+            continue
         if data.ndim != 3:
             problem(path, f"expected a 3-D volume, got shape {tuple(data.shape)}")
             continue
         ok = True
+        affine_ok = bool(np.all(np.isfinite(affine)))
+        if not affine_ok:
+            problem(path, "affine (voxel-to-world transform of the sform/qform) has non-finite entries")
+            ok = False
         if ref is None:
-            ref = (path.name, tuple(data.shape), affine)
+            if affine_ok:  # a broken affine is no reference for the other files
+                ref = (path.name, tuple(data.shape), affine)
         elif tuple(data.shape) != ref[1]:
             problem(path, f"shape {tuple(data.shape)} differs from {ref[0]}'s {ref[1]}")
             ok = False
-        elif not np.allclose(affine, ref[2], atol=AFFINE_ATOL, rtol=0):
+        elif affine_ok and not np.allclose(affine, ref[2], atol=AFFINE_ATOL, rtol=0):
             diff = float(np.max(np.abs(affine - ref[2])))
             problem(path, f"affine differs from {ref[0]}'s (max difference {diff:.4g})")
             ok = False
@@ -329,6 +364,12 @@ def _check_labels(path: Path, data: np.ndarray, lay: Layout, problem) -> bool:
             return False
     elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
         problem(path, f"label map has non-numeric dtype {data.dtype}")
+        return False
+    info = np.iinfo(np.int32)
+    lo, hi = data.min(), data.max()
+    if hi > info.max or lo < info.min:  # labels are stored as int32; larger values would wrap around
+        example = hi if hi > info.max else lo
+        problem(path, f"label values must fit in int32 (found {example:.10g})")
         return False
     values = np.unique(data).astype(np.int64)
     if lay.label_values is None:
