@@ -42,7 +42,7 @@ from timm_jax.core.fisher import (
     segmentation_log_likelihood,
     with_sample_keys,
 )
-from timm_jax.core.merge import expand_logits, init_logits, mixing_ratios
+from timm_jax.core.merge import check_fishers, expand_logits, init_logits, mixing_ratios
 from timm_jax.core.partition import (
     Partition,
     default_is_transferable,
@@ -406,6 +406,14 @@ def fuse_models(
             )
             for d in sources.dirs
         ]
+        # before the adaption stage: under jit imm_merge cannot check values, and a NaN / Inf /
+        # negative Fisher would make the fused weights NaN for the whole stage
+        try:
+            check_fishers(fishers, names=sources.dirs)
+        except ValueError as e:
+            raise CheckpointError(
+                f"{e}; the source's weights or its Fisher cache (<source>/fisher/) are damaged"
+            ) from e
     mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
     _log.info(
         "[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, "
