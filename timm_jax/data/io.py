@@ -226,18 +226,60 @@ def case_files(root: str | os.PathLike, case_id: str, layout: str | Layout) -> d
     return out
 
 
-class _UnsupportedVoxels(ValueError):
-    """The file's voxel type is not a real number (complex, RGB, ...)."""
+class _BadFile(ValueError):
+    """A problem found from the header alone; the message is reported as it is."""
+
+
+#: deflate cannot expand one compressed byte into more than ~1032 bytes
+_GZIP_MAX_RATIO = 1032
+#: above this many declared bytes, a gzipped file is decompressed once (in chunks) to count them
+#: before the reader allocates its buffer: a damaged header must not make the validator allocate
+#: (and zero-fill) gigabytes
+_STREAM_CHECK_BYTES = 64 << 20
+
+
+def _check_declared_size(path: Path, proxy) -> None:
+    """Raise :class:`_BadFile` if the file cannot hold the voxel data its header declares.
+
+    ``proxy`` is the image's (unread) array proxy: its shape, dtype and offset in the file are the
+    header's (``img.header`` is a copy whose offset is reset).
+    """
+    shape = tuple(int(d) for d in proxy.shape)
+    dtype = np.dtype(proxy.dtype)
+    if any(d < 0 for d in shape):
+        raise _BadFile(f"header is damaged: it declares a negative dimension (shape {shape})")
+    need = int(proxy.offset) + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    have = path.stat().st_size
+    bad = f"file is truncated or its header is damaged: the header declares {shape} voxels of {dtype}"
+    if not path.name.endswith(".gz"):
+        if need > have:
+            raise _BadFile(f"{bad} ({need} bytes with the offset), the file has {have} bytes")
+        return
+    if need > _GZIP_MAX_RATIO * have:
+        raise _BadFile(f"{bad} ({need} bytes), more than a {have}-byte gzip file can hold")
+    if need > _STREAM_CHECK_BYTES:
+        import gzip
+
+        got = 0
+        with gzip.open(path, "rb") as f:
+            while got < need:
+                chunk = f.read(min(8 << 20, need - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+        if got < need:
+            raise _BadFile(f"{bad} ({need} bytes with the offset), the file decompresses to {got}")
 
 
 def _read_volume(path: Path, *, as_labels: bool) -> tuple[np.ndarray, np.ndarray]:
     """Read one NIfTI file; images come back as float32, labels as whatever dtype is stored."""
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path))  # reads the header only
     stored = img.get_data_dtype()
     if stored.kind not in "biuf":  # complex would lose its imaginary part silently, RGB cannot convert
-        raise _UnsupportedVoxels(f"voxel type {stored} is not supported (expected integers or real numbers)")
+        raise _BadFile(f"voxel type {stored} is not supported (expected integers or real numbers)")
+    _check_declared_size(path, img.dataobj)
     if as_labels:
         data = np.asanyarray(img.dataobj)
     else:
@@ -288,7 +330,7 @@ def inspect_case(
             continue
         try:
             data, affine = _read_volume(path, as_labels=is_label)
-        except _UnsupportedVoxels as err:
+        except _BadFile as err:
             problem(path, str(err))
             continue
         except Exception as err:  # nibabel raises many types for corrupt or non-NIfTI files
