@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import random
+import re
 from types import SimpleNamespace
 
 import jax
@@ -233,6 +234,29 @@ def test_truncated_fisher_cache_is_recomputed(env, fishers):
         with open(cache, "wb") as f:
             f.write(good[: len(good) // 2])
         assert_trees_equal(source_fisher(env.m2), fishers[1])
+    finally:
+        with open(cache, "wb") as f:
+            f.write(good)
+
+
+def test_fuse_refuses_non_finite_fisher_by_source_and_leaf(env, fishers, tmp_path):
+    """A cached Fisher with NaN / Inf / negative entries is a CheckpointError naming source and leaf."""
+    cache = os.path.join(env.m2, "fisher", "fisher_empirical.npz")
+    good = open(cache, "rb").read()
+    try:
+        for bad, found in ((np.nan, r"non-finite values \(1 NaN of"), (-1.0, "negative values")):
+            with np.load(cache) as z:
+                flat = {k: z[k] for k in z.files}
+            kernel = flat["conv_enc1_ctx1/kernel"].copy()
+            kernel.flat[3] = bad
+            with open(cache, "wb") as f:
+                np.savez(f, **{**flat, "conv_enc1_ctx1/kernel": kernel})
+            source = rf"Fisher of source {re.escape(env.m2)} \(index 1\)"
+            match = rf"{source}: leaf conv_enc1_ctx1/kernel has {found}"
+            with pytest.raises(CheckpointError, match=match):
+                fuse_models(
+                    [env.m1, env.m2], env.target, str(tmp_path / "out"), FuseConfig(method="imm"), ADAPT
+                )
     finally:
         with open(cache, "wb") as f:
             f.write(good)
