@@ -1,9 +1,12 @@
 """Check a data folder before a long training: ``python -m timm_jax.data.validate --layout=brats DIR``.
 
-Every case is read with the loader's own checks (:func:`timm_jax.data.io.inspect_case`): missing or
-unreadable file, not 3-D, modalities with different shapes or affines, non-finite values, empty
-image, label values outside the layout's set. The command prints one summary line per case and
-exits 0 when all is well; otherwise it prints **every** problem (file and what is wrong) and exits 1.
+Every case is read with the loader's own checks (:func:`timm_jax.data.io.inspect_case`): missing,
+unreadable or truncated file, a header declaring more voxels than the file holds, unsupported voxel
+type (complex, RGB), no voxels, not 3-D, a non-finite affine, modalities with different shapes or
+affines, non-finite values, empty image, label values that are not integers, do not fit int32 or lie
+outside the layout's set. The command prints one summary line per case and exits 0 when all is well;
+otherwise it prints **every** problem, one line each (file and what is wrong), and exits 1. No file
+content makes it raise (``tests/test_fuzz_validate.py``).
 """
 
 from __future__ import annotations
