@@ -2,15 +2,17 @@
 1, 2 and 4 fake CPU devices (tests/conftest.py forces 4) equal the single-device computation on
 the same global batch; per-process shares of the input pipeline; clear errors.
 
-A note on the comparison: the conv biases in front of an instance norm (``conv_*/bias``) have a
-gradient that is zero in exact arithmetic (the norm subtracts them again), so what they receive
-is float rounding noise, which Adam then rescales into steps of the learning rate's size. Their
-values are therefore compared through what they can change — the network's output — and every
-other leaf directly.
+The steps here use plain SGD, so the parameters after 3 steps are a linear function of the
+gradients and agree leaf by leaf to 1e-5 relative. (Adam divides every gradient component by its
+own running magnitude, which turns the float-rounding differences of components whose gradient is
+≈ 0 — above all the conv biases in front of an instance norm, whose gradient is exactly zero in
+exact arithmetic — into differences of a sizeable fraction of a learning-rate step; the Adam runs
+of train.py are compared accordingly in tests/test_parallel_cli.py.)
 """
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from timm_jax.config import DeviceConfig, ModelConfig
@@ -24,9 +26,7 @@ from timm_jax.training.inference import sliding_window_predict
 from timm_jax.training.parallel import DataParallel, make_mesh
 from timm_jax.training.steps import (
     create_state,
-    make_adaption_optimizer,
     make_adaption_step,
-    make_optimizer,
     make_train_step,
 )
 
@@ -47,28 +47,17 @@ def batches(n=3, seed=0):
     return out
 
 
-def inert(path: str) -> bool:
-    return path.startswith("conv_") and path.endswith("/bias")
-
-
 def flat(tree) -> dict:
     return {
         "/".join(str(k.key) for k in p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(tree)
     }
 
 
-def assert_same_params(got, want, model=None, rtol=1e-5):
+def assert_same_params(got, want, rtol=1e-5):
     g, w = flat(got), flat(want)
     assert g.keys() == w.keys()
     for k in w:
-        if inert(k) and model is not None:
-            continue
-        err = np.linalg.norm(g[k] - w[k]) / max(np.linalg.norm(w[k]), 1e-12)
-        assert err <= rtol, f"{k}: relative difference {err:.2e}"
-    if model is not None:  # the inert biases, through the function they compute
-        x = batches(1, seed=9)[0]["image"]
-        ya, yb = (np.asarray(model.apply({"params": p}, x)) for p in (got, want))
-        np.testing.assert_allclose(ya, yb, rtol=rtol, atol=rtol * np.abs(yb).max())
+        np.testing.assert_allclose(g[k], w[k], rtol=rtol, atol=1e-7, err_msg=k)
 
 
 def dp_on(n):
@@ -79,18 +68,22 @@ def dp_on(n):
 def test_sharded_train_step_equals_single_device(n):
     model = tiny()
     params = jax.device_get(init_params(model, jax.random.PRNGKey(0), (1, *PATCH, C_IN)))
-    opt = make_optimizer(1e-2)
-    results = []
+    opt = optax.sgd(0.1)
+    results, losses = [], []
     for dp in (dp_on(0), dp_on(n)):
         state = dp.replicate(create_state(params, opt, jax.random.PRNGKey(1)))
         step = make_train_step(model, opt, mesh=dp.mesh)
         for b in batches():
             state, m = step(state, dp.shard(b))
+            losses.append(float(m["loss"]))
         if dp.mesh is not None:  # state and loss stay replicated over the mesh
             assert state.params["head0"]["kernel"].sharding.is_fully_replicated
             assert m["loss"].sharding.is_fully_replicated
         results.append(jax.device_get(state.params))
-    assert_same_params(results[1], results[0], model)
+    assert_same_params(results[1], results[0])
+    np.testing.assert_allclose(losses[3:], losses[:3], rtol=1e-6)
+    moved = np.abs(flat(results[0])["head0/kernel"] - flat(params)["head0/kernel"]).max()
+    assert moved > 1e-3, "the parameters did not move: the comparison would be vacuous"
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
@@ -101,7 +94,9 @@ def test_sharded_adaption_step_equals_single_device(n):
     sources = [p.transferable for p in parts]
     rng = np.random.default_rng(3)
     fishers = [jax.tree_util.tree_map(lambda a: rng.random(a.shape).astype(np.float32), s) for s in sources]
-    opt = make_adaption_optimizer(0.05, 1e-2)
+    opt = optax.multi_transform(
+        {"logits": optax.sgd(10.0), "task": optax.sgd(0.1)}, {"logits": "logits", "task": "task"}
+    )
     trainable = jax.device_get(
         {"logits": init_logits(sources[0], 2, "layer"), "task": parts[0].task_specific}
     )

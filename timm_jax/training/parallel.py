@@ -21,6 +21,9 @@ computation is exactly the single-device one.
 from __future__ import annotations
 
 import logging
+import os
+import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -43,8 +46,11 @@ def initialize(cfg: DeviceConfig) -> None:
     """Start ``jax.distributed`` if ``cfg`` asks for a multi-process run (idempotent).
 
     Must run before anything else touches a JAX backend. On CPU the cross-process collectives
-    use gloo. A process count that does not match, or processes that do not all join within
-    ``cfg.distributed_timeout`` seconds, is a :class:`~timm_jax.errors.ConfigError`.
+    use gloo. Errors are one line (:class:`~timm_jax.errors.ConfigError`, or for a process that
+    waits in vain, ``error: …`` and exit status 2): processes that do not all join within
+    ``cfg.distributed_timeout`` seconds (JAX's own client would abort the process with a C++
+    stack trace, so a watchdog ends it first), and processes started with different
+    ``--num_processes`` or a count that differs from the one JAX runs.
     """
     if not cfg.multi_process:
         return
@@ -52,29 +58,52 @@ def initialize(cfg: DeviceConfig) -> None:
         _check_process_count(cfg)
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    watchdog = threading.Timer(cfg.distributed_timeout, _give_up, args=(cfg,))
+    watchdog.daemon = True
+    watchdog.start()
     try:
         jax.distributed.initialize(
             coordinator_address=cfg.coordinator_address or None,
             num_processes=cfg.num_processes or None,
             process_id=cfg.process_id if cfg.process_id >= 0 else None,
-            initialization_timeout=cfg.distributed_timeout,
+            initialization_timeout=cfg.distributed_timeout + 60,  # the watchdog's deadline comes first
         )
     except (RuntimeError, ValueError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-        raise ConfigError(
-            f"jax.distributed could not start (--coordinator_address={cfg.coordinator_address or 'auto'}, "
-            f"--num_processes={cfg.num_processes or 'auto'}, --process_id="
-            f"{cfg.process_id if cfg.process_id >= 0 else 'auto'}): {first}. Every process must be "
-            f"started with the same coordinator and process count, within --distributed_timeout="
-            f"{cfg.distributed_timeout} s"
-        ) from None
+        raise ConfigError(f"jax.distributed could not start ({_describe(cfg)}): {first}") from None
+    finally:
+        watchdog.cancel()
     _check_process_count(cfg)
 
 
+def _describe(cfg: DeviceConfig) -> str:
+    return (
+        f"--coordinator_address={cfg.coordinator_address or 'auto'}, --num_processes="
+        f"{cfg.num_processes or 'auto'}, --process_id={cfg.process_id if cfg.process_id >= 0 else 'auto'}"
+    )
+
+
+def _give_up(cfg: DeviceConfig) -> None:
+    sys.stdout.flush()
+    print(
+        f"error: jax.distributed: not every process joined within --distributed_timeout="
+        f"{cfg.distributed_timeout} s ({_describe(cfg)}); start all --num_processes processes with the "
+        "same --coordinator_address",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(2)
+
+
 def _check_process_count(cfg: DeviceConfig) -> None:
-    if cfg.num_processes and jax.process_count() != cfg.num_processes:
+    """Every process must have been started with the same process count, the one JAX runs."""
+    from jax.experimental import multihost_utils
+
+    declared = np.asarray(multihost_utils.process_allgather(np.int32(cfg.num_processes))).ravel()
+    if (cfg.num_processes and jax.process_count() != cfg.num_processes) or len(set(declared.tolist())) > 1:
         raise ConfigError(
-            f"--num_processes={cfg.num_processes} but jax.distributed runs {jax.process_count()} processes"
+            f"the processes disagree on the process count: jax.distributed runs {jax.process_count()} "
+            f"processes, started with --num_processes={declared.tolist()} (process 0, 1, ...)"
         )
 
 
@@ -120,7 +149,9 @@ class DataParallel:
         initialize(cfg)
         if jax.process_index() != 0:  # one process prints the progress lines
             logging.getLogger("timm_jax").setLevel(logging.WARNING)
-        return cls(make_mesh(cfg.num_devices))
+        mesh = make_mesh(cfg.num_devices)
+        # one device in one process: plain single-device JAX (nothing to place or split)
+        return cls(None if mesh.size == 1 and jax.process_count() == 1 else mesh)
 
     # ------------------------------------------------------------------ where
     @property

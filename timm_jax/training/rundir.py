@@ -45,6 +45,7 @@ import os
 import socket
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -272,11 +273,14 @@ class RunDir:
         self, target: PyTree | None = None, which: str = "latest", step: int | None = None
     ) -> tuple[PyTree, dict]:
         """``(state, meta)`` of a checkpoint. ``target`` gives the structure (arrays or
-        ShapeDtypeStructs); ``None`` reads the structure stored in the checkpoint."""
+        ShapeDtypeStructs, with the shardings to restore onto); ``None`` reads the structure
+        stored in the checkpoint and restores every array onto this process's first device, so
+        a checkpoint written on any number of devices can be read here."""
         step = self._step(which, step)
         meta = self.read_meta(which, step)
-        restore = ocp.args.StandardRestore(None if target is None else _abstract(target))
         try:
+            abstract = self._stored_structure(which, step) if target is None else _abstract(target)
+            restore = ocp.args.StandardRestore(abstract)
             out = self._managers[which].restore(step, args=ocp.args.Composite(state=restore))
         except Exception as e:
             raise CheckpointError(
@@ -284,6 +288,13 @@ class RunDir:
                 f"read (corrupt or of another structure): {_brief(e)}"
             ) from e
         return out.state, meta
+
+    def _stored_structure(self, which: str, step: int) -> PyTree:
+        """The checkpoint's own tree of shapes and dtypes, placed on this process's first device."""
+        path = os.path.join(self.path, "checkpoints", which, str(step), "state")
+        tree = ocp.StandardCheckpointHandler().metadata(Path(path))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
 
     def _newest_meta(self) -> dict | None:
         """Metadata of the newest readable checkpoint (``latest``, else ``best``); ``None`` for a

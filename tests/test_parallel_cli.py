@@ -1,0 +1,215 @@
+"""train.py on several devices and processes, in subprocesses on a tiny demo set:
+
+* 4 forced CPU devices end with the parameters of a 1-device run (same seed, same global batch),
+  and a run killed on 4 devices resumes on 2;
+* two ``jax.distributed`` processes on localhost (gloo collectives) train, are killed, resume and
+  end with the parameters of the single-process run; only process 0 writes the run's files;
+* a batch that does not divide over the devices, and a process that waits for a partner that
+  never comes, are one-line errors.
+
+How the Adam runs are compared: the training losses of every epoch agree to 1e-5 (relative), and
+so does the parameter vector as a whole (every leaf but the conv biases in
+front of an instance norm, whose gradient is zero in exact arithmetic: Adam moves them by rounding
+noise, and they are seen through the output only, which agrees to 1e-3 — the parameters' small
+differences, amplified by 3 instance-normalised layers). Leaf by leaf, Adam divides
+each gradient component by its own running magnitude, so components whose gradient is ≈ 0 turn
+float-rounding differences (another summation order on 4 devices) into a visible fraction of a
+learning-rate step: every entry must agree to a tenth of one step (lr = 5e-4). The steps themselves
+are compared leaf by leaf to 1e-5 with SGD in tests/test_parallel.py.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NET = ["--base_filters=4", "--depth=3"]
+SCHED = ["--patch=16,16,16", "--batch_size=4", "--steps_per_epoch=2", "--max_epochs=3"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("parallel")
+    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
+    from timm_jax.experiments.demo_data import build_demo
+
+    build_demo(
+        tmp / "data",
+        seed=0,
+        spacing=6.0,
+        n_parc_task1=4,
+        n_parc_task2=1,
+        n_parc_val=1,
+        n_parc_test=1,
+        n_brats_train=1,
+        n_brats_val=1,
+        n_brats_test=1,
+        progress=False,
+        make_preview=False,
+    )
+    args = [f"--data_dir={tmp}/data/parcellation", "--layout=parcellation", "--task_key=task1", *NET, *SCHED]
+    return tmp, e, args
+
+
+def devices(e, n):
+    return {**e, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
+
+
+def train(e, args, workdir, *extra, check=True):
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--workdir={workdir}", *extra],
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def start(e, args, workdir, *extra):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, f"--workdir={workdir}", *extra],
+        env=e,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def kill_after_first_checkpoint(procs, workdir):
+    latest = Path(workdir) / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if latest.is_dir() and any(d.name.isdigit() for d in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), "a process finished before it could be killed"
+    for p in procs:
+        os.kill(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.wait()
+
+
+def final(workdir):
+    from timm_jax.training.rundir import RunDir
+
+    with RunDir.open(str(workdir)) as run:
+        params, meta = run.load_params("latest")
+    return params, meta
+
+
+def assert_same(got, want, workdirs, rtol=1e-5, lr=5e-4):
+    from timm_jax.config import ModelConfig
+    from timm_jax.core.partition import to_flat_dict
+    from timm_jax.nn.unet import build_model
+
+    (pg, mg), (pw, mw) = got, want
+    assert mg["run"]["finished"] and mw["run"]["finished"]
+    assert mg["run"]["epoch"] == mw["run"]["epoch"]
+    losses = [[r["train_loss"] for r in read_metrics(d)] for d in workdirs]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=rtol)
+    g, w = to_flat_dict(pg), to_flat_dict(pw)
+    assert g.keys() == w.keys()
+    keyed = [k for k in w if not (k.startswith("conv_") and k.endswith("/bias"))]
+    diff = np.sqrt(sum(np.sum((np.asarray(g[k]) - w[k]) ** 2) for k in keyed))
+    norm = np.sqrt(sum(np.sum(np.square(w[k])) for k in keyed))
+    assert diff <= rtol * norm, f"parameters differ by {diff / norm:.2e} (relative)"
+    for k in keyed:
+        np.testing.assert_allclose(g[k], w[k], rtol=0, atol=0.1 * lr, err_msg=k)
+    model, _ = build_model(ModelConfig.from_dict(mw["model"]))
+    x = np.random.default_rng(0).standard_normal((1, 16, 16, 16, mw["model"]["in_channels"]))
+    yg, yw = (np.asarray(model.apply({"params": p}, x.astype(np.float32))) for p in (pg, pw))
+    np.testing.assert_allclose(yg, yw, rtol=1e-3, atol=1e-3 * np.abs(yw).max())
+
+
+def read_metrics(workdir):
+    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(env):
+    """One device, one process."""
+    tmp, e, args = env
+    out = train(devices(e, 1), args, tmp / "one").stdout
+    assert "on 1 cpu device in 1 process" in out.splitlines()[0]
+    return final(tmp / "one")
+
+
+def test_four_devices_end_with_the_one_device_parameters_and_resume_on_two(env, reference):
+    tmp, e, args = env
+    out = train(devices(e, 4), args, tmp / "four").stdout
+    assert "on 4 cpu devices in 1 process" in out.splitlines()[0], out
+    config = json.loads((tmp / "four" / "config.json").read_text())
+    assert (config["num_devices"], config["num_processes"]) == (4, 1)
+    assert_same(final(tmp / "four"), reference, [tmp / "four", tmp / "one"])
+    # killed on 4 devices, resumed on 2: the checkpoint is restored onto the new mesh
+    p = start(devices(e, 4), args, tmp / "moved")
+    kill_after_first_checkpoint([p], tmp / "moved")
+    out = train(devices(e, 4), args, tmp / "moved", "--num_devices=2").stdout
+    assert "resuming from checkpoint" in out and "on 2 cpu devices" in out, out
+    assert json.loads((tmp / "moved" / "config.json").read_text())["num_devices"] == 2
+    assert_same(final(tmp / "moved"), reference, [tmp / "moved", tmp / "one"])
+
+
+def test_two_processes_on_localhost_are_killed_resume_and_match_one_process(env, reference):
+    tmp, e, args = env
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp / "two"
+
+    def both():
+        return [
+            start(
+                e,
+                args,
+                work,
+                f"--coordinator_address=127.0.0.1:{port}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            )
+            for i in range(2)
+        ]
+
+    kill_after_first_checkpoint(both(), work)
+    procs = both()
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(outs)
+    assert "resuming from checkpoint" in outs[0] and "on 2 cpu devices in 2 processes" in outs[0], outs[0]
+    assert "[train] epoch" not in outs[1], outs[1]  # process 1 prints warnings only
+    config = json.loads((work / "config.json").read_text())
+    assert (config["num_devices"], config["num_processes"]) == (2, 2)
+    # one event file per run segment (killed + resumed): only process 0 wrote them
+    events = [f for f in os.listdir(work) if f.startswith("events.out.tfevents")]
+    assert len(events) == 2, events
+    assert len(read_metrics(work)) == 3
+    assert_same(final(work), reference, [work, tmp / "one"])
+
+
+def test_batch_that_does_not_divide_and_a_missing_process_are_one_line_errors(env):
+    tmp, e, args = env
+    p = train(devices(e, 4), args, tmp / "bad", "--batch_size=6", check=False)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --batch_size=6 does not divide over the 4 devices"), p.stderr
+    assert "Traceback" not in p.stderr and not (tmp / "bad" / "checkpoints").exists()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    alone = [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", "--process_id=0"]
+    p = train(e, args, tmp / "alone", *alone, "--distributed_timeout=3", check=False)
+    assert p.returncode == 2
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "not every process joined within --distributed_timeout=3 s" in errors[0]
+    assert "Traceback" not in p.stderr and "Check failure" not in p.stderr
