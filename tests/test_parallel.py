@@ -27,6 +27,7 @@ from timm_jax.training.parallel import DataParallel, make_mesh
 from timm_jax.training.steps import (
     create_state,
     make_adaption_step,
+    make_optimizer,
     make_train_step,
 )
 
@@ -187,3 +188,36 @@ def test_a_batch_that_does_not_divide_over_the_devices_is_a_config_error():
         make_mesh(5)
     assert DataParallel.setup(DeviceConfig()).num_devices == len(jax.devices())
     assert DataParallel.setup(None).mesh is None
+
+
+def test_bfloat16_activations_keep_float32_parameters_logits_and_optimiser():
+    f32, bf16 = (
+        build_model(ModelConfig(in_channels=C_IN, out_channels=C_OUT, base_filters=4, depth=2, precision=p))[
+            0
+        ]
+        for p in ("float32", "bfloat16")
+    )
+    params = jax.device_get(init_params(bf16, jax.random.PRNGKey(0), (1, *PATCH, C_IN)))
+    assert {np.asarray(x).dtype for x in jax.tree_util.tree_leaves(params)} == {np.dtype("float32")}
+    x = batches(1)[0]["image"]
+    y16, y32 = (np.asarray(m.apply({"params": params}, x)) for m in (bf16, f32))
+    assert y16.dtype == np.float32
+    # bfloat16 keeps 8 bits of mantissa: close to, but not equal to, the float32 network
+    assert 0 < np.abs(y16 - y32).max() <= 0.05 * np.abs(y32).max()
+    opt = make_optimizer(1e-3)
+    state = create_state(params, opt, jax.random.PRNGKey(1))
+    state, m = make_train_step(bf16, opt)(state, batches(1)[0])
+    assert np.isfinite(float(m["loss"])) and np.asarray(m["loss"]).dtype == np.float32
+    leaves = jax.tree_util.tree_leaves((state.params, state.opt_state))
+    assert {np.asarray(x).dtype for x in leaves if np.issubdtype(np.asarray(x).dtype, np.floating)} == {
+        np.dtype("float32")
+    }
+
+
+def test_auto_convolution_is_native_off_cpu(monkeypatch):
+    from timm_jax.nn.unet import resolve_conv_impl
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert resolve_conv_impl("auto") == "native"
+    with pytest.raises(ValueError, match="needs the CPU backend"):
+        resolve_conv_impl("direct")

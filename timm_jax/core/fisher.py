@@ -77,9 +77,7 @@ def _sharded_chunk_accumulator(log_likelihood: LogLikelihood, mesh, axis: str):
     step = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(axis), P(axis), P(axis)), out_specs=P())
     # explicit shardings place host (numpy) chunks on the mesh, also one spanning several processes
     rep, data = (jax.sharding.NamedSharding(mesh, spec) for spec in (P(), P(axis)))
-    return jax.jit(
-        step, in_shardings=(rep, rep, data, data, data), out_shardings=rep, donate_argnums=(0,)
-    )
+    return jax.jit(step, in_shardings=(rep, rep, data, data, data), out_shardings=rep, donate_argnums=(0,))
 
 
 def _pad_to(a: np.ndarray, n: int) -> np.ndarray:

@@ -267,9 +267,9 @@ class UNet3D(nn.Module):
         for l in range(self.num_segmentation_levels - 1, -1, -1):
             s = Conv3D(self.out_channels, 1, 1, impl, dtype=self.dtype, name=f"head{l}")(loc_outputs[l])
             seg = s if seg is None else s + upsample_nearest(seg)
-        # logits leave the network in float32 whatever the activations' dtype, so that losses,
+        # logits leave the network in (at least) float32 whatever the activations' dtype, so that losses,
         # Dice and the Fisher's log-likelihood sum over voxels in float32
-        return seg.astype(jnp.float32)
+        return seg.astype(jnp.promote_types(seg.dtype, jnp.float32))
 
 
 def init_params(model: nn.Module, rng: jax.Array, input_shape: Sequence[int]) -> dict:
