@@ -72,6 +72,11 @@ _UNKEYED = ("run", "run_key", "num_devices", "num_processes")
 #: model settings added after runs had been written: keyed only when not at their default, so
 #: that older runs keep their key (and resume)
 _LATER_MODEL_DEFAULTS = {"precision": "float32"}
+#: the same for the other config sections of the metadata (``fuse``: FuseConfig)
+_LATER_DEFAULTS = {
+    "model": _LATER_MODEL_DEFAULTS,
+    "fuse": {"adaption_objective": "supervised", "task_specific_from": -1},
+}
 
 
 def run_key(meta: dict) -> str:
@@ -80,11 +85,10 @@ def run_key(meta: dict) -> str:
     (same maths, other rounding)."""
     keyed = {k: v for k, v in meta.items() if k not in _UNKEYED}
     if isinstance(keyed.get("model"), dict):
-        keyed["model"] = {
-            k: v
-            for k, v in keyed["model"].items()
-            if k != "conv_impl" and _LATER_MODEL_DEFAULTS.get(k, object()) != v
-        }
+        keyed["model"] = {k: v for k, v in keyed["model"].items() if k != "conv_impl"}
+    for section, later in _LATER_DEFAULTS.items():
+        if isinstance(keyed.get(section), dict):
+            keyed[section] = {k: v for k, v in keyed[section].items() if later.get(k, object()) != v}
     blob = json.dumps(_jsonable(keyed), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
