@@ -8,8 +8,9 @@ files), possibly several times in a row, then runs the same command again withou
 re-run must finish, and its final parameters (latest and best), its metrics and — for a
 fusion — its Fisher cache and mixing ratios must equal an uninterrupted run's bit for bit.
 
-Two cases run in the default suite; the whole matrix is marked ``slow`` (``make test-all``, and
-``make reliability`` records it in docs/reliability.md).
+One kill case, the full-disk and the lock cases run in the default suite; the rest of the
+matrix is marked ``slow`` (``make test-all``; ``make reliability`` records it in
+docs/reliability.md).
 """
 
 import json
@@ -33,8 +34,14 @@ SCHED = ["--patch=16,16,16", "--batch_size=1", "--steps_per_epoch=2"]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("crash")
+    # a snapshot of the code: every run of the matrix runs the same code, even while the working
+    # tree is being edited (a bitwise comparison would otherwise compare two versions)
+    code = tmp / "code"
+    shutil.copytree(ROOT / "timm_jax", code / "timm_jax", ignore=shutil.ignore_patterns("__pycache__"))
+    for script in ("train.py", "fuse.py"):
+        shutil.copy(ROOT / script, code / script)
     e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TIMM_JAX_FAULT")}
-    e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), PYTHONPATH=str(ROOT))
+    e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), PYTHONPATH=str(code))
     from timm_jax.experiments.demo_data import build_demo
 
     build_demo(
@@ -51,7 +58,7 @@ def world(tmp_path_factory):
         progress=False,
         make_preview=False,
     )
-    w = SimpleNamespace(tmp=tmp, env=e)
+    w = SimpleNamespace(tmp=tmp, env=e, code=code)
     w.train_args = [
         f"--data_dir={tmp}/data/parcellation",
         "--layout=parcellation",
@@ -76,10 +83,16 @@ def world(tmp_path_factory):
     return w
 
 
+def _source_copy(w, name):
+    """A fresh copy of the fusion's source, always named ``source`` (its name is in the ratios)."""
+    dst = w.tmp / "sources" / name / "source"
+    shutil.copytree(w.source, dst)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def fuse_ref(world):
-    src = world.tmp / "ref_fuse_source"
-    shutil.copytree(world.source, src)
+    src = _source_copy(world, "ref")
     out = world.tmp / "ref_fuse"
     trace = _run(
         world, "fuse.py", f"--source={src}", *world.fuse_args, f"--out={out}", trace=world.tmp / "f.trace"
@@ -95,7 +108,7 @@ def _run(w, script, *args, fault="", trace=None):
     if trace is not None:
         env["TIMM_JAX_FAULT_LOG"] = str(trace)
     p = subprocess.run(
-        [sys.executable, str(ROOT / script), *args],
+        [sys.executable, str(w.code / script), *args],
         env=env,
         cwd=w.tmp,
         capture_output=True,
@@ -179,7 +192,7 @@ TRAIN = [
         "train.py: while writing the preprocessed-data cache (fresh cache)",
     ),
 ]
-FAST = {"train-step-mid", "train-ckpt-latest"}
+FAST = {"train-ckpt-latest"}  # the default suite: one kill (during a checkpoint write)
 
 
 @pytest.mark.parametrize(
@@ -240,8 +253,7 @@ FUSE = [
 @pytest.mark.parametrize("case", FUSE, ids=[c[0] for c in FUSE])
 def test_fuse_killed_and_rerun_equals_uninterrupted(world, fuse_ref, case):
     name, faults, where = case
-    src = world.tmp / f"{name}-source"
-    shutil.copytree(world.source, src)
+    src = _source_copy(world, name)
     out_dir = world.tmp / name
     args = [f"--source={src}", *world.fuse_args, f"--out={out_dir}"]
     for spec in faults:
@@ -265,4 +277,86 @@ def test_fuse_killed_and_rerun_equals_uninterrupted(world, fuse_ref, case):
         where,
         len(faults),
         "re-run finished; fused params, mixing ratios and Fisher cache bitwise equal to an uninterrupted run",
+    )
+
+
+def test_disk_full_ends_with_one_line_and_the_run_resumes(world):
+    """ENOSPC (injected at the metrics write of epoch 2): ``error: disk full ... <path>``, exit 2;
+    re-run after space is freed: same result as an uninterrupted run."""
+    work = world.tmp / "disk-full"
+    args = [*world.train_args, f"--workdir={work}"]
+    env = dict(world.env, TIMM_JAX_FAULT="metrics.write:2:enospc")
+    p = subprocess.run(
+        [sys.executable, str(world.code / "train.py"), *args],
+        env=env,
+        cwd=world.tmp,
+        capture_output=True,
+        text=True,
+    )
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "disk full" in errors[0] and str(work / "metrics.jsonl") in errors[0], (
+        p.stderr
+    )
+    assert "Traceback" not in p.stderr
+    assert not (work / "run.lock").exists()  # released on the way out
+    _run(world, "train.py", *args)
+    for which in ("latest", "best"):
+        _assert_same_params(world.train_ref, work, which)
+    assert _metrics(work) == _metrics(world.train_ref)
+    record(
+        "ENOSPC",
+        "train.py: metrics.jsonl write after epoch 2 (subprocess)",
+        1,
+        "one line 'error: disk full ... <path>', exit 2; re-run resumed, params and metrics bitwise equal",
+    )
+
+
+def test_a_second_train_py_on_a_held_workdir_refuses(world):
+    """A live process holds the workdir: another train.py there stops with one line naming it."""
+    from timm_jax.training.rundir import RunDir, make_meta
+
+    work = world.tmp / "held"
+    with RunDir.create(str(work), make_meta("train", model={}, data={})):
+        p = subprocess.run(
+            [sys.executable, str(world.code / "train.py"), *world.train_args, f"--workdir={work}"],
+            env=world.env,
+            cwd=world.tmp,
+            capture_output=True,
+            text=True,
+        )
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1].startswith(f"error: {work} is in use by process {os.getpid()}")
+    assert "Traceback" not in p.stderr
+    record(
+        "second process",
+        "train.py on a workdir a live process holds (subprocess)",
+        1,
+        "refused with one line",
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_computing_one_fisher_cache(world, fuse_ref):
+    """Two processes compute the same source's Fisher cache at once: both finish, and the cache is
+    the uninterrupted run's, bit for bit (each writes a unique temporary file and renames it)."""
+    src = _source_copy(world, "concurrent")
+    code = f"from timm_jax.workflows.fuse import source_fisher; source_fisher({str(src)!r})"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], env=world.env, cwd=world.tmp, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err.decode()[-3000:]
+    assert [p.name for p in (src / "fisher").iterdir()] == ["fisher_empirical.npz"]  # no temporary left
+    with np.load(fuse_ref.source / "fisher" / "fisher_empirical.npz") as a:
+        with np.load(src / "fisher" / "fisher_empirical.npz") as b:
+            for k in a.files:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    record(
+        "two concurrent processes",
+        "the same source's Fisher cache (fuse.py)",
+        1,
+        "both finish; cache bitwise equal to a single run's, no temporary file left",
     )

@@ -140,7 +140,14 @@ def _damage(folder: Path, how: str) -> int:
     return n
 
 
-@pytest.mark.parametrize("how", ["truncated", "zeroed", "foreign"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated",
+        pytest.param("zeroed", marks=pytest.mark.slow),
+        pytest.param("foreign", marks=pytest.mark.slow),
+    ],
+)
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(tmp_path, reference, log, how):
     with pytest.raises(Stop):
         train(tmp_path, after_epoch=stop_after(2))  # checkpoints at steps 2 and 4
@@ -186,6 +193,7 @@ def test_no_readable_checkpoint_stops_with_one_line_and_moves_nothing(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_damaged_state_with_intact_metadata_also_falls_back(tmp_path, reference):
     with pytest.raises(Stop):
         train(tmp_path, after_epoch=stop_after(2))
@@ -466,7 +474,7 @@ def test_nan_gradient_on_the_last_step_is_caught_before_the_checkpoint(tmp_path)
     )
 
 
-@pytest.mark.parametrize("what", ["loss", "params"])
+@pytest.mark.parametrize("what", ["loss", pytest.param("params", marks=pytest.mark.slow)])
 def test_skip_nonfinite_steps_drops_the_update_and_counts_it(tmp_path, log, what):
     state, progress = train(
         tmp_path, step_wrapper=_poison(3, what), cfg=CFG.replace(skip_nonfinite_steps=True)
@@ -480,4 +488,40 @@ def test_skip_nonfinite_steps_drops_the_update_and_counts_it(tmp_path, log, what
         "training step 3 with --skip_nonfinite_steps",
         1,
         "step skipped (update dropped), counted as skipped_steps in metrics.jsonl; run finishes",
+    )
+
+
+# ------------------------------------------------------------------------- the written record
+def _render_module():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "reliability" / "render.py"
+    spec = importlib.util.spec_from_file_location("reliability_render", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_render_makes_both_tables_and_checks_the_row_schema(tmp_path):
+    render = _render_module()
+    row = {"fault": "SIGKILL", "where": "a | b", "times": 2, "outcome": "ok", "data_lost": "none"}
+    (tmp_path / "h.json").write_text(json.dumps([row]))
+    text = render.render(tmp_path / "h.json", tmp_path / "missing.json")
+    assert "| SIGKILL | a \\| b | 2 | ok | none |" in text and "Fuzzed inputs" not in text
+    (tmp_path / "f.json").write_text(json.dumps([dict(row, fault="fuzzed NIfTI header")]))
+    text = render.render(tmp_path / "h.json", tmp_path / "f.json")
+    assert "## Fuzzed inputs (1 cases)" in text and "| fuzzed NIfTI header |" in text
+    (tmp_path / "bad.json").write_text(json.dumps([dict(row, extra=1)]))
+    with pytest.raises(SystemExit, match="expected exactly"):
+        render.render(tmp_path / "bad.json", tmp_path / "missing.json")
+
+
+def test_committed_reliability_doc_is_rendered_from_the_committed_results():
+    render = _render_module()
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    expected = render.render(
+        docs / "reliability" / "harness_results.json", docs / "reliability" / "fuzz_results.json"
+    )
+    assert (docs / "reliability.md").read_text() == expected, (
+        "docs/reliability.md is not what docs/reliability/render.py makes of the results files: run it"
     )
