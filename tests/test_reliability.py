@@ -525,3 +525,15 @@ def test_committed_reliability_doc_is_rendered_from_the_committed_results():
     assert (docs / "reliability.md").read_text() == expected, (
         "docs/reliability.md is not what docs/reliability/render.py makes of the results files: run it"
     )
+
+
+def test_skip_nonfinite_steps_at_its_default_keeps_older_runs_keys():
+    from timm_jax.training.rundir import run_key
+
+    meta = make_meta("train", model=MODEL, data={}, train=CFG)
+    older = dict(meta, train={k: v for k, v in meta["train"].items() if k != "skip_nonfinite_steps"})
+    assert run_key(older) == meta["run_key"]  # a run written before the setting existed resumes
+    assert (
+        make_meta("train", model=MODEL, data={}, train=CFG.replace(skip_nonfinite_steps=True))["run_key"]
+        != meta["run_key"]
+    )

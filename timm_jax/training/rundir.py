@@ -76,6 +76,7 @@ _LATER_MODEL_DEFAULTS = {"precision": "float32"}
 _LATER_DEFAULTS = {
     "model": _LATER_MODEL_DEFAULTS,
     "fuse": {"adaption_objective": "supervised", "task_specific_from": -1},
+    "train": {"skip_nonfinite_steps": False},
 }
 
 
