@@ -10,6 +10,8 @@ exact arithmetic — into differences of a sizeable fraction of a learning-rate 
 of train.py are compared accordingly in tests/test_parallel_cli.py.)
 """
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -65,30 +67,38 @@ def dp_on(n):
     return DataParallel(None) if n == 0 else DataParallel(make_mesh(n))
 
 
-@pytest.mark.parametrize("n", [1, 2, 4])
-def test_sharded_train_step_equals_single_device(n):
+@functools.lru_cache
+def train_run(n):
+    """Params and losses after 3 SGD steps on ``n`` devices (0: no mesh); checks the shardings."""
     model = tiny()
     params = jax.device_get(init_params(model, jax.random.PRNGKey(0), (1, *PATCH, C_IN)))
     opt = optax.sgd(0.1)
-    results, losses = [], []
-    for dp in (dp_on(0), dp_on(n)):
-        state = dp.replicate(create_state(params, opt, jax.random.PRNGKey(1)))
-        step = make_train_step(model, opt, mesh=dp.mesh)
-        for b in batches():
-            state, m = step(state, dp.shard(b))
-            losses.append(float(m["loss"]))
-        if dp.mesh is not None:  # state and loss stay replicated over the mesh
-            assert state.params["head0"]["kernel"].sharding.is_fully_replicated
-            assert m["loss"].sharding.is_fully_replicated
-        results.append(jax.device_get(state.params))
-    assert_same_params(results[1], results[0])
-    np.testing.assert_allclose(losses[3:], losses[:3], rtol=1e-6)
-    moved = np.abs(flat(results[0])["head0/kernel"] - flat(params)["head0/kernel"]).max()
-    assert moved > 1e-3, "the parameters did not move: the comparison would be vacuous"
+    dp = dp_on(n)
+    state = dp.replicate(create_state(params, opt, jax.random.PRNGKey(1)))
+    step = make_train_step(model, opt, mesh=dp.mesh)
+    losses = []
+    for b in batches():
+        state, m = step(state, dp.shard(b))
+        losses.append(float(m["loss"]))
+    if dp.mesh is not None:  # state and loss stay replicated over the mesh
+        assert state.params["head0"]["kernel"].sharding.is_fully_replicated
+        assert m["loss"].sharding.is_fully_replicated
+    return params, jax.device_get(state.params), losses
 
 
 @pytest.mark.parametrize("n", [1, 2, 4])
-def test_sharded_adaption_step_equals_single_device(n):
+def test_sharded_train_step_equals_single_device(n):
+    init, want, want_losses = train_run(0)
+    _, got, losses = train_run(n)
+    assert_same_params(got, want)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-6)
+    moved = np.abs(flat(want)["head0/kernel"] - flat(init)["head0/kernel"]).max()
+    assert moved > 1e-3, "the parameters did not move: the comparison would be vacuous"
+
+
+@functools.lru_cache
+def adaption_run(n):
+    """Logits and task-specific leaves after 3 SGD adaption steps on ``n`` devices (0: no mesh)."""
     model = tiny()
     shape = (1, *PATCH, C_IN)
     parts = [split(jax.device_get(init_params(model, jax.random.PRNGKey(k), shape))) for k in range(2)]
@@ -101,17 +111,21 @@ def test_sharded_adaption_step_equals_single_device(n):
     trainable = jax.device_get(
         {"logits": init_logits(sources[0], 2, "layer"), "task": parts[0].task_specific}
     )
-    results = []
-    for dp in (dp_on(0), dp_on(n)):
-        state = dp.replicate(create_state(trainable, opt, jax.random.PRNGKey(1)))
-        src, fis = dp.replicate(sources), dp.replicate(fishers)
-        step = make_adaption_step(model, opt, granularity="layer", mesh=dp.mesh)
-        for b in batches():
-            state, _ = step(state, src, fis, dp.shard(b))
-        results.append(jax.device_get(state.params))
+    dp = dp_on(n)
+    state = dp.replicate(create_state(trainable, opt, jax.random.PRNGKey(1)))
+    src, fis = dp.replicate(sources), dp.replicate(fishers)
+    step = make_adaption_step(model, opt, granularity="layer", mesh=dp.mesh)
+    for b in batches():
+        state, _ = step(state, src, fis, dp.shard(b))
+    return jax.device_get(state.params)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+def test_sharded_adaption_step_equals_single_device(n):
+    want = adaption_run(0)
     # the mixing logits and the task-specific leaves (norms, heads): all gradients non-trivial
-    assert_same_params(results[1], results[0])
-    moved = np.abs(jax.tree_util.tree_leaves(results[0]["logits"])[0]).max()
+    assert_same_params(adaption_run(n), want)
+    moved = np.abs(jax.tree_util.tree_leaves(want["logits"])[0]).max()
     assert moved > 1e-3, "the logits did not move: the comparison would be vacuous"
 
 
