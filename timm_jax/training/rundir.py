@@ -120,9 +120,9 @@ class RunDir:
         self.previous: dict | None = None
         self._managers: dict = {}
         self._lock = None
-        if lock and jax.process_index() == 0:
+        if lock:
             # before the orbax managers exist: they must not touch a live writer's checkpoints
-            self._lock = _acquire_lock(self.path)
+            self._lock = _acquire_lock_once(self.path)
         root = os.path.join(self.path, "checkpoints")
         opts = dict(create=create)
         try:
@@ -512,6 +512,28 @@ def _acquire_lock(run_path: str) -> str:
     raise RunLockedError(
         f"could not take the lock {path}: it keeps changing; is another process starting here?"
     )
+
+
+def _acquire_lock_once(run_path: str) -> str | None:
+    """Process 0 takes the lock; in a multi-process run every process learns whether it did, so
+    that all of them stop with the same one line (instead of waiting in collectives for a
+    process 0 that has left)."""
+    if jax.process_count() == 1:
+        return _acquire_lock(run_path)
+    from jax.experimental import multihost_utils
+
+    held, error = None, None
+    if jax.process_index() == 0:
+        try:
+            held = _acquire_lock(run_path)
+        except RunLockedError as e:
+            error = e
+    ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if error is not None:
+        raise error
+    if not ok:
+        raise RunLockedError(f"{run_path} is in use by another run: process 0 could not take its lock")
+    return held
 
 
 def _release_lock(path: str) -> None:
