@@ -103,7 +103,7 @@ def test_data_flags_and_their_errors(fv):
         (TrainConfig, {"loss": "hinge"}, "--loss must be one of"),
         (TrainConfig, {"batch_size": 0}, "--batch_size"),
         (ModelConfig, {"conv_impl": "fast"}, "--conv_impl must be one of"),
-        (FuseConfig, {"granularity": "channel"}, "--granularity must be one of"),
+        (FuseConfig, {"granularity": "element"}, "--granularity must be one of"),
         (EvalConfig, {"overlap": 1.0}, "--overlap"),
         (ModelConfig, {"precision": "float16"}, "--precision must be one of"),
         (DeviceConfig, {"num_devices": -1}, "--num_devices"),

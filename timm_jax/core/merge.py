@@ -39,7 +39,7 @@ import numpy as np
 
 from timm_jax.core import PyTree
 
-Granularity = Literal["leaf", "layer", "global"]
+Granularity = Literal["leaf", "layer", "global", "channel"]
 
 DEFAULT_EPS = 1e-8
 
@@ -74,7 +74,8 @@ def _ratios(b: jax.Array) -> jax.Array:
 
 
 def mixing_ratios(logits: PyTree) -> PyTree:
-    """α = σ(β) / Σ_t σ(β_t) along the last axis of every leaf (shape (T,) per leaf).
+    """α = σ(β) / Σ_t σ(β_t) along the last axis of every leaf (shape (T,) per leaf, or (C, T)
+    for channel granularity: one ratio vector per output channel).
 
     Computed as ``softmax(log σ(β))``, which is the same quantity but finite for any logit
     (σ(β) itself underflows to 0 for β ≲ -88 in float32, making the plain ratio 0/0). The
@@ -98,21 +99,46 @@ def uniform_logits(params: PyTree, num_sources: int) -> PyTree:
 def init_logits(
     params: PyTree, num_sources: int, granularity: Granularity = "leaf", value: float = 0.0
 ) -> PyTree:
-    """Trainable logits at a granularity: one (T,) vector per leaf, per layer or for the model.
+    """Trainable logits at a granularity: one (T,) vector per leaf, per layer or for the model,
+    or one per output channel of each layer.
 
     ``"leaf"``: a pytree like ``params`` with (T,) leaves. ``"layer"``: a dict keyed by the layer
     (the leaf's parent path, e.g. ``"['conv_enc0_in']"``), so a conv's kernel and bias share one
-    vector. ``"global"``: a single (T,) array. Pass the result through :func:`expand_logits`
-    before :func:`imm_merge`; gradients flow back to the shared vectors.
+    vector. ``"global"``: a single (T,) array. ``"channel"``: a dict keyed by the layer like
+    ``"layer"``, with a (C, T) array per layer, C the size of the last axis of the layer's leaves
+    (a conv or dense kernel's output channels, its bias, a norm's scale); row c mixes channel c.
+    Pass the result through :func:`expand_logits` before :func:`imm_merge`; gradients flow back
+    to the shared vectors.
     """
-    vec = lambda: jnp.full((num_sources,), value, jnp.float32)  # noqa: E731
+    vec = lambda *lead: jnp.full((*lead, num_sources), value, jnp.float32)  # noqa: E731
     if granularity == "leaf":
         return jax.tree_util.tree_map(lambda _: vec(), params)
     if granularity == "layer":
         return {layer: vec() for layer in layer_names(params)}
     if granularity == "global":
         return vec()
-    raise ValueError(f"granularity must be 'leaf', 'layer' or 'global', got {granularity!r}")
+    if granularity == "channel":
+        return {layer: vec(c) for layer, c in layer_channels(params).items()}
+    raise ValueError(f"granularity must be 'leaf', 'layer', 'global' or 'channel', got {granularity!r}")
+
+
+def layer_channels(params: PyTree) -> dict[str, int]:
+    """The output-channel count of each layer (the last axis of its leaves), for ``"channel"``
+    granularity. Raises ValueError, naming the leaf, for a scalar leaf or a layer whose leaves
+    disagree on the size of their last axis."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    out: dict[str, int] = {}
+    for path, x in flat:
+        layer = jax.tree_util.keystr(path[:-1]) or "<root>"
+        shape = jnp.shape(x)
+        if not shape:
+            raise ValueError(f"channel granularity: leaf {leaf_path(path)} is a scalar (no channel axis)")
+        if out.setdefault(layer, shape[-1]) != shape[-1]:
+            raise ValueError(
+                f"channel granularity: leaf {leaf_path(path)} has {shape[-1]} channels on its last axis, "
+                f"other leaves of layer {layer} have {out[layer]}"
+            )
+    return out
 
 
 def layer_names(params: PyTree) -> list[str]:
@@ -125,13 +151,15 @@ def layer_names(params: PyTree) -> list[str]:
 
 
 def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity = "leaf") -> PyTree:
-    """Broadcast compact logits (see :func:`init_logits`) to one (T,) vector per leaf."""
+    """Broadcast compact logits (see :func:`init_logits`) to one (T,) vector per leaf — or, for
+    ``"channel"``, one (C, T) array per leaf, which :func:`imm_merge` broadcasts against the
+    leaf's last axis (no per-element logits are formed)."""
     if granularity == "leaf":
         return logits
     flat, treedef = jax.tree_util.tree_flatten_with_path(params)
     if granularity == "global":
         return jax.tree_util.tree_unflatten(treedef, [logits for _ in flat])
-    if granularity == "layer":
+    if granularity in ("layer", "channel"):
         leaves = []
         for path, _ in flat:
             layer = jax.tree_util.keystr(path[:-1]) or "<root>"
@@ -139,7 +167,7 @@ def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity = "le
                 raise KeyError(f"no mixing logits for layer {layer}; have {sorted(logits)}")
             leaves.append(logits[layer])
         return jax.tree_util.tree_unflatten(treedef, leaves)
-    raise ValueError(f"granularity must be 'leaf', 'layer' or 'global', got {granularity!r}")
+    raise ValueError(f"granularity must be 'leaf', 'layer', 'global' or 'channel', got {granularity!r}")
 
 
 def _host_array(x) -> np.ndarray:
@@ -238,11 +266,13 @@ def _check_inputs(params_list, fishers, logits):
                     )
         check_fishers(fishers)
     logit_leaves = same_structure(logits, "logits")
-    for path, b in zip(ref_paths, logit_leaves):
-        if jnp.shape(b) != (num_sources,):
+    for path, a, b in zip(ref_paths, ref_leaves, logit_leaves):
+        per_channel = jnp.ndim(a) >= 1 and jnp.shape(b) == (jnp.shape(a)[-1], num_sources)
+        if jnp.shape(b) != (num_sources,) and not per_channel:
+            channels = f" or ({jnp.shape(a)[-1]}, {num_sources}) per channel" if jnp.ndim(a) else ""
             raise ValueError(
                 f"logits leaf {path} has shape {jnp.shape(b)}, expected "
-                f"({num_sources},) (one logit per source model)"
+                f"({num_sources},) (one logit per source model){channels}"
             )
         if not isinstance(b, jax.core.Tracer) and not np.all(np.isfinite(_host_array(b))):
             raise ValueError(f"logits leaf {path} has non-finite values")
@@ -254,6 +284,9 @@ def _check_inputs(params_list, fishers, logits):
 
 def _merge_leaf(thetas, fishers, alpha, eps):
     """One leaf. Unrolled over sources so XLA emits a single fused element-wise loop.
+
+    ``alpha`` is (T,) or (C, T); ``alpha[..., t]`` is then a scalar or a (C,) vector that
+    broadcasts against the leaf's last axis (channel granularity).
 
     Runs in the compute dtype and casts the result back (module docstring, dtype policy). In
     mode-IMM each element's weights α_t F_t are divided by their largest value m (ε too):
@@ -270,18 +303,18 @@ def _merge_leaf(thetas, fishers, alpha, eps):
     acc_dtype = _compute_dtype(jnp.result_type(dtype, alpha.dtype))
     alpha = alpha.astype(acc_dtype)
     if fishers is None:
-        out = sum(alpha[t] * thetas[t].astype(acc_dtype) for t in range(len(thetas)))
+        out = sum(alpha[..., t] * thetas[t].astype(acc_dtype) for t in range(len(thetas)))
     else:
         fs = [jnp.asarray(f).astype(acc_dtype) for f in fishers]
         const = jax.lax.stop_gradient
-        m = const(alpha[0] * fs[0])
+        m = const(alpha[..., 0] * fs[0])
         for t in range(1, len(fs)):
-            m = jnp.maximum(m, const(alpha[t] * fs[t]))
+            m = jnp.maximum(m, const(alpha[..., t] * fs[t]))
         m = jnp.where(m > 0, m, jnp.ones_like(m))  # all weights 0: r_t α_t = 0, the result is 0
         # r_t ≤ 1/α_t; only a flushed α_t = 0 can make it inf, and then α_t r_t must be 0, not NaN
         top = jnp.finfo(acc_dtype).max
         ratios = [jnp.minimum(f / m, top) for f in fs]
-        weights = [alpha[t] * r for t, r in enumerate(ratios)]
+        weights = [alpha[..., t] * r for t, r in enumerate(ratios)]
         num = sum(w * th.astype(acc_dtype) for w, th in zip(weights, thetas))
         out = num / (sum(weights) + eps / m)
     return out.astype(dtype)
@@ -300,13 +333,15 @@ def imm_merge(
       params_list: T pytrees of the same structure (the transferable parameters θ_t).
       fishers: T pytrees like ``params_list[0]`` holding diagonal Fishers F_t ≥ 0, or ``None``
         for mean-IMM (F ≡ 1).
-      logits: a pytree like ``params_list[0]`` whose leaves have shape (T,): the mixing logits β.
-        Use :func:`uniform_logits` for plain IMM, :func:`expand_logits` for coarser granularity.
+      logits: a pytree like ``params_list[0]`` whose leaves have shape (T,): the mixing logits β;
+        or (C, T) for a leaf whose last axis has size C: one logit vector per channel, broadcast
+        along that axis. Use :func:`uniform_logits` for plain IMM, :func:`expand_logits` for
+        shared (layer / global / channel) logits.
       eps: the ε of the denominator; guards leaves whose Fisher is zero in every source (they
         come out as 0, exactly as the formula says).
 
     Raises:
-      ValueError: mismatched tree structures or leaf shapes, a logits leaf not of shape (T,),
+      ValueError: mismatched tree structures or leaf shapes, a logits leaf not of shape (T,) or (C, T),
         a Fisher count other than T, or (concrete inputs only) NaN / Inf anywhere or negative
         Fishers; the message names the source and the leaf (``conv_enc0_in/kernel``).
 
