@@ -36,6 +36,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.mean(ll)
 
 
+def binary_entropy(logits: jax.Array) -> jax.Array:
+    """Mean over voxels, channels (and samples) of the binary entropy of σ(logits), in nats.
+
+    The network's K channels are independent sigmoids, so each voxel and channel is a Bernoulli
+    variable with p = σ(z) and H = −p log p − (1 − p) log(1 − p). Written in the logits as
+    ``p·softplus(−z) + (1 − p)·softplus(z)`` (since −log p = softplus(−z)), finite for any z.
+    Needs no labels: the label-free adaption objective (after AdaMerging, Yang et al. 2024).
+    """
+    p = jax.nn.sigmoid(logits)
+    return jnp.mean(p * jax.nn.softplus(-logits) + (1.0 - p) * jax.nn.softplus(logits))
+
+
 def hard_dice(pred: jax.Array, targets: jax.Array) -> jax.Array:
     """Per (sample, channel) Dice of binary masks, shape (B, K). Both empty → 1 (perfect)."""
     pred = pred.astype(jnp.float32)

@@ -51,13 +51,15 @@ def create_state(params: PyTree, optimizer: optax.GradientTransformation, rng: j
 
 
 def make_adaption_optimizer(
-    logits_learning_rate: float = 0.05, learning_rate: float = 5e-4
+    logits_learning_rate: float = 0.05, learning_rate: float = 5e-4, *, train_task: bool = True
 ) -> optax.GradientTransformation:
     """Adam for the adaption state ``{"logits", "task"}``: the mixing logits get their own
-    (larger) rate, the freshly initialised task-specific leaves the ordinary training rate."""
+    (larger) rate, the freshly initialised task-specific leaves the ordinary training rate.
+    ``train_task=False`` freezes the task-specific leaves (their updates are zero; the state keeps
+    its structure, so checkpoints and :func:`materialise` are unchanged): the entropy objective."""
+    task = make_optimizer(learning_rate) if train_task else optax.set_to_zero()
     return optax.multi_transform(
-        {"logits": make_optimizer(logits_learning_rate), "task": make_optimizer(learning_rate)},
-        {"logits": "logits", "task": "task"},
+        {"logits": make_optimizer(logits_learning_rate), "task": task}, {"logits": "logits", "task": "task"}
     )
 
 
@@ -163,6 +165,23 @@ def materialise(
     )
 
 
+ADAPTION_OBJECTIVES = ("supervised", "entropy")
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in ADAPTION_OBJECTIVES:
+        raise ValueError(f"unknown adaption objective {objective!r}; use 'supervised' or 'entropy'")
+
+
+def adaption_objective(logits: jax.Array, batch: Batch, loss: str, objective: str) -> jax.Array:
+    """The adaption stage's loss: ``"supervised"`` = :func:`segmentation_loss` against the
+    batch's targets; ``"entropy"`` = mean binary prediction entropy (the targets are not read)."""
+    _check_objective(objective)
+    if objective == "entropy":
+        return losses.binary_entropy(logits)
+    return segmentation_loss(logits, batch["target"], loss)
+
+
 def make_adaption_step(
     model,
     optimizer: optax.GradientTransformation,
@@ -170,6 +189,7 @@ def make_adaption_step(
     granularity: Granularity = "leaf",
     eps: float = DEFAULT_EPS,
     loss: str = "dice",
+    objective: str = "supervised",
     mesh=None,
 ):
     """``step(state, sources, fishers, batch) -> (state, {"loss"})`` for T-IMM stage 1.
@@ -179,14 +199,17 @@ def make_adaption_step(
     arguments (not closed over) so they are neither baked into the program nor differentiated.
     With ``mesh``, the batch is split over its ``data`` axis; the state, sources and Fishers are
     replicated (the merge runs on every device, the loss gradient is all-reduced).
+    ``objective="entropy"``: the label-free loss of :func:`adaption_objective` (``batch["target"]``
+    is not read); pair it with ``make_adaption_optimizer(..., train_task=False)``.
     """
+    _check_objective(objective)
 
     def loss_fn(trainable, sources, fishers, batch, rng):
         params = fused_params(
             sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
         )
         logits = _apply(model, params, batch["image"], rng, True)
-        return segmentation_loss(logits, batch["target"], loss)
+        return adaption_objective(logits, batch, loss, objective)
 
     def step(state: TrainState, sources, fishers, batch: Batch):
         rng, sub = jax.random.split(state.rng)
@@ -199,15 +222,25 @@ def make_adaption_step(
 
 
 def make_adaption_eval_step(
-    model, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS, loss: str = "dice", mesh=None
+    model,
+    *,
+    granularity: Granularity = "leaf",
+    eps: float = DEFAULT_EPS,
+    loss: str = "dice",
+    objective: str = "supervised",
+    mesh=None,
 ):
-    """Validation loss/Dice of an adaption state (fused on the fly); replicated over ``mesh``."""
+    """Validation loss/Dice of an adaption state (fused on the fly); replicated over ``mesh``.
+    ``objective="entropy"``: ``{"loss": mean prediction entropy}`` only — no labels are read."""
     eval_step = make_eval_step(model, loss)
+    _check_objective(objective)
 
     def step(trainable, sources, fishers, batch):
         params = fused_params(
             sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
         )
+        if objective == "entropy":
+            return {"loss": losses.binary_entropy(_apply(model, params, batch["image"], None, False))}
         return eval_step(params, batch)
 
     return data_parallel_jit(step, mesh, batch_argnums=(), nargs=4)
