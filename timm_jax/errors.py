@@ -26,6 +26,11 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint or run directory is missing, unreadable, or does not fit what was asked."""
 
 
+class OptimizerStateError(CheckpointError):
+    """A checkpoint lacks the optimiser state a setting reads (``--fisher=adam`` needs the Adam
+    second moment of each source), or the source was trained with another optimiser."""
+
+
 class DivergenceError(UserError, FloatingPointError):
     """Training produced a non-finite loss; the last good checkpoint is kept."""
 

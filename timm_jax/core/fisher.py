@@ -9,6 +9,9 @@ much smaller) quantity. Per-example gradients are a jitted ``vmap(grad)`` over a
 examples; squared gradients are summed on the device chunk by chunk, so memory does not grow
 with the data set. The "true" Fisher replaces the reference labels y_n by labels sampled from
 the model's own predictive distribution (:func:`sampled_segmentation_log_likelihood`).
+:func:`adam_fisher` reads a free proxy from a trained model's Adam state instead: the
+bias-corrected second moment ν̂ = ν / (1 − β₂ᵗ), an average of squared (mini-batch) gradients
+of the training loss, at no extra pass over the data.
 
 Pitfalls measured on this stack (jax 0.10): a per-example function must re-add the batch axis
 (``x[None]``) before calling a network with instance norm (Flax's norms would otherwise treat
@@ -196,3 +199,81 @@ def with_sample_keys(batches: Iterable[tuple[Any, Any]], key: jax.Array):
     for x, _ in batches:
         key, sub = jax.random.split(key)
         yield x, jax.random.split(sub, np.shape(x)[0])
+
+
+def _as_mapping(node) -> dict | None:
+    """A state node's fields by name: dicts as they are, NamedTuples (optax states) as dicts."""
+    if isinstance(node, dict):
+        return node
+    if isinstance(node, tuple) and hasattr(node, "_asdict"):
+        return node._asdict()
+    return None
+
+
+def _find_adam(node, b2, found: list) -> None:
+    fields = _as_mapping(node)
+    if fields is not None:
+        hyper = fields.get("hyperparams")
+        if isinstance(hyper, dict) and "b2" in hyper:
+            b2 = hyper["b2"]  # optax.inject_hyperparams(optax.adam): b2 lives beside the inner state
+        if "nu" in fields and "count" in fields:
+            found.append((fields["nu"], fields["count"], b2))
+            return
+        children = fields.values()
+    elif isinstance(node, (list, tuple)):
+        children = node
+    else:
+        return
+    for child in children:
+        _find_adam(child, b2, found)
+
+
+def adam_fisher(opt_state, *, b2: float | None = None) -> PyTree:
+    """Diagonal Fisher proxy from a trained model's Adam state: ν / (1 − β₂ᵗ).
+
+    Adam keeps ν, an exponential moving average (factor β₂) of the squared mini-batch gradients
+    of the training loss, and t, its step count; dividing by 1 − β₂ᵗ removes the bias of the
+    average's zero start. The result is the squared-gradient ("empirical Fisher") proxy of the
+    last ~1/(1 − β₂) steps, read at no cost — but of the *loss* (e.g. soft Dice) on mini-batches,
+    not of the per-example log-likelihood, so its scale and its ranking can differ from
+    :func:`fisher_diagonal`'s.
+
+    Args:
+      opt_state: the optimiser state, as optax returns it or as a checkpoint restores it
+        (nested dicts / lists): any tree holding exactly one node with ``nu`` and ``count``
+        fields (``optax.adam``'s ``ScaleByAdamState``).
+      b2: β₂; read from the state when it was built with ``optax.inject_hyperparams`` (as
+        :func:`timm_jax.training.steps.make_optimizer` does), required otherwise.
+
+    Returns:
+      A float32 pytree shaped like ``nu`` (the parameters).
+
+    Raises:
+      ValueError: no Adam state (another optimiser, or the state is missing), more than one,
+        an unknown β₂, a step count of 0, or a NaN / Inf / negative ν.
+    """
+    found: list = []
+    _find_adam(opt_state, None, found)
+    if not found:
+        raise ValueError("the optimiser state holds no Adam second moment (no 'nu' with a 'count'): not Adam")
+    if len(found) > 1:
+        raise ValueError(f"the optimiser state holds {len(found)} Adam states; expected one")
+    nu, count, stored_b2 = found[0]
+    b2 = stored_b2 if b2 is None else b2
+    if b2 is None:
+        raise ValueError("Adam's b2 is not in the optimiser state (not inject_hyperparams); pass b2=")
+    t = int(np.asarray(count))
+    b2 = float(np.asarray(b2))
+    if t < 1:
+        raise ValueError(f"the Adam state is at step {t}; no gradient has been seen yet")
+    if not 0.0 <= b2 < 1.0:
+        raise ValueError(f"Adam's b2 must be in [0, 1), got {b2}")
+    correction = 1.0 - b2**t
+    leaves, treedef = jax.tree_util.tree_flatten(nu)
+    out = []
+    for leaf in leaves:
+        a = np.asarray(leaf, np.float64) / correction
+        if not np.all(np.isfinite(a)) or np.any(a < 0):
+            raise ValueError("the Adam second moment has NaN, Inf or negative entries")
+        out.append(jnp.asarray(a, jnp.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
