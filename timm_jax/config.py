@@ -155,12 +155,13 @@ class FuseConfig(Config):
     granularity: str = setting(
         "layer",
         "One mixing logit vector per leaf, per layer or for the model.",
-        choices=("leaf", "layer", "global"),
+        choices=("leaf", "layer", "global", "channel"),
     )
     fisher: str = setting(
         "empirical",
-        "Fisher with the reference labels (empirical) or labels sampled from the model (true).",
-        choices=("empirical", "true"),
+        "Fisher with the reference labels (empirical), labels sampled from the model (true), or "
+        "read from the source's Adam second moment at its checkpoint (adam: no pass over the data).",
+        choices=("empirical", "true", "adam"),
     )
     fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
     logits_learning_rate: float = setting(
@@ -168,11 +169,31 @@ class FuseConfig(Config):
         "Adam learning rate of the mixing logits in the "
         "adaption stage (task-specific leaves use --learning_rate).",
     )
+    adaption_objective: str = setting(
+        "supervised",
+        "Adaption-stage objective: supervised (the training loss on labelled target cases; trains the "
+        "logits and the task-specific leaves) or entropy (mean voxel-wise prediction entropy on the "
+        "target images, no labels; trains only the logits, early-stopped on the validation images' "
+        "entropy).",
+        choices=("supervised", "entropy"),
+    )
+    task_specific_from: int = setting(
+        -1,
+        "Task-specific leaves (norms, heads) start from this source (0-based index in --source order) "
+        "where its leaf has the target's shape (same label set), freshly initialised elsewhere; "
+        "-1: all fresh (the paper).",
+    )
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
                 _check_choice(getattr(self, f.name), f.name, f.metadata["choices"])
+        if self.task_specific_from < -1:
+            raise ConfigError(
+                f"--task_specific_from must be -1 or a source index, got {self.task_specific_from}"
+            )
+        if self.adaption_objective == "entropy" and self.method != "timm":
+            raise ConfigError("--adaption_objective=entropy needs --method=timm (imm has no adaption stage)")
 
 
 @dataclass(frozen=True)

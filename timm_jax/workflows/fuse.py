@@ -22,6 +22,7 @@ and does nothing.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ import numpy as np
 from timm_jax.config import DeviceConfig, FuseConfig, ModelConfig, TrainConfig
 from timm_jax.core import PyTree
 from timm_jax.core.fisher import (
+    adam_fisher,
     fisher_diagonal,
     sampled_segmentation_log_likelihood,
     segmentation_log_likelihood,
@@ -52,7 +54,7 @@ from timm_jax.core.partition import (
     to_flat_dict,
 )
 from timm_jax.data.spec import DataSpec, resolve
-from timm_jax.errors import CheckpointError, writing
+from timm_jax.errors import CheckpointError, ConfigError, OptimizerStateError, writing
 from timm_jax.faults import fault
 from timm_jax.nn.unet import build_model, init_params, layer_order
 from timm_jax.progress import bar
@@ -75,11 +77,15 @@ __all__ = [
     "adaption_stage",
     "fuse_models",
     "fusion_partition",
+    "adam_source_fisher",
+    "label_free_evaluator",
+    "layer_ratio_spread",
     "layer_ratios",
     "load_sources",
     "materialise_fusion",
     "save_fusion",
     "source_fisher",
+    "source_task_specific",
 ]
 
 _log = logging.getLogger(__name__)
@@ -135,14 +141,18 @@ def source_fisher(
 ) -> dict:
     """Diagonal Fisher of a trained run on its own training cases (cached beside its checkpoint).
 
-    ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model.
-    The cache ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
+    ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model,
+    ``"adam"`` reads the bias-corrected Adam second moment of the same checkpoint (no pass over
+    the data, nothing cached; :func:`adam_source_fisher`). The cache
+    ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
     configuration and the settings, and written atomically (by process 0 only). With a mesh,
     each call of the per-example gradients takes one case per device (cases of equal padded
     shape are grouped; the sum over cases is the same).
     """
-    if kind not in ("empirical", "true"):
-        raise ValueError(f"Fisher kind must be 'empirical' or 'true', got {kind!r}")
+    if kind not in ("empirical", "true", "adam"):
+        raise ValueError(f"Fisher kind must be 'empirical', 'true' or 'adam', got {kind!r}")
+    if kind == "adam":
+        return adam_source_fisher(source_dir)
     source_dir, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
     with RunDir.open(source_dir, ("train",)) as run:
         step = run.latest_step(run.best_or_latest())
@@ -155,6 +165,29 @@ def source_fisher(
         _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
         return cached
     return _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_examples, key, cache, dp)
+
+
+def adam_source_fisher(source_dir: str) -> dict:
+    """``--fisher=adam``: ν / (1 − β₂ᵗ) from the optimiser state of the checkpoint whose params
+    are fused (best, else latest) — zero passes over the data. Raises
+    :class:`~timm_jax.errors.OptimizerStateError` (one line naming the run and the checkpoint)
+    when that state is missing or is not Adam's."""
+    with RunDir.open(source_dir, ("train",)) as run:
+        which = run.best_or_latest()
+        where = f"--fisher=adam: source {run.path} (checkpoint {which}/{run.latest_step(which)})"
+        state, _ = run.restore(None, which)
+    if not isinstance(state, dict) or state.get("opt_state") is None:
+        raise OptimizerStateError(f"{where} stores no optimiser state; use --fisher=empirical")
+    try:
+        fisher = adam_fisher(state["opt_state"])
+    except ValueError as e:
+        raise OptimizerStateError(f"{where}: {e}; use --fisher=empirical") from e
+    want = {k: np.shape(v) for k, v in to_flat_dict(state["params"]).items()}
+    have = {k: np.shape(v) for k, v in to_flat_dict(fisher).items()} if isinstance(fisher, dict) else {}
+    if have != want:
+        raise OptimizerStateError(f"{where}: the Adam second moment does not have the parameters' leaves")
+    _log.info("[fuse] Fisher of %s: Adam second moment (no pass over the data)", source_dir)
+    return jax.tree_util.tree_map(np.asarray, fisher)
 
 
 def _read_fisher_cache(cache: str, key: dict, shapes: dict) -> dict | None:
@@ -254,6 +287,41 @@ def fusion_partition(fresh: dict, sources: Sources) -> Partition:
     return part
 
 
+def source_task_specific(part: Partition, source_params: dict, *, name: str = "source") -> dict:
+    """``--task_specific_from``: the target's task-specific leaves taken from a source where the
+    source has the leaf with the same shape (same label set: its heads; its norms), kept fresh
+    elsewhere (e.g. heads of another label count)."""
+    have = to_flat_dict(source_params)
+    fresh = to_flat_dict(part.task_specific)
+    taken = {k: have[k] for k, v in fresh.items() if k in have and np.shape(have[k]) == np.shape(v)}
+    _log.info(
+        "[fuse] task-specific leaves: %d of %d from %s (same shape), the rest fresh",
+        len(taken),
+        len(fresh),
+        name,
+    )
+    return from_flat_dict({**fresh, **{k: jnp.asarray(v) for k, v in taken.items()}})
+
+
+def label_free_evaluator(eval_step, cases: list, divisor: int):
+    """``evaluate(params) -> {"loss": mean over cases of eval_step's loss, "dice": [], "dice_mean": nan}``
+    on whole images only: the cases' labels are never read (the entropy objective's early stopping)."""
+    if not cases:
+        raise ValueError("validation needs at least one case")
+    volumes = [{"image": pad_to_multiple(np.asarray(c.image, np.float32), divisor)[None]} for c in cases]
+
+    def evaluate(params) -> dict:
+        loss = float(np.mean([float(eval_step(params, v)["loss"]) for v in volumes]))
+        return {"channels": [], "loss": loss, "dice": [], "dice_mean": float("nan")}
+
+    return evaluate
+
+
+def _without_labels(cases: list) -> list:
+    """The cases with all-zero label maps: what an unlabelled target provides."""
+    return [dataclasses.replace(c, labels=np.zeros(c.image.shape[:3], np.uint8)) for c in cases]
+
+
 def adaption_stage(
     out_dir: str,
     meta: dict,
@@ -268,23 +336,45 @@ def adaption_stage(
     rng,
     source_names: list[str] | None = None,
     dp: DataParallel = DataParallel(),
+    task_specific: dict | None = None,
 ) -> tuple[PyTree, dict, dict]:
     """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
     ``(logits, task_specific, summary)``. With a mesh (``dp``), the batches are split over it and
-    the sources, Fishers and adaption state are replicated."""
+    the sources, Fishers and adaption state are replicated. ``task_specific``: the starting 𝒮
+    (default: the fresh ``part.task_specific``).
+
+    ``cfg.adaption_objective="entropy"`` (label-free): the loss is the fused model's mean binary
+    prediction entropy on the training images, with their labels replaced by zeros before any
+    batch is drawn (so patches are placed uniformly, never on known foreground); only the mixing
+    logits train — 𝒮 stays as it starts, since minimising entropy through fresh heads would only
+    make them confident, not right — and the best epoch is the one with the lowest entropy on the
+    validation images (no Dice: their labels are not read either)."""
     T = len(src_tr)
+    entropy = cfg.adaption_objective == "entropy"
     logits = init_logits(part.transferable, T, cfg.granularity)
     train_cases = data.load(data.train_ids)
     val_cases = data.load(data.val_ids)
-    optimizer = make_adaption_optimizer(cfg.logits_learning_rate, adapt_cfg.learning_rate)
-    state = dp.replicate(create_state({"logits": logits, "task": part.task_specific}, optimizer, rng))
+    if entropy:
+        train_cases, val_cases = _without_labels(train_cases), _without_labels(val_cases)
+    optimizer = make_adaption_optimizer(
+        cfg.logits_learning_rate, adapt_cfg.learning_rate, train_task=not entropy
+    )
+    start_task = part.task_specific if task_specific is None else task_specific
+    state = dp.replicate(create_state({"logits": logits, "task": start_task}, optimizer, rng))
     src_tr, fishers = dp.replicate(src_tr), dp.replicate(fishers)
-    kw = dict(granularity=cfg.granularity, loss=adapt_cfg.loss, mesh=dp.mesh)
+    kw = dict(
+        granularity=cfg.granularity, loss=adapt_cfg.loss, objective=cfg.adaption_objective, mesh=dp.mesh
+    )
     step = make_adaption_step(model, optimizer, **kw)
     eval_step = make_adaption_eval_step(model, **kw)
-    evaluate = volume_evaluator(
-        lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, 2 ** (model.depth - 1)
-    )
+    divisor = 2 ** (model.depth - 1)
+    if entropy:
+        evaluate = label_free_evaluator(lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, divisor)
+    else:
+        evaluate = volume_evaluator(
+            lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, divisor
+        )
+    batch_cfg = adapt_cfg.replace(foreground_rate=0.0) if entropy else adapt_cfg
     names = source_names or [f"source{t}" for t in range(len(src_tr))]
 
     def ratio_scalars(state) -> dict[str, float]:
@@ -298,13 +388,14 @@ def adaption_stage(
             state=state,
             train_step=lambda s, b: step(s, src_tr, fishers, b),
             evaluate=evaluate,
-            batches_from=train_batches(train_cases, data.task, adapt_cfg, dp),
+            batches_from=train_batches(train_cases, data.task, batch_cfg, dp),
             cfg=adapt_cfg,
             name="adapt",
             epoch_scalars=ratio_scalars,
         )
         best, _ = run.restore(state_dict(final), which="best")
     summary = {
+        "objective": cfg.adaption_objective,
         "best_epoch": progress["best_epoch"],
         "best_val_loss": progress["best_loss"],
         "epochs": progress["epoch"],
@@ -318,19 +409,45 @@ def materialise_fusion(src_tr, fishers, logits, task_specific, granularity: str)
     return jax.tree_util.tree_map(np.asarray, fuse(src_tr, fishers, logits, task_specific))
 
 
-def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
-    """Mixing ratios per layer (a module's kernel, else its first leaf), in network order."""
+def _layer_ratio_leaves(logits_per_leaf: PyTree) -> dict[str, np.ndarray]:
+    """Each layer's ratios (its kernel's, else its first leaf's): (T,) or, per channel, (C, T)."""
     ratios = mixing_ratios(logits_per_leaf)
     out = {}
     for name in layer_order(list(ratios)):
         node = ratios[name]
         leaf = node["kernel"] if "kernel" in node else next(iter(node.values()))
-        out[name] = [float(a) for a in np.asarray(leaf)]
+        out[name] = np.asarray(leaf, np.float64)
     return out
 
 
+def layer_ratios(logits_per_leaf: PyTree) -> dict[str, list[float]]:
+    """Mixing ratios per layer (a module's kernel, else its first leaf), in network order; for
+    channel granularity the mean over the layer's output channels (:func:`layer_ratio_spread`
+    gives their spread)."""
+    return {
+        name: [float(a) for a in np.reshape(r, (-1, r.shape[-1])).mean(axis=0)]
+        for name, r in _layer_ratio_leaves(logits_per_leaf).items()
+    }
+
+
+def layer_ratio_spread(logits_per_leaf: PyTree) -> dict[str, list[float]] | None:
+    """Per layer and source, the standard deviation of the ratios over the output channels
+    (channel granularity); ``None`` when every layer has a single ratio vector."""
+    leaves = _layer_ratio_leaves(logits_per_leaf)
+    if all(r.ndim == 1 for r in leaves.values()):
+        return None
+    return {
+        name: [float(a) for a in np.reshape(r, (-1, r.shape[-1])).std(axis=0)] for name, r in leaves.items()
+    }
+
+
 def save_fusion(
-    out_dir: str, params: dict, meta: dict, ratios: dict[str, list[float]], source_names: list[str]
+    out_dir: str,
+    params: dict,
+    meta: dict,
+    ratios: dict[str, list[float]],
+    source_names: list[str],
+    spread: dict[str, list[float]] | None = None,
 ) -> None:
     """The ``fused`` run directory: ``mixing_ratios.{json,csv,png}`` (by process 0 of a
     multi-process run), then the checkpoint (by every process) — the checkpoint is written last,
@@ -339,14 +456,17 @@ def save_fusion(
         if jax.process_index() == 0:
             os.makedirs(out_dir, exist_ok=True)
             with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
-                json.dump({"sources": source_names, "ratios": ratios}, f, indent=2)
+                extra = {} if spread is None else {"ratio_sd_over_channels": spread}
+                json.dump({"sources": source_names, "ratios": ratios, **extra}, f, indent=2)
             fault("ratios.write", out_dir)
             with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(["layer", *source_names])
                 for layer, r in ratios.items():
                     w.writerow([layer, *[f"{a:.6f}" for a in r]])
-            png = plot_mixing_ratios(ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"))
+            png = plot_mixing_ratios(
+                ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"), spread=spread
+            )
             with Events(out_dir) as events:
                 events.image("mixing_ratios", matplotlib.image.imread(png))
     with RunDir.create(out_dir, meta) as run:
@@ -364,6 +484,10 @@ def fuse_models(
     """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its
     metadata. ``devices``: the data-parallel mesh of the Fisher and the adaption stage (``None``:
     one device, no mesh; ``DeviceConfig()``: every visible device, as ``fuse.py`` does)."""
+    if cfg.task_specific_from >= len(source_dirs):
+        raise ConfigError(
+            f"--task_specific_from={cfg.task_specific_from} names no source ({len(source_dirs)} given)"
+        )
     dp = DataParallel.setup(devices)
     timm = cfg.method == "timm"
     if timm:
@@ -430,6 +554,9 @@ def fuse_models(
     )
     logits = init_logits(part.transferable, len(sources.dirs), cfg.granularity)
     task_specific, summary = part.task_specific, {}
+    if cfg.task_specific_from >= 0:
+        t = cfg.task_specific_from
+        task_specific = source_task_specific(part, sources.params[t], name=sources.names[t])
     if timm:
         logits, task_specific, summary = adaption_stage(
             out_dir,
@@ -444,10 +571,12 @@ def fuse_models(
             rng=state_rng,
             source_names=sources.names,
             dp=dp,
+            task_specific=task_specific,
         )
     params = materialise_fusion(src_tr, fishers, logits, task_specific, cfg.granularity)
-    ratios = layer_ratios(expand_logits(logits, part.transferable, cfg.granularity))
+    per_leaf = expand_logits(logits, part.transferable, cfg.granularity)
+    ratios, spread = layer_ratios(per_leaf), layer_ratio_spread(per_leaf)
     meta = {**meta, "adaption": summary, "ratios": ratios, "mismatched": part.mismatched}
-    save_fusion(out_dir, params, meta, ratios, sources.names)
+    save_fusion(out_dir, params, meta, ratios, sources.names, spread)
     _log.info("[fuse] wrote fused checkpoint and mixing ratios to %s", out_dir)
     return meta

@@ -45,7 +45,10 @@ def _save(fig: Figure, png_path: str) -> str:
 
 
 def plot_mixing_ratios(
-    ratios: Mapping[str, Sequence[float]], source_names: Sequence[str], png_path: str
+    ratios: Mapping[str, Sequence[float]],
+    source_names: Sequence[str],
+    png_path: str,
+    spread: Mapping[str, Sequence[float]] | None = None,
 ) -> str:
     """Stacked horizontal bars of the mixing ratios per layer (paper Figure 5).
 
@@ -53,6 +56,10 @@ def plot_mixing_ratios(
     is split into segments of length ``α_t^i`` for the sources ``t`` in ``source_names``
     order (the ratios of a layer sum to 1 after the merge's normalisation). A dashed line
     marks the uniform mixture's boundaries (plain IMM, α = 1/T). Returns ``png_path``.
+
+    ``spread`` (channel granularity: ``ratios`` then holds each layer's mean over its output
+    channels) gives per layer and source a standard deviation over the channels, drawn as an
+    error bar (± sd) at the end of each source's segment.
 
     Raises:
       ValueError: if there are no layers or a layer's list length is not ``len(source_names)``.
@@ -81,6 +88,13 @@ def plot_mixing_ratios(
     for t, src in enumerate(sources):
         ax.barh(y, alpha[:, t], left=left, color=colors(t % 10), edgecolor="white", linewidth=0.5, label=src)
         left += alpha[:, t]
+    if spread is not None:
+        sd = np.asarray([np.asarray(spread[n], np.float64).reshape(-1) for n in names])
+        if sd.shape != alpha.shape:
+            raise ValueError(f"plot_mixing_ratios: spread has shape {sd.shape}, ratios {alpha.shape}")
+        ends = np.cumsum(alpha, axis=1)
+        for t in range(len(sources) - 1):
+            ax.errorbar(ends[:, t], y, xerr=sd[:, t], fmt="none", ecolor="black", elinewidth=0.8, capsize=2)
     for t in range(1, len(sources)):
         ax.axvline(t / len(sources), color="black", linestyle="--", linewidth=0.8, alpha=0.6)
     ax.set_yticks(y)
@@ -88,7 +102,10 @@ def plot_mixing_ratios(
     ax.invert_yaxis()
     ax.set_xlim(0, max(1.0, float(left.max())))
     ax.set_xlabel("mixing ratio α")
-    ax.set_title("Mixing ratio of each source model per layer")
+    ax.set_title(
+        "Mixing ratio of each source model per layer"
+        + ("\n(mean over output channels; bars: ± sd over channels)" if spread is not None else "")
+    )
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="source")
     return _save(fig, png_path)
 
