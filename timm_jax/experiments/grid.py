@@ -8,6 +8,13 @@ import os
 INITS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
 ALL_HCP = {"All-HCP 1:14": "hcp_1_14", "All-HCP 1:7": "hcp_1_7", "All-HCP 8:14": "hcp_8_14"}
 ALL_HCP_FRACTION = 0.08
+#: ``--variants``: T-IMM with one FuseConfig setting changed (beyond the paper), at this fraction
+VARIANTS = {
+    "T-IMM entropy": {"adaption_objective": "entropy"},
+    "T-IMM Adam Fisher": {"fisher": "adam"},
+    "T-IMM channel": {"granularity": "channel"},
+}
+VARIANT_FRACTION = 0.08
 #: source run name -> (task of the demo manifest, source it starts from)
 SOURCES = {
     "m1": ("task1", ""),

@@ -14,7 +14,11 @@ with several training seeds and paired statistics.
    the training seed changes initialisation, patch sampling and dropout.
 4. Forgetting (Table 4): the transferable weights of M1, M2, IMM and T-IMM (after adaption)
    with the task-specific leaves of M1 on task 1's test set and of M2 on task 2's.
-5. ``DIR/report.md`` with the tables, figures, paired comparisons and a verdict per claim, and
+5. With ``--variants``, at 8 %: three variants of T-IMM (label-free entropy adaption, the Fisher
+   read from the sources' Adam state, one mixing-ratio vector per output channel) on the same
+   seeds and schedules, and a comparison of the Adam and the empirical Fisher (cost and rank
+   correlation per layer); the report gets a section on them.
+6. ``DIR/report.md`` with the tables, figures, paired comparisons and a verdict per claim, and
    the raw numbers it was computed from in ``DIR/raw/`` (:mod:`timm_jax.experiments.reproduce_report`).
 
 Every run is a train / fuse / evaluate call on its own run directory; re-running the command
@@ -32,7 +36,16 @@ import time
 from absl import flags
 
 from timm_jax import cli
-from timm_jax.experiments.grid import ALL_HCP, ALL_HCP_FRACTION, INITS, SOURCES, cell_dir, slug
+from timm_jax.experiments.grid import (
+    ALL_HCP,
+    ALL_HCP_FRACTION,
+    INITS,
+    SOURCES,
+    VARIANT_FRACTION,
+    VARIANTS,
+    cell_dir,
+    slug,
+)
 from timm_jax.experiments.presets import SCALES
 
 _log = logging.getLogger("timm_jax.experiments.reproduce")
@@ -87,9 +100,17 @@ def _finished(run_dir: str) -> bool:
 
 
 def run_reproduction(
-    out: str, *, scale_name: str = "repro", seeds: int = 3, fractions=(0.04, 0.08, 1.0), data_seed: int = 0
+    out: str,
+    *,
+    scale_name: str = "repro",
+    seeds: int = 3,
+    fractions=(0.04, 0.08, 1.0),
+    data_seed: int = 0,
+    variants: bool = False,
 ) -> str:
-    """Run (or resume) the grid in ``out`` and write ``out/report.md``; returns its path."""
+    """Run (or resume) the grid in ``out`` and write ``out/report.md``; returns its path.
+    ``variants``: also the T-IMM variants of :data:`~timm_jax.experiments.grid.VARIANTS` at 8 %
+    (added to an existing grid without touching its runs; their wall time is recorded apart)."""
     from timm_jax.errors import ConfigError
 
     if seeds < 1 or not fractions:
@@ -139,7 +160,10 @@ def run_reproduction(
 
     with_hcp = ALL_HCP_FRACTION in fractions
     sources = [s for s in SOURCES if with_hcp or not s.startswith("hcp")]
+    if variants and VARIANT_FRACTION not in fractions:
+        raise ConfigError(f"--variants runs at {VARIANT_FRACTION:.0%}; add {VARIANT_FRACTION} to --fractions")
     n_cells = len(fractions) * seeds * len(INITS) + (seeds * len(ALL_HCP) if with_hcp else 0)
+    n_cells += seeds * len(VARIANTS) + 1 if variants else 0
     progress = Progress(len(sources) + n_cells + 1)
     for name in sources:
         task, init_from = SOURCES[name]
@@ -196,10 +220,37 @@ def run_reproduction(
     for name in ("m1", "m2"):
         if not os.path.isfile(os.path.join(src_dir(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(src_dir(name), [src_dir("m1"), src_dir("m2")], no_hd95)
+    if variants:
+        spec = tumour(VARIANT_FRACTION)
+        for seed in range(seeds):
+            cell = cell_dir(out, VARIANT_FRACTION, seed)
+            target, adapt = scale.train_config(scale.target, seed), scale.train_config(scale.adapt, seed)
+            for name, setting in VARIANTS.items():
+                fused_dir, run_dir = os.path.join(cell, slug(name) + "_fused"), os.path.join(cell, slug(name))
+                done = _finished(run_dir) and _evaluated(run_dir)
+                _log.info("== %s, seed %d: %s", f"{VARIANT_FRACTION:.0%}", seed, name)
+                if not _finished(fused_dir):
+                    cfg = FuseConfig(method="timm", granularity="layer").replace(**setting)
+                    fuse_models([src_dir("m1"), src_dir("m2")], spec, fused_dir, cfg, adapt)
+                if not _finished(run_dir):
+                    train_model(spec, model, target, run_dir, init="fused", init_from=fused_dir)
+                if not _evaluated(run_dir):
+                    evaluate_model(run_dir, no_hd95)
+                progress.step(f"{VARIANT_FRACTION:.0%} seed {seed} {name}", not done)
+        from timm_jax.experiments.reproduce_report import compare_fishers
+
+        compare_fishers(out, [src_dir("m1"), src_dir("m2")])
+        progress.step("Fisher: Adam vs empirical", True)
     _log.info("== report")
-    state = _add_invocation(out, time.time() - t_start)
+    state = _add_invocation(out, time.time() - t_start, "variant_invocations" if variants else "invocations")
     report = write_reproduction_report(
-        out, scale_name=scale_name, scale=scale, seeds=seeds, fractions=fractions, state=state
+        out,
+        scale_name=scale_name,
+        scale=scale,
+        seeds=seeds,
+        fractions=fractions,
+        state=state,
+        variants=variants,
     )
     progress.step("report", True)
     return report
@@ -229,12 +280,17 @@ def _claim(out: str, config: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _add_invocation(out: str, seconds: float) -> dict:
+def _add_invocation(out: str, seconds: float, key: str = "invocations") -> dict:
     """Wall time of this invocation, added to ``out/grid_state.json`` (the report states the sum
-    and the number of invocations it took)."""
+    and the number of invocations it took); ``--variants`` invocations are listed under
+    ``variant_invocations``, so the paper grid's time stays its own."""
     path = os.path.join(out, "grid_state.json")
     state = json.load(open(path)) if os.path.isfile(path) else {"invocations": []}
-    state["invocations"].append({"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)})
+    if not state.get("invocations"):  # a grid first run with --variants: its time is the grid's
+        key = "invocations"
+    state.setdefault(key, []).append(
+        {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
+    )
     with open(path + ".tmp", "w") as f:
         json.dump(state, f, indent=2)
     os.replace(path + ".tmp", path)
@@ -248,7 +304,12 @@ def main():
     else:
         scale, seeds = ("repro" if FLAGS.scale == "demo" else "paper"), FLAGS.seeds
     report = run_reproduction(
-        FLAGS.out, scale_name=scale, seeds=seeds, fractions=fractions, data_seed=FLAGS.data_seed
+        FLAGS.out,
+        scale_name=scale,
+        seeds=seeds,
+        fractions=fractions,
+        data_seed=FLAGS.data_seed,
+        variants=FLAGS.variants,
     )
     _log.info("report: %s", os.path.abspath(report))
 
@@ -271,6 +332,13 @@ def define_flags() -> None:
     )
     flags.DEFINE_list("fractions", ["0.04", "0.08", "1.0"], "Fractions of the tumour pool.")
     flags.DEFINE_integer("data_seed", 0, "Seed of the data set, its splits and the fractions.")
+    flags.DEFINE_bool(
+        "variants",
+        False,
+        "Also run T-IMM's variants beyond the paper at 8 % (entropy adaption, Adam Fisher, channel "
+        "granularity) on the same seeds, compare the Adam and empirical Fishers, and add a report "
+        "section on them. Reuses every finished run of the grid.",
+    )
 
 
 if __name__ == "__main__":
