@@ -129,9 +129,13 @@ def test_sharded_adaption_step_equals_single_device(n):
     assert moved > 1e-3, "the logits did not move: the comparison would be vacuous"
 
 
-@pytest.mark.parametrize("n", [2, 4])
-def test_per_example_fisher_of_the_unet_on_a_mesh_equals_single_device(n):
-    model = tiny()
+@pytest.mark.parametrize("n, impl", [(2, "native"), (4, "native"), (4, "direct")])
+def test_per_example_fisher_of_the_unet_on_a_mesh_equals_single_device(n, impl):
+    """Also with the C++ kernels (``direct``: 8 base filters, so that they apply), whose custom
+    VJPs must keep the device-varying type inside shard_map."""
+    model = build_model(
+        ModelConfig(in_channels=C_IN, out_channels=C_OUT, base_filters=8, depth=2, conv_impl=impl)
+    )[0]
     params = init_params(model, jax.random.PRNGKey(0), (1, *PATCH, C_IN))
     ll = segmentation_log_likelihood(lambda p, x: model.apply({"params": p}, x))
     data = batches(2, seed=4)

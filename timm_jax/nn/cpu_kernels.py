@@ -173,16 +173,39 @@ def _same(shape, stride: int) -> tuple[list[int], dict]:
     return out, {k: np.int64(v) for k, v in attrs.items()}
 
 
+def _varying_like(out, *inputs):
+    """Inside ``shard_map``, give the kernels' outputs the device-varying axes of their inputs.
+
+    An FFI call's result carries no "varying over mesh axes" type, so a custom VJP whose inputs
+    vary over ``data`` (the per-example Fisher on a mesh casts the parameters to varying) would
+    return cotangents of another type than its primals; outside ``shard_map`` this is a no-op."""
+
+    def varying(x) -> frozenset:  # the aval's manual-axis type (jax 0.10: ``aval.mat.varying``)
+        return getattr(getattr(jax.typeof(x), "mat", None), "varying", frozenset())
+
+    want = frozenset().union(*(varying(x) for x in inputs))
+
+    def one(y):
+        missing = tuple(sorted(want - varying(y)))
+        return jax.lax.pcast(y, missing, to="varying") if missing else y
+
+    return jax.tree_util.tree_map(one, out)
+
+
 def _forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     out, attrs = _same(x.shape, stride)
     result = jax.ShapeDtypeStruct((x.shape[0], *out, kernel.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(_FORWARD, result, vmap_method="sequential")(x, kernel, **attrs)
+    return _varying_like(
+        jax.ffi.ffi_call(_FORWARD, result, vmap_method="sequential")(x, kernel, **attrs), x, kernel
+    )
 
 
 def _weight_grad(x: jax.Array, dy: jax.Array, stride: int) -> jax.Array:
     _, attrs = _same(x.shape, stride)
     result = jax.ShapeDtypeStruct((3, 3, 3, x.shape[-1], dy.shape[-1]), jnp.float32)
-    return jax.ffi.ffi_call(_WEIGHT_GRAD, result, vmap_method="sequential")(x, dy, **attrs)
+    return _varying_like(
+        jax.ffi.ffi_call(_WEIGHT_GRAD, result, vmap_method="sequential")(x, dy, **attrs), x, dy
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -234,9 +257,10 @@ def instance_norm_forward(x: jax.Array, scale: jax.Array, bias: jax.Array, epsil
     ``y = (x - mean) * rstd * scale + bias`` with ``rstd = 1 / sqrt(var + epsilon)``."""
     b, _, c = x.shape
     stats = jax.ShapeDtypeStruct((b, c), jnp.float32)
-    return jax.ffi.ffi_call(
+    out = jax.ffi.ffi_call(
         _NORM_FORWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats), vmap_method="sequential"
     )(x, scale, bias, eps=np.float32(epsilon))
+    return _varying_like(out, x, scale, bias)
 
 
 def instance_norm_backward(x, mean, rstd, scale, dy):
@@ -244,6 +268,7 @@ def instance_norm_backward(x, mean, rstd, scale, dy):
     of ``dy`` and ``dy * xhat`` (the bias and scale gradients before summing over b)."""
     b, _, c = x.shape
     stats = jax.ShapeDtypeStruct((b, c), jnp.float32)
-    return jax.ffi.ffi_call(
+    out = jax.ffi.ffi_call(
         _NORM_BACKWARD, (jax.ShapeDtypeStruct(x.shape, jnp.float32), stats, stats), vmap_method="sequential"
     )(x, mean, rstd, scale, dy)
+    return _varying_like(out, x, mean, rstd, scale, dy)
