@@ -446,3 +446,58 @@ def test_fuse_models_mean_imm(env, sources, target, log):
     got, thetas = to_flat_dict(got), [to_flat_dict(p) for p in sources.params]
     for k in to_flat_dict(target.part.transferable):
         np.testing.assert_allclose(got[k], (thetas[0][k] + thetas[1][k]) / 2, rtol=1e-6, atol=1e-8, err_msg=k)
+
+
+def test_fuse_models_entropy_adam_channel(env, sources, target, monkeypatch, log):
+    """The three options beyond the paper through fuse_models: the entropy stage sees no labels and
+    trains only the logits; the Fisher is each source checkpoint's bias-corrected Adam ν; the merge
+    has one ratio vector per output channel (checked against a NumPy mode-IMM)."""
+    import timm_jax.workflows.fuse as fuse_module
+    from timm_jax.training.rundir import read_metrics
+
+    seen = []
+    real = fuse_module.train_batches
+
+    def spy(cases, task, cfg, dp):
+        seen.append(([np.asarray(c.labels) for c in cases], cfg.foreground_rate))
+        return real(cases, task, cfg, dp)
+
+    monkeypatch.setattr(fuse_module, "train_batches", spy)
+    cfg = FuseConfig(method="timm", adaption_objective="entropy", fisher="adam", granularity="channel")
+    out = str(env.tmp / "entropy_adam_channel")
+    meta = fuse_models([env.m1, env.m2], env.target, out, cfg, ADAPT.replace(steps_per_epoch=2, max_epochs=1))
+    labels, foreground_rate = seen[0]
+    assert labels and all(not lab.any() for lab in labels) and foreground_rate == 0.0
+    assert meta["adaption"]["objective"] == "entropy" and meta["fuse"]["fisher"] == "adam"
+    assert "Adam second moment" in log.text and "(empirical) on" not in log.text
+    assert np.isnan(read_metrics(os.path.join(out, "adaption"))[0]["val_dice_mean"])
+    params, _ = load_run(out, kinds=("fused",))
+    got, fresh = to_flat_dict(params), to_flat_dict(target.fresh)
+    for k in to_flat_dict(target.part.task_specific):  # frozen during the entropy stage
+        np.testing.assert_array_equal(got[k], fresh[k], err_msg=k)
+    # the Fishers by hand from the source checkpoints, the per-channel ratios from the best logits
+    fishers = []
+    for d in sources.dirs:
+        with RunDir.open(d) as run:
+            state, _ = run.restore(None, run.best_or_latest())
+        adam = state["opt_state"]["inner_state"][0]
+        b2, t = float(state["opt_state"]["hyperparams"]["b2"]), int(adam["count"])
+        correction = 1 - b2**t
+        fishers.append(
+            jax.tree_util.tree_map(lambda v, c=correction: np.asarray(v, np.float64) / c, adam["nu"])
+        )
+    with RunDir.open(os.path.join(out, "adaption")) as run:
+        best, _ = run.restore(None, "best")
+    logits = {k: np.asarray(v, np.float64) for k, v in best["params"]["logits"].items()}
+    assert {k: v.shape for k, v in logits.items()}["['conv_enc1_in']"] == (8, 2)  # (C_out, T)
+
+    def alpha_of(key):
+        s = 1 / (1 + np.exp(-logits[f"['{key.split('/')[0]}']"]))
+        return list((s / s.sum(axis=1, keepdims=True)).T)  # per source, a (C_out,) vector
+
+    tr = to_flat_dict(target.part.transferable)
+    want = mode_imm(sources, fishers, tr, alpha_of)
+    for k in tr:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=1e-7, err_msg=k)
+    mixing = json.loads(open(os.path.join(out, "mixing_ratios.json")).read())
+    assert list(mixing["ratio_sd_over_channels"]) == ORDER
