@@ -318,3 +318,34 @@ def test_fuse_config_refusals():
         FuseConfig(granularity="element")
     with pytest.raises(ConfigError, match="--fisher must be one of"):
         FuseConfig(fisher="sgd")
+
+
+def test_task_specific_from_takes_the_source_leaves_of_the_same_shape():
+    from timm_jax.core.partition import Partition
+    from timm_jax.workflows.fuse import source_task_specific
+
+    fresh = {"norm_a": {"scale": np.ones(4), "bias": np.zeros(4)}, "head0": {"kernel": np.zeros((4, 3))}}
+    source = {
+        "norm_a": {"scale": np.full(4, 2.0), "bias": np.full(4, 0.5)},
+        "head0": {"kernel": np.ones((4, 7))},  # another label set: 7 channels, not 3
+        "conv_a": {"kernel": np.ones((3, 4))},  # transferable: not taken
+    }
+    got = to_flat_dict(source_task_specific(Partition({}, fresh), source, name="m1"))
+    assert sorted(got) == ["head0/kernel", "norm_a/bias", "norm_a/scale"]
+    np.testing.assert_array_equal(got["norm_a/scale"], np.full(4, 2.0))
+    np.testing.assert_array_equal(got["norm_a/bias"], np.full(4, 0.5))
+    np.testing.assert_array_equal(got["head0/kernel"], np.zeros((4, 3)))  # kept fresh
+
+
+def test_fuse_refuses_a_task_specific_source_index_out_of_range(tmp_path):
+    from timm_jax.data.spec import DataSpec
+    from timm_jax.workflows.fuse import fuse_models
+
+    with pytest.raises(ConfigError, match=r"--task_specific_from=2 names no source \(2 given\)"):
+        fuse_models(
+            ["a", "b"],
+            DataSpec(data_dir="nowhere", layout="brats"),
+            str(tmp_path / "out"),
+            FuseConfig(task_specific_from=2),
+        )
+    assert not (tmp_path / "out").exists()
