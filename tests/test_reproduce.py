@@ -116,9 +116,9 @@ def test_verdict_rules(interval, at_least, word):
     assert stats.verdict(*interval, at_least=at_least) == word
 
 
-def _grid(out, env, **kw):
+def _grid(out, env, *args, **kw):
     return subprocess.Popen(
-        [sys.executable, "-m", "timm_jax.experiments.reproduce", f"--out={out}", "--quick"],
+        [sys.executable, "-m", "timm_jax.experiments.reproduce", f"--out={out}", "--quick", *args],
         env=env,
         cwd=out.parent,
         stdout=subprocess.PIPE,
@@ -192,6 +192,38 @@ def test_quick_grid_killed_resumes_and_writes_the_full_report(tmp_path):
     assert len(rows) == 1 + 40 * (len(INITS) + len(ALL_HCP))
     for fig in ("fig3_forgetting", "fig4_per_case", "fig5_ratios"):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_quick_grid_variants_leave_the_grid_and_its_report_as_they_were(tmp_path):
+    """``--variants`` on a finished grid: no file of the grid's runs is rewritten, the report is the
+    old one with the variants' section appended, and the section has its rows and raw files."""
+    from timm_jax.experiments.grid import VARIANTS
+
+    out = tmp_path / "grid"
+    out.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = str(ROOT)
+    p = _grid(out, env)
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    before = (out / "report.md").read_text()
+    files = {f: f.stat().st_mtime_ns for f in (out / "runs").rglob("*") if f.is_file()}
+    p = _grid(out, env, "--variants")
+    log, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, log[-3000:]
+    assert {f: f.stat().st_mtime_ns for f in files} == files  # nothing of the grid recomputed
+    after = (out / "report.md").read_text()
+    assert after.startswith(before) and after[len(before) :].startswith("## Beyond the paper")
+    for name in VARIANTS:
+        assert f"| {name} |" in after, name
+    assert "Spearman" in after and "over 1 invocation(s)" in after
+    state = json.loads((out / "grid_state.json").read_text())
+    assert len(state["invocations"]) == 1 and len(state["variant_invocations"]) == 1
+    for name in ("variants_per_case", "variants_runs", "variants_comparisons", "fisher_cost"):
+        assert (out / "raw" / f"{name}.csv").stat().st_size > 50, name
+    assert (out / "figures" / "variants_channel_ratios.png").stat().st_size > 5000
 
 
 def test_an_output_directory_holds_one_grid_configuration(tmp_path):
