@@ -213,3 +213,60 @@ def test_batch_that_does_not_divide_and_a_missing_process_are_one_line_errors(en
     errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
     assert len(errors) == 1 and "not every process joined within --distributed_timeout=3 s" in errors[0]
     assert "Traceback" not in p.stderr and "Check failure" not in p.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_fuse_and_evaluate_like_one(env, reference):
+    """fuse.py --method=timm (Fisher split over the processes, adaption step) and evaluate.py with
+    sliding windows in two localhost processes: only process 0 writes the files, and the
+    evaluation equals a one-process evaluation of the same fused run."""
+    tmp, e, _ = env
+    fuse = [
+        f"--source={tmp}/one",
+        f"--data_dir={tmp}/data/brats",
+        "--layout=brats",
+        "--task_key=task3",
+        "--method=timm",
+        *SCHED[:3],
+        "--max_epochs=1",
+    ]
+
+    def two(script, *args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(ROOT / script), *args, f"--coordinator_address=127.0.0.1:{port}"]
+                + ["--num_processes=2", f"--process_id={i}"],
+                env=e,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for i in range(2)
+        ]
+        outs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n\n".join(outs)
+        return outs
+
+    outs = two("fuse.py", *fuse, f"--out={tmp}/fused2")
+    assert "on 2 cpu devices in 2 processes" in outs[0] and "[adapt] epoch" not in outs[1]
+    assert (tmp / "fused2" / "mixing_ratios.json").is_file()
+    assert json.loads((tmp / "fused2" / "config.json").read_text())["num_processes"] == 2
+    evaluate = [f"--run={tmp}/fused2", "--patch=16,16,16", "--nohd95"]
+    two("evaluate.py", *evaluate, f"--out={tmp}/eval2")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "evaluate.py"), *evaluate, f"--out={tmp}/eval1"],
+        env=devices(e, 1),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert p.returncode == 0, p.stderr
+    one, two_ = (json.loads((tmp / d / "summary.json").read_text()) for d in ("eval1", "eval2"))
+    assert one["n_cases"] == two_["n_cases"] >= 1
+    for k, v in one["metrics"].items():
+        assert abs(v["mean"] - two_["metrics"][k]["mean"]) <= 1e-5, k
+    events = [f for f in os.listdir(tmp / "eval2") if f.startswith("events.out.tfevents")]
+    assert len(events) == 1, events

@@ -90,6 +90,12 @@ def _pad_to(a: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([a, reps], axis=0)
 
 
+def _split_over(mesh, axis: str, a: np.ndarray) -> jax.Array:
+    """A host array that every process holds in full → a global array split along axis 0."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis))
+    return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
 def fisher_diagonal(
     log_likelihood: LogLikelihood,
     params: PyTree,
@@ -147,6 +153,8 @@ def fisher_diagonal(
             k = xc.shape[0]
             mask = np.arange(chunk_size) < k
             xc, yc = (_pad_to(np.asarray(a), chunk_size) for a in (xc, yc))
+            if mesh is not None:  # numpy may not be split over devices of other processes
+                xc, yc, mask = (_split_over(mesh, axis_name, a) for a in (xc, yc, mask))
             acc = step(acc, params, xc, yc, mask)
             count += k
             if progress is not None:

@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from timm_jax.training.parallel import data_parallel_jit
+from timm_jax.training.parallel import AXIS, data_parallel_jit
 
 __all__ = [
     "gaussian_importance_map",
@@ -225,6 +225,9 @@ def sliding_window_predict(
         batch = np.zeros((batch_size, *patch, channels), np.float32)
         for j, (a, b, c) in enumerate(chunk):
             batch[j] = padded[a : a + patch[0], b : b + patch[1], c : c + patch[2]]
+        if mesh is not None:  # every process holds the whole batch; each device takes its windows
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+            batch = jax.make_array_from_callback(batch.shape, sharding, lambda idx, b=batch: b[idx])
         probs = np.asarray(jax.device_get(fn(params, batch)), dtype=np.float32)
         _check_logits(probs, batch_size, patch)
         if prob_sum is None:
