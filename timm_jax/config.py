@@ -154,7 +154,7 @@ class FuseConfig(Config):
     imm_mode: str = setting("mode", "mode-IMM (Fisher-weighted) or mean-IMM.", choices=("mode", "mean"))
     granularity: str = setting(
         "layer",
-        "One mixing logit vector per leaf, per layer or for the model.",
+        "One mixing logit vector per leaf, per layer, for the model, or per output channel of each layer.",
         choices=("leaf", "layer", "global", "channel"),
     )
     fisher: str = setting(
