@@ -306,9 +306,13 @@ def test_upsample_nearest():
     )
 
 
-def test_bfloat16_compute_keeps_float32_params():
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    """bfloat16 activations; parameters and the returned logits stay float32 (losses, Dice and the
+    Fisher's log-likelihood sum over voxels in float32)."""
     model = _tiny(dtype=jnp.bfloat16)
     params = init_params(model, jax.random.key(0), TINY_SHAPE)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(params))
     y = _apply(model)({"params": params}, jnp.ones(TINY_SHAPE))
-    assert y.dtype == jnp.bfloat16 and y.shape == TINY_SHAPE[:-1] + (3,)
+    assert y.dtype == jnp.float32 and y.shape == TINY_SHAPE[:-1] + (3,)
+    y32 = _apply(_tiny())({"params": params}, jnp.ones(TINY_SHAPE))
+    assert 0 < float(jnp.abs(y - y32).max()) <= 0.05 * float(jnp.abs(y32).max())  # really bfloat16 inside
