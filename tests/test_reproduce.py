@@ -215,7 +215,7 @@ def test_quick_grid_variants_leave_the_grid_and_its_report_as_they_were(tmp_path
     assert p.returncode == 0, log[-3000:]
     assert {f: f.stat().st_mtime_ns for f in files} == files  # nothing of the grid recomputed
     after = (out / "report.md").read_text()
-    assert after.startswith(before) and after[len(before) :].startswith("## Beyond the paper")
+    assert after.startswith(before) and after[len(before) :].lstrip("\n").startswith("## Beyond the paper")
     for name in VARIANTS:
         assert f"| {name} |" in after, name
     assert "Spearman" in after and "over 1 invocation(s)" in after
