@@ -46,9 +46,12 @@ class Events:
         self._writer = SummaryWriter(logdir=logdir, purge_step=purge_step, flush_secs=30)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
+        """One point per tag; non-finite values (e.g. the validation Dice of a label-free
+        adaption stage, NaN by design) are left out rather than plotted."""
         if self._writer is not None:
             for tag, v in values.items():
-                self._writer.add_scalar(tag, float(v), global_step=int(step))
+                if np.isfinite(float(v)):
+                    self._writer.add_scalar(tag, float(v), global_step=int(step))
 
     def image(self, tag: str, image: np.ndarray, step: int = 0) -> None:
         """An (H, W, 3) or (H, W, 4) image, uint8 or float in [0, 1]."""
