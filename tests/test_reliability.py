@@ -217,6 +217,30 @@ def test_damaged_best_checkpoint_is_named_by_its_readers(tmp_path, how):
     )
 
 
+def test_damaged_best_checkpoint_found_at_resume_is_rewritten_from_latest(tmp_path, reference, log):
+    with pytest.raises(Stop):
+        train(tmp_path, after_epoch=stop_after(2))  # latest at steps 2 and 4; best at one of them
+    best = tmp_path / "checkpoints" / "best"
+    (step,) = [int(p.name) for p in best.iterdir() if p.name.isdigit()]
+    assert _damage(best / str(step), "truncated")
+    log.clear()
+    state, _ = train(tmp_path)
+    warnings = [r.getMessage() for r in log.records if r.levelno == logging.WARNING]
+    assert any(
+        f"checkpoints/best/{step}" in w and "wrote it again from the latest checkpoint" in w for w in warnings
+    ), warnings
+    assert (tmp_path / "checkpoints" / "corrupt" / f"best-{step}").is_dir()
+    assert_same(state.params, reference.state.params)
+    load_run(str(tmp_path))  # the finished run's best checkpoint is readable
+    record(
+        "truncated files",
+        "best checkpoint, found when training resumes",
+        1,
+        "warning naming it; set aside to checkpoints/corrupt/; written again from the latest checkpoint "
+        "of the same step; final params bitwise equal",
+    )
+
+
 def test_damaged_fused_checkpoint_given_to_init_fused(tmp_path):
     from timm_jax.workflows.train import load_init
 

@@ -53,7 +53,8 @@ hand).
   renamed, and `fuse.py` writes the fused checkpoint last (a fused run directory with a checkpoint
   counts as finished).
 - A checkpoint that cannot be read is set aside to `checkpoints/corrupt/` with a warning and the
-  previous good one is resumed; if none can be read the run stops with one line naming it — it is
+  previous good one is resumed (a damaged best checkpoint is rewritten from the latest one of the
+  same step); if none can be read the run stops with one line naming it — it is
   never restarted from scratch over its history. Readers of a damaged best or fused checkpoint
   stop with one line naming it. A torn last line of `metrics.jsonl` is skipped with a warning
   (`read_metrics`) and rewritten on resume. Damaged caches are rebuilt with a warning.
@@ -72,9 +73,9 @@ hand).
 - A kill between writing and renaming a cache file (Fisher, preprocessed data) leaves an orphan
   `*.tmp.npz` beside it: nothing is lost and the next run rewrites the cache, but nothing deletes
   the orphan.
-- A damaged *best* checkpoint is not detected when training resumes: if no later epoch improves,
-  the finished run keeps it, and its readers (`evaluate.py`, `fuse.py`, `--init_from`) stop with
-  one line naming it; the latest checkpoint is intact.
+- A damaged *best* checkpoint found when training resumes is set aside and written again from the
+  latest checkpoint of the same step; when that step is no longer kept (only the two newest are),
+  the run has no best checkpoint until an epoch improves, and readers use the latest meanwhile.
 - A full disk is injected at our own writes and at orbax's `save`; a failure that surfaces later
   in orbax's background write thread goes through the same check but is not injected, and
   TensorBoard's event writer (tensorboardX, its own thread) is not wrapped.

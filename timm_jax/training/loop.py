@@ -134,6 +134,7 @@ def fit(
         restored, old = resumed
         state = from_state_dict(restored)
         progress.update(old["run"])
+        run.check_best(state_dict(state))
         _log.info(
             "[%s] resuming from checkpoint at step %d (epoch %d) in %s",
             name,

@@ -352,17 +352,47 @@ class RunDir:
         return None
 
     def _set_aside(self, which: str, step: int) -> str:
-        """Move an unreadable checkpoint to ``checkpoints/corrupt/<which>-<step>[-k]``."""
+        """Move an unreadable checkpoint to ``checkpoints/corrupt/<which>-<step>[-k]`` (process 0
+        moves it; in a multi-process run the others wait for the move, then all re-read)."""
         src = os.path.join(self.path, "checkpoints", which, str(step))
         dst = os.path.join(self.path, "checkpoints", "corrupt", f"{which}-{step}")
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
         k = 0
         while os.path.exists(dst + (f"-{k}" if k else "")):
             k += 1
         dst += f"-{k}" if k else ""
-        os.replace(src, dst)
+        if jax.process_index() == 0:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            os.replace(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"timm_jax set aside {which}-{step}")
         self._managers[which].reload()
         return dst
+
+    def check_best(self, target: PyTree) -> None:
+        """At resume: a ``best`` checkpoint that cannot be read is set aside with a warning and,
+        when its step is still among the ``latest`` checkpoints, written again from there (else
+        the run's next improving epoch writes a new one; readers fall back to ``latest``)."""
+        step = self.latest_step("best")
+        if step is None:
+            return
+        try:
+            self.restore(target, "best", step)
+            return
+        except CheckpointError as e:
+            moved = self._set_aside("best", step)
+            problem = f"{e}; moved it to {moved}"
+        if step in self._managers["latest"].all_steps():
+            state, meta = self.restore(target, "latest", step)
+            self.save(step, state, meta, best=True)
+            _log.warning("%s and wrote it again from the latest checkpoint of the same step", problem)
+        else:
+            _log.warning(
+                "%s; that step is no longer among the latest checkpoints, so the run has no best "
+                "checkpoint until an epoch improves on it (readers use the latest meanwhile)",
+                problem,
+            )
 
     def load_params(self, which: str | None = None) -> tuple[dict, dict]:
         """Model params (numpy) and meta of the ``best`` checkpoint (else ``latest``). The params
