@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 ap.add_argument("--devices", default="1,2,4", help="mesh sizes to time (comma-separated)")
@@ -31,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_steps import interleaved_medians  # noqa: E402
 
 from timm_jax.config import ModelConfig  # noqa: E402
 from timm_jax.core.merge import init_logits  # noqa: E402
@@ -92,17 +92,11 @@ def main():
     for fn in fns.values():  # compile + warm up
         fn()
         fn()
-    times = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    medians = interleaved_medians(fns, args.repeats)
     print("\n| conv_impl | devices | step | ms (median) | steps/s | vs 1 device |")
     print("|---|---:|---|---:|---:|---:|")
-    for (impl, n, kind), ts in times.items():
-        med = float(np.median(ts))
-        one = float(np.median(times.get((impl, 1, kind), ts)))
+    for (impl, n, kind), med in medians.items():
+        one = medians.get((impl, 1, kind), med)
         print(f"| {impl} | {n} | {kind} | {med * 1e3:.1f} | {1 / med:.2f} | {one / med:.2f} |")
 
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from bench_steps import interleaved_medians  # noqa: E402
 
 from timm_jax.config import ModelConfig  # noqa: E402
 from timm_jax.nn.unet import build_model, count_params, init_params  # noqa: E402
@@ -60,18 +60,12 @@ def main():
             impl, n_params, fn = step_fn(b, s, precision, args.impl)
             fns[(b, s, precision)] = fn
             losses[(b, s, precision)] = [fn(), fn()]  # compile + warm up
-    times = {k: [] for k in fns}
-    for _ in range(args.repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+    medians = interleaved_medians(fns, args.repeats)
     print(f"\n{n_params:,} parameters; median of {args.repeats} interleaved steps\n")
     print("| batch | patch | activations | ms / step | Mvoxel/s | vs float32 | first losses |")
     print("|---:|---|---|---:|---:|---:|---|")
-    for (b, s, precision), ts in times.items():
-        med = float(np.median(ts))
-        f32 = float(np.median(times[(b, s, "float32")]))
+    for (b, s, precision), med in medians.items():
+        f32 = medians[(b, s, "float32")]
         first = ", ".join(f"{v:.4f}" for v in losses[(b, s, precision)])
         print(
             f"| {b} | {s}³ | {precision} | {med * 1e3:.1f} | {b * s**3 / med / 1e6:.1f} | "
