@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _demo import script_env, tiny_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["--base_filters=4", "--depth=3"]
@@ -24,26 +25,8 @@ SCHED = ["--patch=16,16,16", "--batch_size=2", "--steps_per_epoch=2", "--max_epo
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e["JAX_PLATFORMS"] = "cpu"
-    e["JAX_COMPILATION_CACHE_DIR"] = str(tmp / "jax_cache")
-    e["PYTHONPATH"] = str(ROOT)
-    from timm_jax.experiments.demo_data import build_demo
-
-    build_demo(
-        tmp / "data",
-        seed=0,
-        spacing=6.0,
-        n_parc_task1=4,
-        n_parc_task2=4,
-        n_parc_val=1,
-        n_parc_test=1,
-        n_brats_train=4,
-        n_brats_val=1,
-        n_brats_test=2,
-        progress=False,
-        make_preview=False,
-    )
+    e = script_env(tmp, ROOT)
+    tiny_demo(tmp / "data", n_parc_task1=4, n_parc_task2=4, n_brats_train=4, n_brats_test=2)
     return tmp, e
 
 

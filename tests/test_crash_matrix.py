@@ -24,6 +24,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from _demo import script_env, tiny_demo
 from _reliability import record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,24 +41,8 @@ def world(tmp_path_factory):
     shutil.copytree(ROOT / "timm_jax", code / "timm_jax", ignore=shutil.ignore_patterns("__pycache__"))
     for script in ("train.py", "fuse.py"):
         shutil.copy(ROOT / script, code / script)
-    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TIMM_JAX_FAULT")}
-    e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), PYTHONPATH=str(code))
-    from timm_jax.experiments.demo_data import build_demo
-
-    build_demo(
-        tmp / "data",
-        seed=0,
-        spacing=6.0,
-        n_parc_task1=3,
-        n_parc_task2=2,
-        n_parc_val=1,
-        n_parc_test=1,
-        n_brats_train=2,
-        n_brats_val=1,
-        n_brats_test=1,
-        progress=False,
-        make_preview=False,
-    )
+    e = script_env(tmp, code, drop=("TIMM_JAX_FAULT",))
+    tiny_demo(tmp / "data", n_parc_task1=3, n_parc_task2=2, n_brats_train=2)
     w = SimpleNamespace(tmp=tmp, env=e, code=code)
     w.train_args = [
         f"--data_dir={tmp}/data/parcellation",

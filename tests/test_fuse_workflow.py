@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
+from _demo import tiny_demo
 
 from timm_jax.config import FuseConfig, ModelConfig, TrainConfig
 from timm_jax.core.merge import expand_logits, init_logits
@@ -47,22 +48,7 @@ ORDER = [
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuse")
-    from timm_jax.experiments.demo_data import build_demo
-
-    build_demo(
-        tmp / "data",
-        seed=0,
-        spacing=6.0,
-        n_parc_task1=4,
-        n_parc_task2=4,
-        n_parc_val=1,
-        n_parc_test=1,
-        n_brats_train=4,
-        n_brats_val=1,
-        n_brats_test=2,
-        progress=False,
-        make_preview=False,
-    )
+    tiny_demo(tmp / "data", n_parc_task1=4, n_parc_task2=4, n_brats_train=4, n_brats_test=2)
     parc = lambda key: DataSpec(
         data_dir=str(tmp / "data" / "parcellation"), layout="parcellation", task_key=key
     )

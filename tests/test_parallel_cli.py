@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _demo import script_env, tiny_demo
 
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["--base_filters=4", "--depth=3"]
@@ -38,24 +39,8 @@ SCHED = ["--patch=16,16,16", "--batch_size=4", "--steps_per_epoch=2", "--max_epo
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
-    e = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"))
-    from timm_jax.experiments.demo_data import build_demo
-
-    build_demo(
-        tmp / "data",
-        seed=0,
-        spacing=6.0,
-        n_parc_task1=4,
-        n_parc_task2=1,
-        n_parc_val=1,
-        n_parc_test=1,
-        n_brats_train=1,
-        n_brats_val=1,
-        n_brats_test=1,
-        progress=False,
-        make_preview=False,
-    )
+    e = script_env(tmp, ROOT)
+    tiny_demo(tmp / "data", n_parc_task1=4)
     args = [f"--data_dir={tmp}/data/parcellation", "--layout=parcellation", "--task_key=task1", *NET, *SCHED]
     return tmp, e, args
 

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 import jax
 import numpy as np
 import pytest
+from _demo import tiny_demo
 from _reliability import record
 
 from timm_jax import faults
@@ -283,23 +284,8 @@ def test_torn_last_line_of_metrics_is_tolerated_and_repaired(tmp_path, reference
 # ------------------------------------------------------------------ preprocessed cache
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from timm_jax.experiments.demo_data import build_demo
-
     tmp = tmp_path_factory.mktemp("demo")
-    build_demo(
-        tmp / "data",
-        seed=0,
-        spacing=6.0,
-        n_parc_task1=1,
-        n_parc_task2=1,
-        n_parc_val=1,
-        n_parc_test=1,
-        n_brats_train=1,
-        n_brats_val=1,
-        n_brats_test=1,
-        progress=False,
-        make_preview=False,
-    )
+    tiny_demo(tmp / "data")
     return tmp
 
 

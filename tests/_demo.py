@@ -1,0 +1,34 @@
+"""Shared by the tests that run the scripts on data: a tiny demo data set and a subprocess env."""
+
+import os
+from pathlib import Path
+
+GROUPS = (
+    "n_parc_task1",
+    "n_parc_task2",
+    "n_parc_val",
+    "n_parc_test",
+    "n_brats_train",
+    "n_brats_val",
+    "n_brats_test",
+)
+
+
+def tiny_demo(path: Path, **counts: int) -> None:
+    """The demo data set at 6 mm (32³ volumes), seed 0, with ``counts`` cases per group (default 1)."""
+    from timm_jax.experiments.demo_data import build_demo
+
+    unknown = set(counts) - set(GROUPS)
+    if unknown:
+        raise TypeError(f"unknown case groups {sorted(unknown)}; use {GROUPS}")
+    build_demo(
+        path, seed=0, spacing=6.0, progress=False, make_preview=False, **{g: counts.get(g, 1) for g in GROUPS}
+    )
+
+
+def script_env(tmp: Path, code: Path, drop: tuple[str, ...] = ()) -> dict:
+    """Environment of a script subprocess: CPU, one device (no forced host devices), a compilation
+    cache in ``tmp``, the package imported from ``code``."""
+    e = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", *drop)}
+    e.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp / "jax_cache"), PYTHONPATH=str(code))
+    return e
