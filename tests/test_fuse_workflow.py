@@ -190,7 +190,7 @@ def test_source_fisher_and_its_cache(env, sources, fishers, log):
     # other settings are not served from the cache
     log.clear()
     one = source_fisher(env.m1, max_examples=1)
-    assert "cached" not in log.text and "on 1 training cases" in log.text
+    assert "cached" not in log.text and "on 4 patches 16x16x16 of 1 training cases" in log.text
     ff, fo = to_flat_dict(fishers[0]), to_flat_dict(one)
     assert any(not np.array_equal(ff[k], fo[k]) for k in ff)
     log.clear()

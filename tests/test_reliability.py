@@ -24,9 +24,10 @@ from timm_jax import faults
 from timm_jax.config import ModelConfig, TrainConfig
 from timm_jax.errors import CheckpointError, DiskFullError, DivergenceError, RunLockedError, UserError
 from timm_jax.nn.unet import build_model, init_params
-from timm_jax.training.loop import fit, volume_evaluator
+from timm_jax.training.inference import make_predictor
+from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.rundir import LOCK_FILE, RunDir, load_run, make_meta, read_metrics
-from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
+from timm_jax.training.steps import create_state, make_optimizer, make_train_step
 
 MODEL = ModelConfig(in_channels=2, out_channels=2, base_filters=2, depth=2)
 CFG = TrainConfig(batch_size=2, patch_shape=(8, 8, 8), steps_per_epoch=2, max_epochs=3, plateau_patience=1)
@@ -43,6 +44,8 @@ def batches_from(start):
 
 
 class Task(SimpleNamespace):
+    channel_names = ("one", "two")
+
     def targets(self, labels):
         return np.stack([labels == 1, labels == 2], -1).astype(np.float32)
 
@@ -57,7 +60,12 @@ def _compiled():
             image=rng.standard_normal((8, 8, 6, 2)).astype(np.float32), labels=rng.integers(0, 3, (8, 8, 6))
         )
     ]
-    return model, opt, make_train_step(model, opt), volume_evaluator(make_eval_step(model), cases, Task(), 2)
+    return (
+        model,
+        opt,
+        make_train_step(model, opt),
+        window_evaluator(make_predictor(model, (8, 8, 8), overlap=0.5), cases, Task()),
+    )
 
 
 def train(workdir, *, step_wrapper=None, cfg=CFG, **kw):

@@ -12,9 +12,10 @@ import pytest
 from timm_jax.config import ModelConfig, TrainConfig
 from timm_jax.errors import CheckpointError
 from timm_jax.nn.unet import build_model, init_params
-from timm_jax.training.loop import fit, volume_evaluator
+from timm_jax.training.inference import make_predictor
+from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.rundir import RunDir, load_run, make_meta
-from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
+from timm_jax.training.steps import create_state, make_optimizer, make_train_step
 
 MODEL = ModelConfig(in_channels=2, out_channels=2, base_filters=2, depth=2, dropout_rate=0.3)
 CFG = TrainConfig(
@@ -37,6 +38,8 @@ def batches_from(start):
 
 
 class Task(SimpleNamespace):
+    channel_names = ("one", "two")
+
     def targets(self, labels):
         return np.stack([labels == 1, labels == 2], -1).astype(np.float32)
 
@@ -53,7 +56,7 @@ def _compiled():
         )
         for _ in range(2)
     ]
-    evaluate = volume_evaluator(make_eval_step(model), cases, Task(), divisor=2)
+    evaluate = window_evaluator(make_predictor(model, (8, 8, 8), overlap=0.5), cases, Task())
     return model, opt, make_train_step(model, opt), evaluate
 
 

@@ -18,18 +18,17 @@ from timm_jax.core.merge import expand_logits, imm_merge, init_logits, layer_cha
 from timm_jax.core.partition import split, to_flat_dict
 from timm_jax.errors import ConfigError, OptimizerStateError, UserError
 from timm_jax.nn.unet import UNet3D, init_params
+from timm_jax.training.loop import window_evaluator
 from timm_jax.training.rundir import RunDir, make_meta, run_key
 from timm_jax.training.steps import (
     create_state,
     fused_params,
-    make_adaption_eval_step,
     make_adaption_optimizer,
     make_adaption_step,
     make_optimizer,
 )
 from timm_jax.workflows.fuse import (
     adam_source_fisher,
-    label_free_evaluator,
     layer_ratio_spread,
     layer_ratios,
 )
@@ -92,11 +91,15 @@ def test_entropy_adaption_step_trains_only_the_logits_without_targets():
     task0 = jax.tree_util.tree_map(np.array, state.params["task"])
     batch = {"image": np.asarray(jax.random.normal(jax.random.PRNGKey(3), shape))}  # no "target"
     step = make_adaption_step(model, opt, granularity="layer", objective="entropy")
-    evaluate = make_adaption_eval_step(model, granularity="layer", objective="entropy")
-    first = float(evaluate(state.params, sources, None, batch)["loss"])
+
+    def entropy(tr):
+        params = fused_params(sources, None, tr["logits"], tr["task"], granularity="layer")
+        return float(binary_entropy(model.apply({"params": params}, batch["image"])))
+
+    first = entropy(state.params)
     for _ in range(8):
         state, _ = step(state, sources, None, batch)
-    last = float(evaluate(state.params, sources, None, batch)["loss"])
+    last = entropy(state.params)
     assert last < first  # the entropy went down
     for a, b in zip(jax.tree_util.tree_leaves(state.params["task"]), jax.tree_util.tree_leaves(task0)):
         np.testing.assert_array_equal(np.asarray(a), b)  # 𝒮 frozen
@@ -106,18 +109,21 @@ def test_entropy_adaption_step_trains_only_the_logits_without_targets():
         make_adaption_step(model, opt, objective="dice")
 
 
-def test_label_free_evaluator_reads_no_labels():
+def test_entropy_validation_reads_no_labels():
+    cases = [SimpleNamespace(image=np.full((3, 5, 4, 1), v, np.float32)) for v in (0.2, 0.7)]  # no labels
     seen = []
 
-    def eval_step(params, batch):
-        seen.append(sorted(batch))
-        return {"loss": jnp.mean(batch["image"]) + params}
+    def predict(params, image):
+        seen.append(image.shape)
+        return np.full((*image.shape[:3], 2), params * image[0, 0, 0, 0], np.float32)
 
-    cases = [SimpleNamespace(image=np.full((3, 5, 4, 1), v, np.float32)) for v in (1.0, 3.0)]  # no labels
-    out = label_free_evaluator(eval_step, cases, divisor=4)(0.5)
-    assert seen == [["image"], ["image"]]
-    # zero-padded to (4, 8, 4): means 1·60/128 and 3·60/128, plus 0.5
-    assert out["loss"] == pytest.approx(0.5 + (1.0 + 3.0) / 2 * 60 / 128)
+    out = window_evaluator(predict, cases, loss="entropy")(0.5)
+    assert seen == [(3, 5, 4, 1)] * 2
+
+    def h(p):
+        return -(p * np.log(p) + (1 - p) * np.log1p(-p))
+
+    assert out["loss"] == pytest.approx((h(0.1) + h(0.35)) / 2, rel=1e-5)
     assert out["dice"] == [] and np.isnan(out["dice_mean"])
 
 
@@ -296,9 +302,13 @@ def test_new_fuse_settings_keep_old_run_keys_at_their_defaults():
         "logits_learning_rate": 0.05,
     }  # a FuseConfig before issue 13
     meta = lambda fuse: make_meta("fused", model={"depth": 3}, data={"d": 1}, fuse=fuse)  # noqa: E731
-    new = json.loads(json.dumps(FuseConfig().to_dict()))
-    assert set(new) - set(old) == {"adaption_objective", "task_specific_from"}
+    now = json.loads(json.dumps(FuseConfig().to_dict()))
+    assert set(now) - set(old) == {"adaption_objective", "task_specific_from", "fisher_patches"}
+    new = {k: v for k, v in now.items() if k != "fisher_patches"}  # issue 13's settings
     assert meta(new)["run_key"] == meta(old)["run_key"]
+    # the Fisher's examples changed from whole volumes to patches (fisher_patches, keyed): a fusion
+    # written before is another configuration, never reused
+    assert meta(now)["run_key"] != meta(old)["run_key"]
     for change in (
         {"adaption_objective": "entropy"},
         {"task_specific_from": 0},

@@ -124,6 +124,12 @@ class TrainConfig(Config):
     min_learning_rate: float = setting(1e-6, "The LR is never reduced below this.")
     early_stopping_patience: int = setting(50, "Epochs without improvement before stopping.")
     foreground_rate: float = setting(0.33, "Probability that a patch is centred on foreground.")
+    val_overlap: float = setting(
+        0.5,
+        "Overlap of the sliding windows (at --patch) with which the validation cases are predicted "
+        "after every epoch; 0.5 is evaluate.py's default, so the validation Dice is the one "
+        "evaluate.py --split=val reports. Lower is cheaper (fewer windows).",
+    )
     augment: bool = setting(True, "Flips and intensity augmentation.")
     loss: str = setting("dice", "Training loss.", choices=LOSSES)
     seed: int = setting(0, "Seed of initialisation, dropout and patch sampling.")
@@ -142,6 +148,8 @@ class TrainConfig(Config):
         if not self.learning_rate >= 0:
             raise ConfigError(f"--learning_rate must be >= 0, got {self.learning_rate}")
         _check_choice(self.loss, "loss", LOSSES)
+        if not 0 <= self.val_overlap < 1:
+            raise ConfigError(f"--val_overlap must be in [0, 1), got {self.val_overlap}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,11 @@ class FuseConfig(Config):
         choices=("empirical", "true", "adam"),
     )
     fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
+    fisher_patches: int = setting(
+        4,
+        "Patches per training case for the empirical / true Fisher: drawn as the source was trained "
+        "(its --patch and foreground rate, no augmentation, a fixed seed), one per-example gradient each.",
+    )
     logits_learning_rate: float = setting(
         0.05,
         "Adam learning rate of the mixing logits in the "
@@ -188,6 +201,8 @@ class FuseConfig(Config):
         for f in dataclasses.fields(self):
             if f.metadata.get("choices"):
                 _check_choice(getattr(self, f.name), f.name, f.metadata["choices"])
+        if self.fisher_patches < 1:
+            raise ConfigError(f"--fisher_patches must be >= 1, got {self.fisher_patches}")
         if self.task_specific_from < -1:
             raise ConfigError(
                 f"--task_specific_from must be -1 or a source index, got {self.task_specific_from}"
@@ -198,11 +213,15 @@ class FuseConfig(Config):
 
 @dataclass(frozen=True)
 class EvalConfig(Config):
-    """Whole-volume evaluation of a checkpoint."""
+    """Evaluation of a checkpoint: Gaussian-weighted sliding windows at the run's training patch."""
 
     split: str = setting("test", "Split to evaluate: train, val or test.")
-    patch: tuple = setting((), "Sliding-window patch D,H,W (default: whole volume in one pass).", item=int)
-    overlap: float = setting(0.5, "Sliding-window overlap fraction.")
+    patch: tuple = setting(
+        (),
+        "Sliding-window patch D,H,W (default: the run's training patch, recorded in its config.json).",
+        item=int,
+    )
+    overlap: float = setting(0.5, "Sliding-window overlap fraction (nnU-Net's 0.5).")
     hd95: bool = setting(True, "Also compute the 95th-percentile Hausdorff distance.")
     save_predictions: bool = setting(False, "Write predicted label maps as NIfTI (source affine).")
 

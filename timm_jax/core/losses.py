@@ -48,6 +48,27 @@ def binary_entropy(logits: jax.Array) -> jax.Array:
     return jnp.mean(p * jax.nn.softplus(-logits) + (1.0 - p) * jax.nn.softplus(logits))
 
 
+def probability_loss(probs: jax.Array, targets: jax.Array, kind: str = "dice") -> jax.Array:
+    """A training loss of *probabilities* (B, D, H, W, K) — e.g. a sliding-window prediction, which
+    averages window probabilities and has no logits: ``"dice"`` = 1 − mean soft Dice (as
+    :func:`soft_dice_loss`), ``"ce"`` = voxel-wise binary cross-entropy (as :func:`cross_entropy`,
+    with p clipped to [1e-7, 1 − 1e-7]), ``"dice+ce"`` their sum, ``"entropy"`` the mean binary
+    entropy (as :func:`binary_entropy`; ``targets`` not read). For ``probs = σ(logits)`` each equals
+    its logit form (up to the clipping)."""
+    p = jnp.clip(probs, 1e-7, 1.0 - 1e-7)
+    ce = lambda: -jnp.mean(targets * jnp.log(p) + (1 - targets) * jnp.log1p(-p))  # noqa: E731
+    dice = lambda: 1.0 - jnp.mean(soft_dice(probs, targets))  # noqa: E731
+    if kind == "dice":
+        return dice()
+    if kind == "ce":
+        return ce()
+    if kind == "dice+ce":
+        return dice() + ce()
+    if kind == "entropy":
+        return -jnp.mean(p * jnp.log(p) + (1 - p) * jnp.log1p(-p))
+    raise ValueError(f"unknown loss {kind!r}; use 'dice', 'ce', 'dice+ce' or 'entropy'")
+
+
 def hard_dice(pred: jax.Array, targets: jax.Array) -> jax.Array:
     """Per (sample, channel) Dice of binary masks, shape (B, K). Both empty → 1 (perfect)."""
     pred = pred.astype(jnp.float32)

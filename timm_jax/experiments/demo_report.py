@@ -83,8 +83,12 @@ def write_demo_report(
         f"batch {scale['batch_size']}, {scale['steps_per_epoch']} steps/epoch, at most "
         f"{scale['source']['max_epochs']} epochs for the sources, {scale['target']['max_epochs']} for each "
         f"task-3 run, {scale['adapt']['max_epochs']} for the adaption stage; "
-        f"Adam at {scale['learning_rate']:g} (the paper's 5e-4 is too slow for a CPU-sized demo); "
-        f"this invocation of the pipeline took {minutes:.1f} min on this machine (runs finished "
+        f"Adam at {scale['learning_rate']:g} (the paper's 5e-4 is too slow for a CPU-sized demo). Every "
+        "volume — validation after each epoch (early stopping, best checkpoint) and the test cases — is "
+        "predicted with Gaussian-weighted sliding windows of the training patch (overlap 0.5), as "
+        "nnU-Net does: a patch-trained, instance-normalised network is another function on a whole "
+        "volume. The Fishers are computed on training-size patches drawn as the sources were trained. "
+        f"This invocation of the pipeline took {minutes:.1f} min on this machine (runs finished "
         "earlier are reused, not retrained, when the pipeline is run again).\n\n"
         "How to read it: T-IMM's adaption stage is extra training on the task-3 cases (mixing logits and "
         "task-specific leaves, through the merge) before its fine-tuning, so T-IMM sees more task-3 "
@@ -137,19 +141,13 @@ def write_demo_report(
 
 def _preview(run_dir: str, png: str) -> None:
     from timm_jax.data.spec import DataSpec, resolve
-    from timm_jax.training.inference import sliding_window_predict
+    from timm_jax.workflows.evaluate import run_predictor
     from timm_jax.workflows.train import load_model
 
-    _, model, model_cfg, params, meta = load_model(run_dir)
+    _, model, _, params, meta = load_model(run_dir)
     data = resolve(DataSpec.from_dict(meta["data"]))
     case = data.load(data.splits["test"][:1])[0]
-    probs = sliding_window_predict(
-        lambda p, x: model.apply({"params": p}, x),
-        params,
-        case.image,
-        patch_shape=None,
-        divisor=model_cfg.divisor,
-    )
+    probs = run_predictor(model, meta)(params, case.image)
     plot_prediction(
         case.image[..., 1],
         case.labels,

@@ -285,12 +285,13 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
     from timm_jax.core.partition import join, select_like, split
     from timm_jax.data.spec import DataSpec, resolve
     from timm_jax.experiments.grid import cell_dir
-    from timm_jax.training.inference import sliding_window_predict
     from timm_jax.training.rundir import load_run
+    from timm_jax.workflows.evaluate import run_predictor
     from timm_jax.workflows.train import load_model
 
     m1 = os.path.join(out, "runs", "sources", "m1")
-    _, model, cfg, m1_params, meta = load_model(m1)
+    _, model, _, m1_params, meta = load_model(m1)
+    predict = run_predictor(model, meta)
     data = resolve(DataSpec.from_dict(meta["data"]))
     case = data.load(data.splits["test"][:1])[0]
     truth = data.task.decode(data.task.targets(case.labels))
@@ -304,13 +305,7 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
         params, _ = load_run(run)
         part = split(m1_params, reference=params)
         combo = join(select_like(params, part.transferable), part.task_specific)
-        probs = sliding_window_predict(
-            lambda p, x: model.apply({"params": p}, x),
-            combo,
-            case.image,
-            patch_shape=None,
-            divisor=cfg.divisor,
-        )
+        probs = predict(combo, case.image)
         panels.append((name, data.task.decode(probs)))
     fg = (truth > 0).sum(axis=(0, 1))
     z = int(np.argmax(fg)) if fg.max() else truth.shape[2] // 2

@@ -1,7 +1,13 @@
 """Whole-volume inference: sliding-window prediction with importance-weighted averaging.
 
 A network trained on patches is applied to a full volume by tiling it with overlapping
-windows of the training patch size (the strategy of nnU-Net, Isensee et al. 2021):
+windows of the training patch size (the strategy of nnU-Net, Isensee et al. 2021). With
+instance normalisation this is not an optimisation but a matter of correctness: the per-channel
+statistics of a padded whole volume (mostly background) are not those of a training patch, so a
+one-pass whole-volume prediction is a different network. :func:`make_predictor` is the one
+prediction function of the project — validation inside training, fine-tuning and the adaption
+stage, ``evaluate.py``, the forgetting evaluation and the reports' figures all call it with the
+run's training patch:
 
 * the volume is zero-padded (symmetrically) in every axis where it is smaller than the patch;
 * along each axis the window starts are evenly spaced from 0 to ``size - patch`` (the last
@@ -22,6 +28,7 @@ result is a float32 numpy array (D, H, W, K) of probabilities.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -33,6 +40,8 @@ from timm_jax.training.parallel import AXIS, data_parallel_jit
 
 __all__ = [
     "gaussian_importance_map",
+    "make_predictor",
+    "model_apply",
     "sliding_window_predict",
     "window_starts",
 ]
@@ -239,3 +248,31 @@ def sliding_window_predict(
     assert prob_sum is not None  # at least one window always exists
     out = prob_sum / weight_sum[..., None]
     return np.ascontiguousarray(out[crop])
+
+
+@functools.lru_cache(maxsize=_MAX_COMPILED)
+def model_apply(model) -> Callable[[Any, Any], Any]:
+    """``apply_fn(params, x) = model.apply({"params": params}, x)`` (inference mode), one function
+    per (hashable, equal-by-configuration) Flax module, so its compilations are reused."""
+    return lambda params, x: model.apply({"params": params}, x)
+
+
+def make_predictor(
+    model, patch_shape: Sequence[int], *, overlap: float, mesh=None, batch_size: int | None = None
+) -> Callable[[Any, np.ndarray], np.ndarray]:
+    """``predict(params, image) -> probabilities (D, H, W, K)``: :func:`sliding_window_predict`
+    of ``model`` with Gaussian-weighted windows of ``patch_shape`` (the run's training patch) and
+    ``overlap``. A volume that the patch covers is one window (zero-padded up to the patch, as
+    the training patches of such a volume are). ``batch_size`` windows per network call (default:
+    one per device of ``mesh``, else 1); with ``mesh`` the windows of a call are split over it."""
+    patch = tuple(int(p) for p in patch_shape)
+    if batch_size is None:
+        batch_size = mesh.size if mesh is not None else 1
+    apply_fn = model_apply(model)
+
+    def predict(params, image: np.ndarray) -> np.ndarray:
+        return sliding_window_predict(
+            apply_fn, params, image, patch_shape=patch, overlap=overlap, batch_size=batch_size, mesh=mesh
+        )
+
+    return predict

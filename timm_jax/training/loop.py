@@ -13,17 +13,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from timm_jax.config import TrainConfig
+from timm_jax.core.losses import probability_loss
 from timm_jax.errors import DivergenceError
 from timm_jax.faults import fault
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
+from timm_jax.training.metrics import evaluate_case
 from timm_jax.training.rundir import RunDir
 from timm_jax.training.steps import TrainState, learning_rate, scale_learning_rate
 
@@ -55,33 +57,42 @@ def pad_to_multiple(x: np.ndarray, divisor: int, spatial_axes=(0, 1, 2)) -> np.n
     return np.pad(x, pads)
 
 
-def volume_evaluator(eval_step: Callable, cases: list, task, divisor: int) -> Callable:
-    """``evaluate(params) -> {"loss", "dice": [per channel], "dice_mean"}`` over whole volumes.
+def window_evaluator(
+    predict: Callable, cases: Sequence, task=None, *, loss: str = "dice", prepare: Callable | None = None
+) -> Callable:
+    """``evaluate(params) -> {"loss", "dice": [per channel], "dice_mean", "channels"}`` on the
+    validation cases, predicted exactly as ``evaluate.py`` predicts them.
 
-    Each case is padded (zeros) to a multiple of ``divisor`` and evaluated as a batch of one; the
-    loss and the per-channel Dice are averaged over cases.
+    Each case's probabilities come from ``predict(model_params, image)`` (the run's
+    :func:`~timm_jax.training.inference.make_predictor`: sliding windows at the training patch);
+    its loss is :func:`~timm_jax.core.losses.probability_loss` of those probabilities (``loss``
+    is the training loss, or ``"entropy"``: the labels are never read, no Dice) and its Dice per
+    channel is :func:`~timm_jax.training.metrics.evaluate_case`'s. Loss and Dice are means over the
+    cases. ``prepare(params) -> model_params`` runs once per evaluation (the adaption stage
+    materialises its fused parameters there).
     """
     if not cases:
         raise ValueError("validation needs at least one case")
-    volumes = []
-    for c in cases:
-        img = pad_to_multiple(np.asarray(c.image, np.float32), divisor)
-        tgt = pad_to_multiple(np.asarray(task.targets(c.labels), np.float32), divisor)
-        volumes.append({"image": img[None], "target": tgt[None]})
+    label_free = loss == "entropy"
+    names = [] if label_free else [str(c) for c in task.channel_names]
 
     def evaluate(params) -> dict:
-        ls, ds = [], []
-        for v in volumes:
+        model_params = prepare(params) if prepare is not None else params
+        losses_, dices = [], []
+        for case in cases:
             fault("validate")
-            out = eval_step(params, v)
-            ls.append(float(out["loss"]))
-            ds.append(np.asarray(out["dice"])[0])
-        dice = np.mean(ds, axis=0)
+            probs = predict(model_params, case.image)
+            targets = None if label_free else np.asarray(task.targets(case.labels), np.float32)
+            losses_.append(float(probability_loss(probs[None], None if label_free else targets[None], loss)))
+            if not label_free:
+                row = evaluate_case(probs, targets, names, compute_hd95=False)
+                dices.append([row[f"dice_{c}"] for c in names])
+        dice = np.mean(dices, axis=0) if dices else np.zeros(0)
         return {
-            "channels": [str(c) for c in getattr(task, "channel_names", range(len(dice)))],
-            "loss": float(np.mean(ls)),
+            "channels": names,
+            "loss": float(np.mean(losses_)),
             "dice": [float(d) for d in dice],
-            "dice_mean": float(np.mean(dice)),
+            "dice_mean": float(np.mean(dice)) if dices else math.nan,
         }
 
     return evaluate

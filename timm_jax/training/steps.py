@@ -127,21 +127,6 @@ def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = 
     return data_parallel_jit(step, mesh, batch_argnums=(1,), nargs=2, donate_argnums=(0,))
 
 
-def make_eval_step(model, loss: str = "dice", *, mesh=None):
-    """``eval_step(params, batch) -> {"loss", "dice" (B, K)}`` on a batch, no dropout.
-    Dice thresholds σ(logits) at 0.5. With ``mesh``, everything is replicated over it (a
-    validation batch is one whole volume)."""
-
-    def eval_step(params, batch):
-        logits = _apply(model, params, batch["image"], None, False)
-        return {
-            "loss": segmentation_loss(logits, batch["target"], loss),
-            "dice": losses.hard_dice(logits > 0, batch["target"] > 0.5),
-        }
-
-    return data_parallel_jit(eval_step, mesh, batch_argnums=(), nargs=2)
-
-
 def fused_params(
     sources: Sequence[PyTree],
     fishers: Sequence[PyTree] | None,
@@ -219,28 +204,3 @@ def make_adaption_step(
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), {"loss": value})
 
     return data_parallel_jit(step, mesh, batch_argnums=(3,), nargs=4, donate_argnums=(0,))
-
-
-def make_adaption_eval_step(
-    model,
-    *,
-    granularity: Granularity = "leaf",
-    eps: float = DEFAULT_EPS,
-    loss: str = "dice",
-    objective: str = "supervised",
-    mesh=None,
-):
-    """Validation loss/Dice of an adaption state (fused on the fly); replicated over ``mesh``.
-    ``objective="entropy"``: ``{"loss": mean prediction entropy}`` only — no labels are read."""
-    eval_step = make_eval_step(model, loss)
-    _check_objective(objective)
-
-    def step(trainable, sources, fishers, batch):
-        params = fused_params(
-            sources, fishers, trainable["logits"], trainable["task"], granularity=granularity, eps=eps
-        )
-        if objective == "entropy":
-            return {"loss": losses.binary_entropy(_apply(model, params, batch["image"], None, False))}
-        return eval_step(params, batch)
-
-    return data_parallel_jit(step, mesh, batch_argnums=(), nargs=4)

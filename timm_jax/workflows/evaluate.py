@@ -16,17 +16,63 @@ from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
-from timm_jax.training.inference import sliding_window_predict
+from timm_jax.training.inference import make_predictor
 from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, summarize, write_results
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, load_run
 from timm_jax.workflows.report import prediction_slice
 from timm_jax.workflows.train import load_model
 
-__all__ = ["evaluate_forgetting", "evaluate_model"]
+__all__ = ["evaluate_forgetting", "evaluate_model", "run_predictor", "training_patch"]
 
 _log = logging.getLogger(__name__)
 _PREVIEWS = 3  # prediction slices written to TensorBoard per evaluation
+
+
+def training_patch(meta: dict) -> tuple[int, int, int] | None:
+    """The patch a run's network was trained at (its sliding-window size): the ``train`` config's
+    ``patch_shape`` (train runs, T-IMM fusions), the recorded ``patch`` (IMM fusions), else that of
+    its first source (IMM fusions written before the patch was recorded); ``None`` if unknown."""
+    train = meta.get("train") or {}
+    if train.get("patch_shape"):
+        return tuple(int(p) for p in train["patch_shape"])
+    if meta.get("patch"):
+        return tuple(int(p) for p in meta["patch"])
+    for src in meta.get("sources") or []:
+        try:
+            with RunDir.open(src[0]) as run:
+                return training_patch(run.meta)
+        except CheckpointError:
+            continue
+    return None
+
+
+def run_predictor(model, meta: dict, cfg: EvalConfig = EvalConfig(), mesh=None):
+    """``predict(params, image) -> probabilities`` as ``evaluate.py`` predicts a run: sliding windows
+    at its training patch (or ``cfg.patch``) with ``cfg.overlap`` (the reports' figures use it)."""
+    patch = tuple(cfg.patch) or training_patch(meta)
+    if patch is None:
+        raise CheckpointError("the run records no training patch; pass --patch=D,H,W")
+    return make_predictor(model, patch, overlap=cfg.overlap, mesh=mesh)
+
+
+def _inference_patch(run_dir: str, meta: dict, cfg: EvalConfig) -> tuple[int, ...]:
+    """``--patch`` if given, else the run's training patch (one log line for runs validated on
+    whole volumes, i.e. written before validation used sliding windows)."""
+    if cfg.patch:
+        return tuple(cfg.patch)
+    patch = training_patch(meta)
+    if patch is None:
+        raise CheckpointError(f"{run_dir} records no training patch; pass --patch=D,H,W")
+    train = meta.get("train") or {}
+    if train and "val_overlap" not in train:
+        _log.info(
+            "[evaluate] %s was written before validation used sliding windows (its early stopping "
+            "saw whole volumes); evaluating with sliding windows at its training patch %s",
+            run_dir,
+            "x".join(map(str, patch)),
+        )
+    return patch
 
 
 def evaluate_model(
@@ -39,11 +85,12 @@ def evaluate_model(
     spec_override: DataSpec | None = None,
     devices: DeviceConfig | None = None,
 ) -> dict:
-    """Whole-volume evaluation of a run's best checkpoint on one split of its task.
+    """Evaluation of a run's best checkpoint on one split of its task.
 
     Writes ``<out_dir>/per_case.csv`` and ``summary.json`` (and ``predictions/*.nii.gz``);
-    returns the summary. ``cfg.patch=()`` predicts each volume in one pass; otherwise a
-    Gaussian-weighted sliding window with ``cfg.overlap``. ``params_override`` evaluates other
+    returns the summary. Each volume is predicted with Gaussian-weighted sliding windows
+    (``cfg.overlap``) of the run's training patch (:func:`training_patch`), or of ``cfg.patch``
+    when given — the prediction function validation uses. ``params_override`` evaluates other
     parameters of the same architecture, ``spec_override`` other data. ``devices``: the mesh
     (``None``: one device); sliding windows are then predicted one per device per call, and in
     a multi-process run only process 0 writes files.
@@ -67,30 +114,26 @@ def evaluate_model(
     out_dir = out_dir or os.path.join(run_dir, f"eval_{cfg.split}")
     if dp.is_main:
         os.makedirs(out_dir, exist_ok=True)
-    apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+    patch = _inference_patch(run_dir, meta, cfg)
+    if any(p % model_cfg.divisor for p in patch):
+        raise ConfigError(f"--patch {list(patch)} must be divisible by {model_cfg.divisor} (2^(depth-1))")
+    predict = make_predictor(model, patch, overlap=cfg.overlap, mesh=dp.mesh)
     params = dp.replicate(params)
     ids = data.splits[cfg.split]
     _log.info(
-        "[evaluate] %s: %d %s cases of task %s; on %s",
+        "[evaluate] %s: %d %s cases of task %s, sliding windows %s (overlap %g); on %s",
         run_dir,
         len(ids),
         cfg.split,
         data.task.name,
+        "x".join(map(str, patch)),
+        cfg.overlap,
         dp.describe(),
     )
     rows = []
     with Events(out_dir) as events, bar(len(ids), f"[evaluate] {cfg.split}", "case") as progress:
         for i, (cid, case) in enumerate(zip(ids, data.load(ids))):
-            probs = sliding_window_predict(
-                apply_fn,
-                params,
-                case.image,
-                patch_shape=cfg.patch or None,
-                overlap=cfg.overlap,
-                divisor=model_cfg.divisor,
-                batch_size=dp.num_devices,
-                mesh=dp.mesh,
-            )
+            probs = predict(params, case.image)
             rows.append(
                 {
                     "case": cid,

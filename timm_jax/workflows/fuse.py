@@ -4,9 +4,9 @@
 The work is split the way the data flow:
 
 1. :func:`load_sources` — read the source runs and check they are models of one architecture.
-2. :func:`source_fisher` — each source's diagonal Fisher on its own task's training cases
-   (whole volumes, per-example gradients), cached in ``<source>/fisher/`` and reused while the
-   source's checkpoint and the settings are unchanged.
+2. :func:`source_fisher` — each source's diagonal Fisher on its own task's training data
+   (per-example gradients of patches drawn as the source was trained), cached in
+   ``<source>/fisher/`` and reused while the source's checkpoint and the settings are unchanged.
 3. :func:`fusion_partition` — the target network's transferable / task-specific split; a leaf
    whose shape differs from any source's is task-specific.
 4. :func:`adaption_stage` (``method="timm"`` only) — train the mixing logits and the freshly
@@ -53,19 +53,20 @@ from timm_jax.core.partition import (
     split,
     to_flat_dict,
 )
+from timm_jax.data.pipeline import PatchSampler
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError, OptimizerStateError, writing
 from timm_jax.faults import fault
 from timm_jax.nn.unet import build_model, init_params, layer_order
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
-from timm_jax.training.loop import fit, pad_to_multiple, state_dict, volume_evaluator
+from timm_jax.training.inference import make_predictor
+from timm_jax.training.loop import fit, state_dict, window_evaluator
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import (
     create_state,
     fused_params,
-    make_adaption_eval_step,
     make_adaption_optimizer,
     make_adaption_step,
 )
@@ -78,7 +79,6 @@ __all__ = [
     "fuse_models",
     "fusion_partition",
     "adam_source_fisher",
-    "label_free_evaluator",
     "layer_ratio_spread",
     "layer_ratios",
     "load_sources",
@@ -137,17 +137,28 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
 
 
 def source_fisher(
-    source_dir: str, *, kind: str = "empirical", max_examples: int = 0, dp: DataParallel = DataParallel()
+    source_dir: str,
+    *,
+    kind: str = "empirical",
+    max_examples: int = 0,
+    patches_per_case: int = FuseConfig().fisher_patches,
+    dp: DataParallel = DataParallel(),
 ) -> dict:
-    """Diagonal Fisher of a trained run on its own training cases (cached beside its checkpoint).
+    """Diagonal Fisher of a trained run on its own training data (cached beside its checkpoint).
+
+    The examples are the source's *training distribution*: ``patches_per_case`` patches per
+    training case, drawn by the source's own patch sampler (its patch shape and foreground rate,
+    no augmentation, seed 0) — one per-example gradient each (:func:`fisher_patches`). A network
+    trained on patches with instance normalisation is another function on a whole volume, so a
+    Fisher of whole volumes would weigh the parameters of a network the source never was.
 
     ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model,
     ``"adam"`` reads the bias-corrected Adam second moment of the same checkpoint (no pass over
     the data, nothing cached; :func:`adam_source_fisher`). The cache
     ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
-    configuration and the settings, and written atomically (by process 0 only). With a mesh,
-    each call of the per-example gradients takes one case per device (cases of equal padded
-    shape are grouped; the sum over cases is the same).
+    configuration and the settings (the examples included: a cache of another sampling, e.g. of
+    whole volumes, is recomputed), and written atomically (by process 0 only). With a mesh, each
+    call of the per-example gradients takes one patch per device.
     """
     if kind not in ("empirical", "true", "adam"):
         raise ValueError(f"Fisher kind must be 'empirical', 'true' or 'adam', got {kind!r}")
@@ -156,7 +167,21 @@ def source_fisher(
     source_dir, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
     with RunDir.open(source_dir, ("train",)) as run:
         step = run.latest_step(run.best_or_latest())
-    key = {"step": step, "kind": kind, "max_examples": max_examples, "run_key": meta.get("run_key")}
+    train_cfg = TrainConfig.from_dict(meta.get("train") or {})
+    examples = {
+        "examples": "patches",
+        "patch_shape": list(train_cfg.patch_shape),
+        "foreground_rate": train_cfg.foreground_rate,
+        "patches_per_case": patches_per_case,
+        "seed": _FISHER_SEED,
+    }
+    key = {
+        "step": step,
+        "kind": kind,
+        "max_examples": max_examples,
+        "run_key": meta.get("run_key"),
+        **examples,
+    }
     cache = os.path.join(source_dir, "fisher", f"fisher_{kind}.npz")
     shapes = {k: np.shape(v) for k, v in to_flat_dict(params).items()}
     cached = _read_fisher_cache(cache, key, shapes)
@@ -164,7 +189,7 @@ def source_fisher(
     if dp.agree(cached is not None):
         _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
         return cached
-    return _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_examples, key, cache, dp)
+    return _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_cfg, key, cache, dp)
 
 
 def adam_source_fisher(source_dir: str) -> dict:
@@ -205,39 +230,64 @@ def _read_fisher_cache(cache: str, key: dict, shapes: dict) -> dict | None:
     return None
 
 
-def _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_examples, key, cache, dp) -> dict:
+#: seed of the Fisher's patch sampler (fixed: the Fisher of a checkpoint is one number)
+_FISHER_SEED = 0
+
+
+def fisher_patches(cases, task, train_cfg: TrainConfig, patches_per_case: int, batch_size: int = 1):
+    """The Fisher's examples: ``patches_per_case`` patches of every case, ``(image, target)`` of
+    ``train_cfg.patch_shape`` each, drawn by the training pipeline's sampler with the source's
+    foreground rate, without augmentation and with seed 0 — each case once per round, in a seeded
+    order (the sampler's epochs), so every case contributes exactly ``patches_per_case``. Yields
+    batches of up to ``batch_size`` patches (the last may be smaller)."""
+    sampler = PatchSampler(
+        cases,
+        task,
+        train_cfg.patch_shape,
+        seed=_FISHER_SEED,
+        foreground_rate=train_cfg.foreground_rate,
+        augment=False,
+    )
+    n = len(cases) * patches_per_case
+    for start in range(0, n, batch_size):
+        samples = [sampler(i) for i in range(start, min(start + batch_size, n))]
+        yield np.stack([s["image"] for s in samples]), np.stack([s["target"] for s in samples])
+
+
+def _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_cfg, key, cache, dp) -> dict:
     data = resolve(DataSpec.from_dict(meta["data"]))
     ids = list(meta.get("train_ids") or data.train_ids)
     if max_examples:
         ids = ids[:max_examples]
     cases = data.load(ids)
+    per_case = key["patches_per_case"]
+    n = len(ids) * per_case
     apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
     _log.info(
-        "[fuse] Fisher of %s (%s) on %d training cases of task %s", source_dir, kind, len(ids), data.task.name
+        "[fuse] Fisher of %s (%s) on %d patches %s of %d training cases of task %s",
+        source_dir,
+        kind,
+        n,
+        "x".join(str(p) for p in train_cfg.patch_shape),
+        len(ids),
+        data.task.name,
     )
-    # one whole volume per batch (padded only to the network's divisor): memory does not grow
-    # with the data set, and no case is padded to another case's size
-    batches = (
-        (
-            pad_to_multiple(c.image, model_cfg.divisor)[None],
-            pad_to_multiple(data.task.targets(c.labels), model_cfg.divisor)[None],
-        )
-        for c in cases
-    )
+    # patches of one shape: memory does not grow with the data set
+    batches = fisher_patches(cases, data.task, train_cfg, per_case, batch_size=dp.num_devices)
     if kind == "empirical":
         ll = segmentation_log_likelihood(apply_fn)
     else:
         ll = sampled_segmentation_log_likelihood(apply_fn)
         batches = with_sample_keys(batches, jax.random.PRNGKey(0))
-    if dp.mesh is not None:  # up to one case per device per call (same per-case sample keys)
-        batches = _group_cases(((x[0], y[0]) for x, y in batches), dp.num_devices)
-    with bar(len(ids), f"[fuse] Fisher of {os.path.basename(source_dir)}", "case") as progress:
+    with bar(n, f"[fuse] Fisher of {os.path.basename(source_dir)}", "patch") as progress:
+        done = [0]
 
-        def seen(n: int) -> None:
+        def seen(count: int) -> None:
             fault("fisher.case")
-            progress.update()
-            if n % 10 == 0:
-                _log.info("[fuse] Fisher: %d/%d cases", n, len(ids))
+            progress.update(count - done[0])
+            if count // 50 > done[0] // 50:
+                _log.info("[fuse] Fisher: %d/%d patches", count, n)
+            done[0] = count
 
         fisher = fisher_diagonal(
             ll,
@@ -261,18 +311,6 @@ def _compute_fisher(source_dir, model, model_cfg, params, meta, kind, max_exampl
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return fisher
-
-
-def _group_cases(items, n: int):
-    """Consecutive ``(x, y)`` examples stacked into batches of up to ``n`` of one shape."""
-    buf: list = []
-    for x, y in items:
-        if buf and (len(buf) == n or buf[0][0].shape != x.shape):
-            yield np.stack([b[0] for b in buf]), np.stack([b[1] for b in buf])
-            buf = []
-        buf.append((x, y))
-    if buf:
-        yield np.stack([b[0] for b in buf]), np.stack([b[1] for b in buf])
 
 
 def fusion_partition(fresh: dict, sources: Sources) -> Partition:
@@ -303,20 +341,6 @@ def source_task_specific(part: Partition, source_params: dict, *, name: str = "s
     return from_flat_dict({**fresh, **{k: jnp.asarray(v) for k, v in taken.items()}})
 
 
-def label_free_evaluator(eval_step, cases: list, divisor: int):
-    """``evaluate(params) -> {"loss": mean over cases of eval_step's loss, "dice": [], "dice_mean": nan}``
-    on whole images only: the cases' labels are never read (the entropy objective's early stopping)."""
-    if not cases:
-        raise ValueError("validation needs at least one case")
-    volumes = [{"image": pad_to_multiple(np.asarray(c.image, np.float32), divisor)[None]} for c in cases]
-
-    def evaluate(params) -> dict:
-        loss = float(np.mean([float(eval_step(params, v)["loss"]) for v in volumes]))
-        return {"channels": [], "loss": loss, "dice": [], "dice_mean": float("nan")}
-
-    return evaluate
-
-
 def _without_labels(cases: list) -> list:
     """The cases with all-zero label maps: what an unlabelled target provides."""
     return [dataclasses.replace(c, labels=np.zeros(c.image.shape[:3], np.uint8)) for c in cases]
@@ -341,7 +365,9 @@ def adaption_stage(
     """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
     ``(logits, task_specific, summary)``. With a mesh (``dp``), the batches are split over it and
     the sources, Fishers and adaption state are replicated. ``task_specific``: the starting 𝒮
-    (default: the fresh ``part.task_specific``).
+    (default: the fresh ``part.task_specific``). Validation after each epoch predicts the
+    validation cases with the fused parameters exactly as ``evaluate.py`` would (sliding windows
+    at the training patch, ``adapt_cfg.val_overlap``).
 
     ``cfg.adaption_objective="entropy"`` (label-free): the loss is the fused model's mean binary
     prediction entropy on the training images, with their labels replaced by zeros before any
@@ -366,14 +392,16 @@ def adaption_stage(
         granularity=cfg.granularity, loss=adapt_cfg.loss, objective=cfg.adaption_objective, mesh=dp.mesh
     )
     step = make_adaption_step(model, optimizer, **kw)
-    eval_step = make_adaption_eval_step(model, **kw)
-    divisor = 2 ** (model.depth - 1)
-    if entropy:
-        evaluate = label_free_evaluator(lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, divisor)
-    else:
-        evaluate = volume_evaluator(
-            lambda p, b: eval_step(p, src_tr, fishers, b), val_cases, data.task, divisor
-        )
+    merge = jax.jit(
+        lambda tr, s, f: fused_params(s, f, tr["logits"], tr["task"], granularity=cfg.granularity)
+    )
+    evaluate = window_evaluator(
+        make_predictor(model, adapt_cfg.patch_shape, overlap=adapt_cfg.val_overlap, mesh=dp.mesh),
+        val_cases,
+        data.task,
+        loss="entropy" if entropy else adapt_cfg.loss,
+        prepare=lambda tr: merge(tr, src_tr, fishers),
+    )
     batch_cfg = adapt_cfg.replace(foreground_rate=0.0) if entropy else adapt_cfg
     names = source_names or [f"source{t}" for t in range(len(src_tr))]
 
@@ -501,6 +529,7 @@ def fuse_models(
         model=model_cfg,
         data=target,
         train=adapt_cfg if timm else None,
+        **({} if timm else {"patch": list(adapt_cfg.patch_shape)}),  # the patch it is evaluated at
         init_seed=adapt_cfg.seed,  # the fresh task-specific leaves
         fuse=cfg,
         sources=sources.request(),
@@ -524,7 +553,13 @@ def fuse_models(
             jax.tree_util.tree_map(
                 jnp.asarray,
                 select_like(
-                    source_fisher(d, kind=cfg.fisher, max_examples=cfg.fisher_examples, dp=dp),
+                    source_fisher(
+                        d,
+                        kind=cfg.fisher,
+                        max_examples=cfg.fisher_examples,
+                        patches_per_case=cfg.fisher_patches,
+                        dp=dp,
+                    ),
                     part.transferable,
                 ),
             )

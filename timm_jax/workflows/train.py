@@ -21,10 +21,11 @@ from timm_jax.data.pipeline import make_train_dataset
 from timm_jax.data.spec import Data, DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.nn.unet import UNet3D, build_model, init_params, resolve_conv_impl
-from timm_jax.training.loop import fit, volume_evaluator
+from timm_jax.training.inference import make_predictor
+from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
-from timm_jax.training.steps import create_state, make_eval_step, make_optimizer, make_train_step
+from timm_jax.training.steps import create_state, make_optimizer, make_train_step
 
 __all__ = [
     "INITS",
@@ -174,9 +175,8 @@ def train_model(
             _log.info("[train] initialised from fused checkpoint %s", init_from)
         optimizer = make_optimizer(train_cfg.learning_rate)
         state = dp.replicate(create_state(params, optimizer, state_rng))
-        evaluate = volume_evaluator(
-            make_eval_step(model, train_cfg.loss, mesh=dp.mesh), val_cases, data.task, model_cfg.divisor
-        )
+        predict = make_predictor(model, patch, overlap=train_cfg.val_overlap, mesh=dp.mesh)
+        evaluate = window_evaluator(predict, val_cases, data.task, loss=train_cfg.loss)
         _, summary = fit(
             run,
             state=state,
