@@ -410,7 +410,8 @@ def _read_volume(path: Path, *, as_labels: bool) -> tuple[np.ndarray, np.ndarray
     """Read one NIfTI / MGH file; images come back as float32, labels as whatever dtype is stored."""
     import nibabel as nib
 
-    with _quiet_nibabel():
+    # overflow in a damaged header's sizes or affine is a problem reported below, not a warning
+    with _quiet_nibabel(), np.errstate(all="ignore"):
         img = nib.load(str(path))  # reads the header only
         if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image | nib.MGHImage):
             raise _BadFile(f"not a NIfTI or MGH image (read as {type(img).__name__})")

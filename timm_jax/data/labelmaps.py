@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -159,7 +160,11 @@ def load_label_map(spec: str | os.PathLike) -> LabelMap:
     def bad(message: str) -> DataError:
         return DataError([Problem("", str(path), message)])
 
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):
+        found = False
+    if not found:
         raise bad("label map file not found (--label_map: paper14 or a JSON file)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
@@ -174,7 +179,7 @@ def load_label_map(spec: str | os.PathLike) -> LabelMap:
     entries = [(k, v) for k, v in raw.items() if k not in ("background", "unmapped")]
     if not entries:
         raise bad("label map defines no class")
-    numeric = [k.strip().isdigit() for k, _ in entries]
+    numeric = [_decimal(k) for k, _ in entries]
     if any(numeric) and not all(numeric):
         raise bad("class keys must be all names or all decimal class ids, not a mix")
     classes = []
@@ -230,7 +235,11 @@ def _ids(value, what: str, bad) -> tuple[int, ...]:
 
 def _is_range(s: str) -> bool:
     parts = s.split("-")
-    return len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+    return len(parts) == 2 and all(_decimal(p) for p in parts)
+
+
+def _decimal(text: str) -> bool:
+    return re.fullmatch(r"[0-9]+", text.strip()) is not None
 
 
 def _show(value, limit: int = 60) -> str:

@@ -225,6 +225,19 @@ def _find(folder: Path, stem: str, names: set[str] | None = None) -> Path | None
     return None
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()`` that is False, not an error, for names the OS refuses (too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _decimal(text: str) -> bool:
+    """Whether ``text`` is a plain decimal number (``str.isdigit`` also accepts "²" and "٣")."""
+    return re.fullmatch(r"[0-9]+", text.strip()) is not None
+
+
 def _file_names(folder: Path) -> set[str]:
     try:
         return {p.name for p in folder.iterdir() if not p.is_dir()}
@@ -476,7 +489,7 @@ class _Json:
         return _fail(self.path, f"{where} {message}" if where else message)
 
     def load(self) -> dict:
-        if not self.path.is_file():
+        if not _is_file(self.path):
             raise _fail(self.path, "missing file (the data set's dataset.json)")
         try:
             raw = json.loads(self.path.read_bytes().decode("utf-8"))
@@ -503,6 +516,8 @@ class _Json:
         if not value:
             raise self.fail(repr(key), "must name at least one channel")
         try:
+            if not all(_decimal(k) for k in value):
+                raise ValueError
             indices = sorted(int(k) for k in value)
         except ValueError:
             raise self.fail(
@@ -595,7 +610,7 @@ def _msd_info(root: Path) -> DatasetInfo:
     raw_labels = js.get(d, "labels", dict)
     labels: dict[int, str] = {}
     for k, v in raw_labels.items():
-        if not k.strip().isdigit():
+        if not _decimal(k):
             raise js.fail("'labels'", f'keys must be label values "0", "1", ..., got {k!r}')
         if not isinstance(v, str):
             raise js.fail(f"'labels'[{k!r}]", f"must be a string (the label's name), got {_kind(v)}")
@@ -680,7 +695,7 @@ def _msd_plan(root: Path, info: DatasetInfo, case_id: str):
     order = tuple(info.files["channels"])
     n = len(info.files["modality"])
     source = ImageSource(
-        img if img.is_file() else None,
+        img if _is_file(img) else None,
         img,
         info.modalities,
         volumes=order,
@@ -690,7 +705,7 @@ def _msd_plan(root: Path, info: DatasetInfo, case_id: str):
     if entry["label"] is None:
         return CasePlan(case_id, img.parent, (source,), None, None), []
     lab = Path(entry["label"])
-    return CasePlan(case_id, img.parent, (source,), lab if lab.is_file() else None, lab), []
+    return CasePlan(case_id, img.parent, (source,), lab if _is_file(lab) else None, lab), []
 
 
 _NNUNET_ENDINGS = (".nii.gz", ".nii", ".mgz", ".mgh")
