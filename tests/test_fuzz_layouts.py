@@ -297,3 +297,34 @@ def test_4d_image_with_another_channel_count_in_its_header(tmp_path):
     (p,) = problems
     assert p.path == str(path) and "has 2 channels" in p.message and "expected 4" in p.message
     TALLY.add("4-D NIfTI with another channel count (msd)", "reported: one line naming the file", UNCHANGED)
+
+
+# ----------------------------------------------------------------------------------- label maps
+LABEL_MAP = st.dictionaries(
+    st.text(max_size=8) | st.sampled_from(["background", "unmapped", "1", "0", "²", "3"]),
+    JSON
+    | st.lists(
+        st.integers(-3, 2**32) | st.sampled_from(["1000-1035", "9-3", "1-", "a-b", "0-0"]), max_size=5
+    ),
+    max_size=5,
+)
+
+
+@settings(FUZZ, max_examples=150)
+@given(content=LABEL_MAP | JSON)
+def test_any_label_map_json_is_reported_or_accepted(content):
+    from timm_jax.data.labelmaps import LabelMap, load_label_map
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "map.json"
+        path.write_text(json.dumps(content))
+        try:
+            lm = load_label_map(path)
+        except DataError as err:
+            assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
+            outcome = "reported: one line naming the file"
+        else:
+            assert isinstance(lm, LabelMap) and lm.classes
+            assert lm.apply(np.arange(40).reshape(2, 4, 5)).dtype == np.int32
+            outcome = "accepted: a label map"
+    TALLY.add("label map: any JSON (--label_map=FILE)", outcome, UNCHANGED)

@@ -639,7 +639,7 @@ def _read_case(plan: CasePlan, info, require_labels: bool) -> tuple[Case | None,
         "layout": info.layout,
         "convention": info.convention,
         "source": {
-            "file": str(ref.path),
+            "file": os.path.abspath(ref.path),  # absolute: write_like_input reads its header later
             "format": ref.facts.get("format"),
             "shape": [int(s) for s in ref.original_shape],
             "affine": np.asarray(ref.original_affine).tolist(),
