@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, settings
 
 ENV = "TIMM_JAX_FUZZ_RESULTS"
 KEYS = ("fault", "where", "times", "outcome", "data_lost")
-MODULES = ("tests/test_fuzz_merge.py", "tests/test_fuzz_validate.py")
+MODULES = ("tests/test_fuzz_merge.py", "tests/test_fuzz_validate.py", "tests/test_fuzz_layouts.py")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "reliability" / "fuzz_results.json"
 
 # deterministic (the same examples on every run and machine), no deadline (a 2-core VM shared

@@ -189,19 +189,42 @@ def test_trailing_singleton_axis_is_accepted(tmp_path):
     assert load_case(tmp_path, "C", "brats").image.shape == SHAPE + (4,)
 
 
-def test_error_shape_mismatch(tmp_path):
-    write_brats(tmp_path, "C", overrides={"t1ce": (_image(1, (6, 7, 6)), AFFINE)})
-    _check_both(
-        tmp_path, "C", "brats", "C_t1ce.nii.gz", "shape (6, 7, 6) differs from C_t1.nii.gz's (6, 7, 5)"
-    )
+def test_modality_with_another_shape_is_resampled_onto_the_label_grid(tmp_path, caplog):
+    # was an error ("shape differs"); now the label grid is the reference and the modality is resampled
+    t1ce = _image(1, (6, 7, 6))
+    write_brats(tmp_path, "C", overrides={"t1ce": (t1ce, AFFINE)})
+    assert validate_case(tmp_path, "C", "brats") == []
+    with caplog.at_level("INFO", logger="timm_jax.data.io"):
+        case = load_case(tmp_path, "C", "brats")
+    assert case.image.shape == SHAPE + (4,) and case.meta["resampled"] == ["t1ce"]
+    np.testing.assert_allclose(case.image[..., 1], t1ce[:, :, :5], rtol=1e-6)  # same affine: same voxels
+    (line,) = [r.getMessage() for r in caplog.records if "resampled" in r.getMessage()]
+    assert "case C: t1ce resampled onto the grid of C_seg.nii.gz" in line and "(6, 7, 6)" in line
 
 
-def test_error_affine_mismatch(tmp_path):
+def test_modalities_with_another_affine_are_resampled_onto_the_label_grid(tmp_path):
     shifted = AFFINE.copy()
-    shifted[0, 3] += 1.5
+    shifted[0, 3] += 1.0  # half a voxel along x
     write_parc(tmp_path, "s")
-    save_nifti(tmp_path / "s" / "labels.nii.gz", np.zeros(SHAPE, np.uint8), shifted)
-    _check_both(tmp_path, "s", "parcellation", "labels.nii.gz", "affine differs from t1.nii.gz's")
+    lab = np.zeros(SHAPE, np.uint8)
+    lab[2, 3, 2] = 7
+    save_nifti(tmp_path / "s" / "labels.nii.gz", lab, shifted)
+    case = load_case(tmp_path, "s", "parcellation")
+    assert case.meta["resampled"] == ["t1", "t2"]
+    np.testing.assert_allclose(case.affine, shifted)
+    # label voxel i sits at t1 voxel i + 0.5 along x: the mean of the two neighbours
+    t1 = _image(1)
+    np.testing.assert_allclose(case.image[2, 3, 2, 0], 0.5 * (t1[2, 3, 2] + t1[3, 3, 2]), rtol=1e-5)
+    summaries, problems = validate_dataset(tmp_path, "parcellation")
+    assert not problems and "(t1,t2 resampled onto the" in summaries[0]
+
+
+def test_error_grids_that_do_not_overlap(tmp_path):
+    far = AFFINE.copy()
+    far[:3, 3] += 500.0
+    write_parc(tmp_path, "s")
+    save_nifti(tmp_path / "s" / "t2.nii.gz", _image(2), far)
+    _check_both(tmp_path, "s", "parcellation", "t2.nii.gz", "does not overlap labels.nii.gz's")
 
 
 def test_error_non_finite(tmp_path):
@@ -255,12 +278,14 @@ def test_float_labels_with_integer_values_are_accepted(tmp_path):
 
 
 def test_every_problem_of_a_case_is_reported(tmp_path):
-    folder = write_brats(tmp_path, "C", overrides={"t1ce": (_image(1, (5, 5, 5)), AFFINE)})
+    img = _image(1)
+    img[1, 1, 1] = np.nan
+    folder = write_brats(tmp_path, "C", overrides={"t1ce": (img, AFFINE)})
     (folder / "C_flair.nii.gz").unlink()
     problems = validate_case(tmp_path, "C", "brats")
     assert sorted(_messages(problems)) == sorted(
         [
-            ("C_t1ce.nii.gz", "shape (5, 5, 5) differs from C_t1.nii.gz's (6, 7, 5)"),
+            ("C_t1ce.nii.gz", "1 non-finite value(s) (NaN or inf)"),
             ("C_flair.nii.gz", "missing file"),
         ]
     )

@@ -188,7 +188,7 @@ def test_load_preprocessed_caches_once_per_case_and_settings(tmp_path, monkeypat
     np.testing.assert_array_equal(b.image, expected.image)
     # other settings: computed again, cached separately
     load_preprocessed(tmp_path / "data", "s1", "parcellation", dataclasses.replace(cfg, margin=0), cache)
-    assert len(calls) == 2 and len(list(cache.glob("*.npz"))) == 2
+    assert len(calls) == 2 and len(list(cache.glob("*.json"))) == 2  # one record (+ its .npy files) each
     # a changed source file invalidates the entry
     st = os.stat(folder / "t2.nii.gz")
     os.utime(folder / "t2.nii.gz", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))

@@ -2,12 +2,16 @@
 
 Each example copies a valid data folder (one clean case, one to corrupt) of the ``brats`` or
 ``parcellation`` layout, damages one file of the second case (truncated, zero bytes, wrong
-dimensionality, NaN / Inf voxels, another affine or shape, labels outside the layout's set or
-beyond int32, non-integer labels, a missing modality, a non-finite affine, complex voxels, no
-voxels, random header bytes) and runs the validator. It must never raise: every problem is one
-line naming the damaged file and what is wrong, the clean case still passes, ``load_case``
-raises a :class:`DataError`, and no file is changed. A few cases also run
-``python -m timm_jax.data.validate`` in a subprocess (exit status 1, one ``ERROR`` line each).
+dimensionality, NaN / Inf voxels, labels outside the layout's set or beyond int32, non-integer
+labels, a missing modality, a non-finite affine, complex voxels, no voxels, random header bytes)
+and runs the validator. It must never raise: every problem is one line naming the damaged file and
+what is wrong, the clean case still passes, ``load_case`` raises a :class:`DataError`, and no file
+is changed. Another affine or shape is no longer an error: the case loads with the modalities
+resampled onto the label grid, or (no overlap, a degenerate affine) is reported in one line. A
+parcellation case without its T2 makes the data set's cases disagree: one line for the data set.
+A few cases also run ``python -m timm_jax.data.validate`` in a subprocess (exit status 1, one
+``ERROR`` line each). The readers of the other layouts (``dataset.json``, 4-D NIfTI, ``.mgz``) are
+fuzzed in ``tests/test_fuzz_layouts.py``.
 """
 
 from __future__ import annotations
@@ -224,15 +228,57 @@ def check_report(root, layout, bad_file, fragment):
     return problems
 
 
+#: faults after which the case may load: its modalities are resampled onto the label grid
+RESAMPLED = ("mismatched affine", "mismatched shape")
+#: what a resampled case may still be reported for (one line naming a file of the case)
+RESAMPLE_PROBLEMS = ("does not overlap", "is empty on", "affine is degenerate", "nearly) singular")
+
+
+def check_resampled(root, layout):
+    """Another grid: the case loads (modalities resampled, said in its summary) or gets one-line reports."""
+    before = digest(root)
+    summaries, problems = validate_dataset(root, layout)
+    assert digest(root) == before
+    assert GOOD in [s.split(":")[0] for s in summaries], summaries
+    if not problems:
+        (bad,) = [s for s in summaries if s.startswith(BAD)]
+        assert "resampled onto the" in bad, bad
+        return "accepted: the modalities resampled onto the label grid (said in the summary line)"
+    for p in problems:
+        assert p.case_id == BAD and "\n" not in str(p) and any(f in p.message for f in RESAMPLE_PROBLEMS), p
+    with pytest.raises(DataError):
+        load_case(root, BAD, layout)
+    return "reported: one line naming the file (no overlap, or a degenerate affine)"
+
+
+def check_dataset_disagrees(root, layout, bad_file):
+    """A T2 missing in one parcellation case only: the data set is refused in one line naming it."""
+    before = digest(root)
+    summaries, problems = validate_dataset(root, layout)
+    assert digest(root) == before and not summaries
+    (p,) = problems
+    assert "\n" not in str(p) and f"{bad_file.name} is present in 1 of 2 cases (missing in {BAD})" in str(p)
+    with pytest.raises(DataError, match=bad_file.name):
+        load_case(root, BAD, layout)
+    return "reported: one line for the data set (its cases disagree on the T2), naming the file and case"
+
+
 def check_fault(fault, layout, key_pick, seed):
     rng = np.random.default_rng(seed)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "data"
         shutil.copytree(template(layout), root)
         keys = LAYOUTS[layout].keys
-        bad_file, fragment = apply_fault(fault, root, layout, keys[key_pick % len(keys)], rng)
-        check_report(root, layout, bad_file, fragment)
-    TALLY.add(fault, REPORTED, UNCHANGED)
+        key = keys[key_pick % len(keys)]
+        bad_file, fragment = apply_fault(fault, root, layout, key, rng)
+        if fault in RESAMPLED:
+            outcome = check_resampled(root, layout)
+        elif fault == "missing modality" and layout == "parcellation" and key == "t2":
+            outcome = check_dataset_disagrees(root, layout, bad_file)
+        else:
+            check_report(root, layout, bad_file, fragment)
+            outcome = REPORTED
+    TALLY.add(fault, outcome, UNCHANGED)
 
 
 @pytest.mark.parametrize("fault", FAULTS)

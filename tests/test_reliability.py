@@ -298,25 +298,32 @@ def demo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("how", ["truncated", "zeroed", "foreign"])
-def test_damaged_preprocessed_cache_entry_is_rebuilt(demo, tmp_path, log, how):
+@pytest.mark.parametrize("part", ["record", "image", "labels"])
+def test_damaged_preprocessed_cache_entry_is_rebuilt(demo, tmp_path, log, how, part):
     from timm_jax.data.preprocess import load_preprocessed
 
     root = demo / "data" / "parcellation"
     cid = sorted(p.name for p in root.iterdir() if p.is_dir())[0]
     good = load_preprocessed(root, cid, "parcellation", cache_dir=tmp_path)
-    (entry,) = list(tmp_path.glob("*.npz"))
-    if how == "foreign":
-        np.savez(entry, labels=np.zeros(3), something=np.zeros(3))  # another program's npz
+    (rec_path,) = list(tmp_path.glob("*.json"))
+    entry = rec_path if part == "record" else rec_path.with_suffix(f".{part}.npy")
+    if how == "foreign":  # another program's file of the same name
+        if part == "record":
+            entry.write_text('{"labels": [0, 0, 0], "something": 1}')
+        else:
+            np.save(entry, np.zeros(3))
     else:
-        _damage(tmp_path, how)
+        data = entry.read_bytes()
+        entry.write_bytes(data[: len(data) // 2] if how == "truncated" else bytes(len(data)))
     log.clear()
-    again = load_preprocessed(root, cid, "parcellation", cache_dir=tmp_path)
-    assert "unreadable" in log.text and "rebuilding" in log.text and str(entry) in log.text
-    np.testing.assert_array_equal(again.image, good.image)
-    np.testing.assert_array_equal(again.labels, good.labels)
-    with np.load(entry) as z:  # rebuilt in place
-        np.testing.assert_array_equal(z["image"], good.image)
-    record(f"{how} file", "preprocessed-data cache entry", 1, "warning naming it; rebuilt")
+    for mmap in (False, True):
+        again = load_preprocessed(root, cid, "parcellation", cache_dir=tmp_path, mmap=mmap)
+        np.testing.assert_array_equal(again.image, good.image)
+        np.testing.assert_array_equal(again.labels, good.labels)
+    assert "unreadable" in log.text and "rebuilding" in log.text and str(rec_path) in log.text
+    assert log.text.count("rebuilding") == 1  # rebuilt in place once, then read
+    np.testing.assert_array_equal(np.load(rec_path.with_suffix(".image.npy")), good.image)
+    record(f"{how} file", f"preprocessed-data cache entry ({part})", 1, "warning naming it; rebuilt")
 
 
 # ------------------------------------------------------------------------------ disk full
@@ -378,7 +385,7 @@ def test_disk_full_writing_the_preprocessed_cache(demo, tmp_path, fault_env, poi
     with pytest.raises(DiskFullError, match="disk full") as e:
         load_preprocessed(root, cid, "parcellation", cache_dir=tmp_path)
     assert str(tmp_path) in str(e.value)
-    assert list(tmp_path.iterdir()) == []  # no temporary file left
+    assert list(tmp_path.iterdir()) == []  # no temporary file left (neither the arrays nor the record)
     fault_env("")
     assert load_preprocessed(root, cid, "parcellation", cache_dir=tmp_path).image.size
     record(

@@ -1,26 +1,34 @@
-"""Reading and writing cases in the two on-disk layouts, with the checks that reject bad files.
+"""Reading cases of every on-disk layout, with the checks that reject bad files.
 
-Layouts (file names may end in ``.nii.gz`` or ``.nii``):
-
-* ``brats`` (BraTS 2018): ``<root>/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``; cases may also sit
-  one level down in ``HGG/`` and ``LGG/`` folders. Labels 0 (background), 1 (necrotic / non-enhancing
-  core), 2 (oedema), 4 (enhancing tumour).
-* ``parcellation``: ``<root>/<case>/{t1,t2,labels}.nii.gz`` with any non-negative integer labels.
+The layouts (``brats`` 2018–2021 and 2023+, ``msd``, ``nnunet``, ``freesurfer``, ``parcellation``)
+are described in :mod:`timm_jax.data.layouts`; :func:`dataset_info` looks at a data folder once and
+says which convention, modalities and labels it holds. NIfTI (``.nii.gz``, ``.nii``) and MGH
+(``.mgz``, ``.mgh``) files are read through nibabel.
 
 A case is read into a :class:`Case`: the modalities stacked on a trailing channel axis as float32
-``(D, H, W, C)`` in the layout's modality order, the label map as int32 ``(D, H, W)`` (``None`` when a
-case has no label file and labels are not required, e.g. for inference), and the voxel-to-world
-affine. Every check (missing, unreadable or truncated file, unsupported voxel type, no voxels, not
-3-D, non-finite affine, shape or affine mismatch between files, non-finite values, empty image,
-label values that are not integers, do not fit int32 or lie outside the layout's set) produces a
-one-line :class:`Problem` naming the file; :func:`load_case` raises them together as one
-:class:`DataError`, and ``python -m timm_jax.data.validate`` prints them. No file content makes
-these checks raise anything else (``tests/test_fuzz_validate.py``).
+``(D, H, W, C)`` in the data set's modality order, the label map as int32 ``(D, H, W)`` (renumbered
+to the layout's ids, e.g. BraTS 2023's 3 to 4, or merged by a label map; ``None`` when a case has no
+label file and labels are not required, e.g. for inference), and the voxel-to-world affine. Every
+volume is brought to the closest RAS orientation (:mod:`timm_jax.data.geometry`); modalities whose
+grid differs from the reference grid (the label file's, else the first modality's) are resampled
+onto it (logged once per case); ``Case.meta["source"]`` records the reference file's original shape,
+affine, qform / sform codes and the orientation applied, so that results can be written back on
+that file's grid (:func:`timm_jax.data.preprocess.to_input_geometry`).
+
+Every check (missing, unreadable or truncated file, unsupported voxel type, no voxels, not 3-D or a
+4-D image with the wrong channel count, non-finite or degenerate affine, non-positive voxel sizes,
+grids that do not overlap, non-finite values, empty or constant image, label values that are not
+integers, do not fit int32 or lie outside the data set's set or label map) produces a one-line
+:class:`Problem` naming the file; :func:`load_case` raises them together as one :class:`DataError`,
+and ``python -m timm_jax.data.validate`` prints them. No file content makes these checks raise
+anything else (``tests/test_fuzz_validate.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,25 +36,34 @@ from typing import Any
 
 import numpy as np
 
+from timm_jax.data import geometry
 from timm_jax.errors import UserError
 
 __all__ = [
     "Case",
+    "CasePlan",
     "DataError",
+    "ImageSource",
     "LAYOUTS",
+    "LAYOUT_NAMES",
     "Layout",
     "Problem",
     "case_dir",
     "case_files",
+    "dataset_info",
     "inspect_case",
     "list_cases",
     "load_case",
     "save_nifti",
 ]
 
-_EXTENSIONS = (".nii.gz", ".nii")
-#: Tolerance (in mm, per affine entry) when comparing the affines of a case's files.
-AFFINE_ATOL = 1e-3
+#: file endings read (NIfTI through nibabel's Nifti1/2Image, MGH through MGHImage)
+IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
+_EXTENSIONS = IMAGE_EXTENSIONS
+#: Tolerance (in mm, per affine entry) below which two files' affines describe the same grid.
+AFFINE_ATOL = geometry.AFFINE_ATOL
+LAYOUT_NAMES = ("brats", "freesurfer", "msd", "nnunet", "parcellation")
+_log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +91,11 @@ class DataError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where a case's files live and which label values are legal.
+    """The fixed file names of the two original layouts (kept for existing callers).
+
+    The modalities of a data set are now found per data set (:func:`dataset_info`: BraTS 2023
+    naming, a T1-only parcellation set, ...); use ``dataset_info(...).modalities`` for the channel
+    count. ``LAYOUTS`` describes BraTS 2018–2021 and a parcellation set with T1 and T2.
 
     Attributes:
       name: layout name (``"brats"`` or ``"parcellation"``).
@@ -123,8 +144,11 @@ LAYOUTS: dict[str, Layout] = {
 class Case:
     """One subject: images ``(D, H, W, C)`` float32, labels ``(D, H, W)`` int or ``None``, affine ``(4, 4)``.
 
-    ``paths`` maps each modality (and ``"labels"``) to its source file. ``meta`` holds provenance
-    added by later steps (e.g. the crop box and original shape after preprocessing).
+    ``paths`` maps each modality (and ``"labels"``) to its source file. ``meta`` holds provenance:
+    ``layout``, ``convention``, ``source`` (the reference file's original geometry, see the module
+    docstring), ``resampled`` (modalities moved onto the reference grid) and, after preprocessing,
+    the steps applied (see :mod:`timm_jax.data.preprocess`). ``image`` and ``labels`` may be
+    read-only ``np.memmap`` views of the preprocessing cache (``load_preprocessed(..., mmap=True)``).
     """
 
     case_id: str
@@ -144,6 +168,36 @@ class Case:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageSource:
+    """One image file of a case and the modalities it supplies.
+
+    ``volumes`` is ``None`` for a 3-D file (one modality), or for a 4-D file the index along its
+    fourth axis of each modality in ``modalities`` (``n_volumes`` is the size that axis must have,
+    ``what`` says where that number comes from).
+    """
+
+    path: Path | None
+    expected: Path
+    modalities: tuple[str, ...]
+    volumes: tuple[int, ...] | None = None
+    n_volumes: int | None = None
+    what: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class CasePlan:
+    """The files of one case: ``labels`` is ``None`` when absent (``labels_expected`` is then the file
+    looked for, or ``None`` where the layout has no label file for the case: a test case)."""
+
+    case_id: str
+    folder: Path
+    images: tuple[ImageSource, ...]
+    labels: Path | None
+    labels_expected: Path | None
+
+
+# --------------------------------------------------------------------------------------- data sets
 def _get_layout(layout: str | Layout) -> Layout:
     if isinstance(layout, Layout):
         return layout
@@ -153,43 +207,72 @@ def _get_layout(layout: str | Layout) -> Layout:
         raise DataError(f"unknown layout {layout!r}; expected one of {sorted(LAYOUTS)}") from None
 
 
-def _is_case_dir(path: Path) -> bool:
+def _layout_name(layout) -> str:
+    name = layout.name if isinstance(layout, Layout) else layout
+    if name not in LAYOUT_NAMES:
+        raise DataError(f"unknown layout {name!r}; expected one of {sorted(LAYOUT_NAMES)}")
+    return name
+
+
+def dataset_info(root: str | os.PathLike, layout: str | Layout, *, label_map: str | None = None):
+    """The :class:`~timm_jax.data.layouts.DatasetInfo` of a data folder (see that module).
+
+    This is the one call the workflows need per data set: ``info.modalities`` (channel order,
+    ``len`` = the network's input channels), ``info.convention``, ``info.make_task()``,
+    ``info.label_names``; pass ``info=`` on to :func:`load_case` / ``load_preprocessed`` so that
+    the folder is looked at once.
+    """
+    from timm_jax.data import layouts
+
+    return layouts.dataset_info(root, _layout_name(layout), label_map=label_map)
+
+
+def _info(root, layout, info, label_map):
+    if info is not None:
+        return info
+    return dataset_info(root, layout, label_map=label_map)
+
+
+def is_case_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith((".", "_"))
 
 
-def list_cases(root: str | os.PathLike, layout: str | Layout) -> list[str]:
-    """Sorted case ids under ``root``: every sub-folder (BraTS: also those inside ``HGG/``, ``LGG/``).
+_is_case_dir = is_case_dir
 
-    Every folder counts as a case, even an incomplete one, so that validation reports what is
-    missing instead of silently skipping it.
+
+def list_cases(
+    root: str | os.PathLike,
+    layout: str | Layout,
+    *,
+    subset: str = "train",
+    info=None,
+    label_map: str | None = None,
+) -> list[str]:
+    """Sorted case ids of a data folder.
+
+    BraTS / parcellation: every sub-folder (BraTS: also those inside ``HGG/``, ``LGG/``), even an
+    incomplete one, so that validation reports what is missing instead of silently skipping it.
+    FreeSurfer: every sub-folder with an ``mri/`` folder but ``fsaverage*``. MSD: the cases of
+    ``dataset.json``; nnU-Net: those in ``imagesTr/`` (``subset="test"``: ``imagesTs/``, ``"all"``:
+    both; the other layouts have no test subset).
 
     Raises:
-      DataError: ``root`` is not a folder, or one case id occurs in two group folders.
+      DataError: ``root`` is not a folder, one case id occurs twice, or the data set is refused
+        (see :func:`dataset_info`).
     """
-    lay = _get_layout(layout)
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError([Problem("", str(root), "data folder not found")])
-    found: dict[str, Path] = {}
-    for entry in sorted(_list_dir(root)):
-        if not _is_case_dir(entry):
-            continue
-        if entry.name in lay.group_dirs:
-            subs = [e for e in sorted(_list_dir(entry)) if _is_case_dir(e)]
-        else:
-            subs = [entry]
-        for sub in subs:
-            if sub.name in found:
-                raise DataError([Problem(sub.name, str(sub), f"case id also found at {found[sub.name]}")])
-            found[sub.name] = sub
-    return sorted(found)
+    from timm_jax.data import layouts
+
+    return layouts.list_layout_cases(_info(root, layout, info, label_map), subset)
 
 
-def _list_dir(folder: Path) -> list[Path]:
+def list_dir(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())
     except OSError as err:
         raise DataError([Problem("", str(folder), f"cannot list folder ({_describe(err)})")]) from None
+
+
+_list_dir = list_dir
 
 
 def _describe(err: BaseException, limit: int = 300) -> str:
@@ -200,32 +283,35 @@ def _describe(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
-def case_dir(root: str | os.PathLike, case_id: str, layout: str | Layout) -> Path:
-    """The folder of ``case_id`` (looked up in the group folders too); may not exist."""
-    lay = _get_layout(layout)
-    root = Path(root)
-    direct = root / case_id
-    if direct.is_dir():
-        return direct
-    for group in lay.group_dirs:
-        if (root / group / case_id).is_dir():
-            return root / group / case_id
-    return direct
+def case_dir(root: str | os.PathLike, case_id: str, layout: str | Layout, *, info=None) -> Path:
+    """The folder of ``case_id`` (BraTS: looked up in the group folders too); may not exist."""
+    from timm_jax.data import layouts
+
+    try:
+        plan, _ = layouts.case_plan(_info(root, layout, info, None), case_id)
+    except DataError:
+        plan = None
+    return plan.folder if plan is not None else Path(root) / case_id
 
 
-def case_files(root: str | os.PathLike, case_id: str, layout: str | Layout) -> dict[str, Path | None]:
-    """Map each modality and the label key to its file, or ``None`` when no such file exists."""
-    lay = _get_layout(layout)
-    folder = case_dir(root, case_id, lay)
+def case_files(
+    root: str | os.PathLike, case_id: str, layout: str | Layout, *, info=None
+) -> dict[str, Path | None]:
+    """Map each modality and ``"labels"`` to its file, or ``None`` when no such file exists."""
+    from timm_jax.data import layouts
+
+    plan, _ = layouts.case_plan(_info(root, layout, info, None), case_id)
+    if plan is None:
+        return {}
     out: dict[str, Path | None] = {}
-    for key in lay.keys:
-        stem = lay.stem(case_id, key)
-        out[key] = next(
-            (folder / (stem + ext) for ext in _EXTENSIONS if (folder / (stem + ext)).is_file()), None
-        )
+    for src in plan.images:
+        for m in src.modalities:
+            out[m] = src.path
+    out["labels"] = plan.labels
     return out
 
 
+# --------------------------------------------------------------------------------------- one file
 class _BadFile(ValueError):
     """A problem found from the header alone; the message is reported as it is."""
 
@@ -236,6 +322,10 @@ _GZIP_MAX_RATIO = 1032
 #: before the reader allocates its buffer: a damaged header must not make the validator allocate
 #: (and zero-fill) gigabytes
 _STREAM_CHECK_BYTES = 64 << 20
+
+
+def _is_gzipped(path: Path) -> bool:
+    return path.name.endswith((".gz", ".mgz"))
 
 
 def _check_declared_size(path: Path, proxy) -> None:
@@ -251,7 +341,7 @@ def _check_declared_size(path: Path, proxy) -> None:
     need = int(proxy.offset) + int(np.prod(shape, dtype=object)) * dtype.itemsize
     have = path.stat().st_size
     bad = f"file is truncated or its header is damaged: the header declares {shape} voxels of {dtype}"
-    if not path.name.endswith(".gz"):
+    if not _is_gzipped(path):
         if need > have:
             raise _BadFile(f"{bad} ({need} bytes with the offset), the file has {have} bytes")
         return
@@ -271,26 +361,147 @@ def _check_declared_size(path: Path, proxy) -> None:
             raise _BadFile(f"{bad} ({need} bytes with the offset), the file decompresses to {got}")
 
 
-def _read_volume(path: Path, *, as_labels: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Read one NIfTI file; images come back as float32, labels as whatever dtype is stored."""
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs (and silently fixes) some header faults, e.g. zero pixdims; they are reported here."""
     import nibabel as nib
 
-    img = nib.load(str(path))  # reads the header only
-    stored = img.get_data_dtype()
-    if stored.kind not in "biuf":  # complex would lose its imaginary part silently, RGB cannot convert
-        raise _BadFile(f"voxel type {stored} is not supported (expected integers or real numbers)")
-    _check_declared_size(path, img.dataobj)
-    if as_labels:
-        data = np.asanyarray(img.dataobj)
-    else:
-        data = img.get_fdata(dtype=np.float32)
-    return np.asarray(data), np.asarray(img.affine, dtype=np.float64)
+    logger = nib.imageglobals.logger
+    was = logger.disabled
+    logger.disabled = True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
+def _header_facts(path: Path, img) -> dict[str, Any]:
+    """Format, qform / sform codes, and a problem with the voxel sizes the header declares (or None).
+
+    nibabel fixes zero or negative NIfTI pixdims on load (to 1 / their absolute value), so they are
+    read from the raw header: they define the affine when the sform is not set.
+    """
+    import nibabel as nib
+
+    facts: dict[str, Any] = {"format": type(img).__name__, "qform_code": None, "sform_code": None}
+    if isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        from nibabel.openers import ImageOpener
+
+        with ImageOpener(str(path)) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+        facts["qform_code"] = int(raw["qform_code"])
+        facts["sform_code"] = int(raw["sform_code"])
+        pixdim = np.asarray(raw["pixdim"][1:4], np.float64)
+        if facts["sform_code"] == 0 and not np.all(np.isfinite(pixdim) & (pixdim > 0)):
+            shown = ", ".join(f"{v:g}" for v in pixdim)
+            facts["zooms_problem"] = (
+                f"voxel sizes must be positive: the header's pixdim[1:4] is {shown} and defines the "
+                "affine (no sform)"
+            )
+    elif isinstance(img, nib.MGHImage):
+        delta = np.asarray(img.header["delta"], np.float64)
+        if not np.all(np.isfinite(delta) & (delta > 0)):
+            shown = ", ".join(f"{v:g}" for v in delta)
+            facts["zooms_problem"] = f"voxel sizes must be positive: the MGH header's delta is {shown}"
+    return facts
+
+
+def _read_volume(path: Path, *, as_labels: bool) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Read one NIfTI / MGH file; images come back as float32, labels as whatever dtype is stored."""
+    import nibabel as nib
+
+    # overflow in a damaged header's sizes or affine is a problem reported below, not a warning
+    with _quiet_nibabel(), np.errstate(all="ignore"):
+        img = nib.load(str(path))  # reads the header only
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image | nib.MGHImage):
+            raise _BadFile(f"not a NIfTI or MGH image (read as {type(img).__name__})")
+        stored = img.get_data_dtype()
+        if stored.kind not in "biuf":  # complex would lose its imaginary part silently, RGB cannot convert
+            raise _BadFile(f"voxel type {stored} is not supported (expected integers or real numbers)")
+        _check_declared_size(path, img.dataobj)
+        facts = _header_facts(path, img)
+        if as_labels:
+            data = np.asanyarray(img.dataobj)
+        else:
+            data = img.get_fdata(dtype=np.float32)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    return np.asarray(data), affine, facts
+
+
+def _squeeze_to(data: np.ndarray, ndim: int) -> np.ndarray:
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data
 
 
 def _squeeze_to_3d(data: np.ndarray) -> np.ndarray:
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    return data
+    return _squeeze_to(data, 3)
+
+
+def _load_file(path: Path, *, as_labels: bool, source: ImageSource | None, problem):
+    """Read and check one file; ``(data, affine, facts)`` or ``None`` after reporting its problems."""
+    try:
+        data, affine, facts = _read_volume(path, as_labels=as_labels)
+    except _BadFile as err:
+        problem(path, str(err))
+        return None
+    except Exception as err:  # nibabel raises many types for corrupt or foreign files
+        problem(path, f"cannot read file ({_describe(err)})")
+        return None
+    if data.size == 0:
+        problem(path, f"volume has no voxels (shape {tuple(data.shape)})")
+        return None
+    volumes = None if source is None or source.volumes is None else source.n_volumes
+    if volumes is None:
+        data = _squeeze_to(data, 3)
+        if data.ndim != 3:
+            problem(path, f"expected a 3-D volume, got shape {tuple(data.shape)}")
+            return None
+    else:
+        data = _squeeze_to(data, 4)
+        if data.ndim == 3 and volumes == 1:
+            data = data[..., None]
+        if data.ndim != 4:
+            problem(
+                path, f"expected a 4-D image with {volumes} channels ({source.what}), got shape {data.shape}"
+            )
+            return None
+        if data.shape[3] != volumes:
+            problem(
+                path, f"has {data.shape[3]} channels (shape {data.shape}), expected {volumes} ({source.what})"
+            )
+            return None
+    ok = True
+    msg = geometry.affine_problem(affine)
+    if msg is None:
+        msg = facts.get("zooms_problem")
+    if msg is not None:
+        problem(path, msg)
+        ok = False
+    if np.issubdtype(data.dtype, np.floating):
+        n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+        if n_bad:
+            problem(path, f"{n_bad} non-finite value(s) (NaN or inf)")
+            ok = False
+    return (data, affine, facts) if ok else None
+
+
+# --------------------------------------------------------------------------------------- one case
+@dataclasses.dataclass
+class _Grid:
+    path: Path
+    shape: tuple[int, int, int]  # canonical
+    affine: np.ndarray  # canonical
+    ornt: np.ndarray
+    original_shape: tuple[int, ...]
+    original_affine: np.ndarray
+    facts: dict
+
+
+def _grid(path, data, affine, facts) -> tuple[np.ndarray, _Grid]:
+    data_c, affine_c, ornt = geometry.canonical(data, affine)
+    grid = _Grid(path, tuple(data_c.shape[:3]), affine_c, ornt, tuple(data.shape[:3]), affine, facts)
+    return data_c, grid
 
 
 def inspect_case(
@@ -299,132 +510,209 @@ def inspect_case(
     layout: str | Layout,
     *,
     require_labels: bool = True,
+    info=None,
+    label_map: str | None = None,
 ) -> tuple[Case | None, list[Problem]]:
     """Read and check one case; the shared core of :func:`load_case` and the validator.
 
     Returns:
       ``(case, problems)``: ``case`` is ``None`` exactly when ``problems`` is non-empty.
     """
-    lay = _get_layout(layout)
-    folder = case_dir(root, case_id, lay)
+    from timm_jax.data import layouts
+
+    try:
+        info = _info(root, layout, info, label_map)
+        plan, problems = layouts.case_plan(info, case_id)
+    except DataError as err:
+        return None, list(err.problems)
+    if plan is None:
+        return None, problems
+    return _read_case(plan, info, require_labels)
+
+
+def _read_case(plan: CasePlan, info, require_labels: bool) -> tuple[Case | None, list[Problem]]:
+    case_id = plan.case_id
     problems: list[Problem] = []
 
     def problem(path, message):
         problems.append(Problem(case_id, str(path), message))
 
-    if not folder.is_dir():
-        problem(folder, "case folder not found")
-        return None, problems
-
-    files = case_files(root, case_id, lay)
-    volumes: dict[str, np.ndarray] = {}
-    affines: dict[str, np.ndarray] = {}
-    ref: tuple[str, tuple, np.ndarray] | None = None  # (file name, shape, affine) of the first 3-D volume
-    for key in lay.keys:
-        is_label = key == lay.label_key
-        path = files[key]
-        if path is None:
-            if is_label and not require_labels:
-                continue
-            problem(folder / (lay.stem(case_id, key) + _EXTENSIONS[0]), "missing file")
+    channels: dict[str, np.ndarray] = {}
+    grids: list[tuple[_Grid, tuple[str, ...]]] = []
+    empty: list[tuple[Path, tuple[str, ...], bool]] = []
+    for src in plan.images:
+        if src.path is None:
+            problem(src.expected, "missing file")
             continue
-        try:
-            data, affine = _read_volume(path, as_labels=is_label)
-        except _BadFile as err:
-            problem(path, str(err))
+        got = _load_file(src.path, as_labels=False, source=src, problem=problem)
+        if got is None:
             continue
-        except Exception as err:  # nibabel raises many types for corrupt or non-NIfTI files
-            problem(path, f"cannot read file ({_describe(err)})")
-            continue
-        data = _squeeze_to_3d(data)
-        if data.size == 0:
-            problem(path, f"volume has no voxels (shape {tuple(data.shape)})")
-            continue
-        if data.ndim != 3:
-            problem(path, f"expected a 3-D volume, got shape {tuple(data.shape)}")
-            continue
-        ok = True
-        affine_ok = bool(np.all(np.isfinite(affine)))
-        if not affine_ok:
-            problem(path, "affine (voxel-to-world transform of the sform/qform) has non-finite entries")
-            ok = False
-        if ref is None:
-            if affine_ok:  # a broken affine is no reference for the other files
-                ref = (path.name, tuple(data.shape), affine)
-        elif tuple(data.shape) != ref[1]:
-            problem(path, f"shape {tuple(data.shape)} differs from {ref[0]}'s {ref[1]}")
-            ok = False
-        elif affine_ok and not np.allclose(affine, ref[2], atol=AFFINE_ATOL, rtol=0):
-            diff = float(np.max(np.abs(affine - ref[2])))
-            problem(path, f"affine differs from {ref[0]}'s (max difference {diff:.4g})")
-            ok = False
-        if np.issubdtype(data.dtype, np.floating):
-            n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
-            if n_bad:
-                problem(path, f"{n_bad} non-finite value(s) (NaN or inf)")
-                ok = False
-        if ok and is_label:
-            ok = _check_labels(path, data, lay, problem)
-            if ok:
-                data = data.astype(np.int32, copy=False)
-        elif ok:
-            lo, hi = float(data.min()), float(data.max())
+        data_c, grid = _grid(src.path, *got)
+        if src.volumes is None:
+            per = {src.modalities[0]: data_c}
+        else:
+            per = {m: data_c[..., v] for m, v in zip(src.modalities, src.volumes)}
+        empties, ok = [], True
+        for m, vol in per.items():
+            lo, hi = float(vol.min()), float(vol.max())
             if lo == hi == 0.0:
-                problem(path, "image is empty (all voxels are zero)")
-                ok = False
+                empties.append(m)
             elif lo == hi:
-                problem(path, f"image is constant (every voxel is {lo:g})")
+                where = f" (channel {m})" if src.volumes is not None else ""
+                problem(src.path, f"image is constant{where} (every voxel is {lo:g})")
                 ok = False
-        if ok:
-            volumes[key] = data
-            affines[key] = affine
+        if empties:
+            empty.append((src.path, tuple(empties), src.volumes is not None))
+        elif ok:
+            channels.update(per)
+            grids.append((grid, tuple(per)))
 
+    labels = label_grid = None
+    if plan.labels is None:
+        if require_labels:
+            if plan.labels_expected is not None:
+                problem(plan.labels_expected, "missing file")
+            else:
+                problem(plan.folder / case_id, "a test case has no label file (labels are required)")
+    else:
+        got = _load_file(plan.labels, as_labels=True, source=None, problem=problem)
+        if got is not None:
+            data_c, label_grid = _grid(plan.labels, *got)
+            labels = _check_labels(plan.labels, data_c, info, problem)
+            if labels is None:
+                label_grid = None
+
+    if empty:
+        n_empty = sum(len(m) for _, m, _ in empty)
+        if n_empty == len(info.modalities) and len(empty) > 1:
+            names = ", ".join(p.name for p, _, _ in empty)
+            problem(plan.folder, f"every image of the case is empty (all voxels are zero): {names}")
+        else:
+            for path, mods, is_4d in empty:
+                if is_4d and n_empty < len(info.modalities):
+                    problem(path, f"channel(s) {', '.join(mods)} empty (all voxels are zero)")
+                else:
+                    problem(path, "image is empty (all voxels are zero)")
     if problems:
         return None, problems
-    image = np.stack([volumes[m] for m in lay.modalities], axis=-1).astype(np.float32, copy=False)
-    labels = volumes.get(lay.label_key)
-    paths = {k: str(v) for k, v in files.items() if v is not None}
-    if lay.label_key in paths:
-        paths["labels"] = paths[lay.label_key]
+
+    ref = label_grid if label_grid is not None else grids[0][0]
+    resampled: list[str] = []
+    reasons: list[str] = []
+    for grid, mods in grids:
+        if geometry.same_grid(grid.shape, grid.affine, ref.shape, ref.affine):
+            continue
+        if not geometry.grids_overlap(grid.shape, grid.affine, ref.shape, ref.affine):
+            problem(grid.path, f"its field of view does not overlap {ref.path.name}'s (check the affines)")
+            continue
+        for m in mods:
+            channels[m] = geometry.resample_to_grid(channels[m], grid.affine, ref.shape, ref.affine, order=1)
+            if not np.any(channels[m]):
+                problem(
+                    grid.path, f"image is empty on {ref.path.name}'s grid (its non-zero voxels lie outside)"
+                )
+        resampled.extend(mods)
+        if grid.shape != ref.shape:
+            reasons.append(f"{grid.path.name}: shape {grid.shape} vs {ref.shape}")
+        else:
+            diff = float(np.max(np.abs(grid.affine - ref.affine)))
+            reasons.append(f"{grid.path.name}: affine differs by up to {diff:.4g} mm")
+    if problems:
+        return None, problems
+    if resampled:
+        _log.info(
+            "case %s: %s resampled onto the grid of %s (%s)",
+            case_id,
+            ", ".join(resampled),
+            ref.path.name,
+            "; ".join(reasons),
+        )
+
+    image = np.stack([channels[m] for m in info.modalities], axis=-1).astype(np.float32, copy=False)
+    paths: dict[str, str] = {}
+    for src in plan.images:
+        for m in src.modalities:
+            paths[m] = str(src.path)
+    if plan.labels is not None:
+        paths["labels"] = str(plan.labels)
+    meta: dict[str, Any] = {
+        "layout": info.layout,
+        "convention": info.convention,
+        "source": {
+            "file": os.path.abspath(ref.path),  # absolute: write_like_input reads its header later
+            "format": ref.facts.get("format"),
+            "shape": [int(s) for s in ref.original_shape],
+            "affine": np.asarray(ref.original_affine).tolist(),
+            "qform_code": ref.facts.get("qform_code"),
+            "sform_code": ref.facts.get("sform_code"),
+            "orientation": np.asarray(ref.ornt).astype(int).tolist(),
+        },
+    }
+    if resampled:
+        meta["resampled"] = resampled
     case = Case(
         case_id=case_id,
         image=image,
         labels=labels,
-        affine=affines[lay.modalities[0]],
-        modalities=lay.modalities,
+        affine=np.asarray(ref.affine, np.float64),
+        modalities=tuple(info.modalities),
         paths=paths,
+        meta=meta,
     )
-    return case, problems
+    return case, []
 
 
-def _check_labels(path: Path, data: np.ndarray, lay: Layout, problem) -> bool:
+def _check_labels(path: Path, data: np.ndarray, info, problem) -> np.ndarray | None:
+    """Checked and renumbered / mapped int32 labels, or ``None`` after reporting the problem."""
     if np.issubdtype(data.dtype, np.floating):
         frac = data != np.round(data)
         if frac.any():
             example = float(data[frac].flat[0])
             problem(path, f"label values must be integers (found {example:g})")
-            return False
+            return None
     elif not np.issubdtype(data.dtype, np.integer) and data.dtype != np.bool_:
         problem(path, f"label map has non-numeric dtype {data.dtype}")
-        return False
-    info = np.iinfo(np.int32)
+        return None
+    limits = np.iinfo(np.int32)
     lo, hi = data.min(), data.max()
-    if hi > info.max or lo < info.min:  # labels are stored as int32; larger values would wrap around
-        example = hi if hi > info.max else lo
+    if hi > limits.max or lo < limits.min:  # labels are stored as int32; larger values would wrap around
+        example = hi if hi > limits.max else lo
         problem(path, f"label values must fit in int32 (found {example:.10g})")
-        return False
+        return None
     values = np.unique(data).astype(np.int64)
-    if lay.label_values is None:
+    if info.native_labels is None:
         bad = values[values < 0]
         allowed = "non-negative integers"
     else:
-        bad = values[~np.isin(values, lay.label_values)]
-        allowed = "{" + ", ".join(str(v) for v in lay.label_values) + "}"
+        bad = values[~np.isin(values, info.native_labels)]
+        allowed = "{" + ", ".join(str(v) for v in info.native_labels) + "}"
     if bad.size:
-        shown = ", ".join(str(int(v)) for v in bad[:10]) + (", ..." if bad.size > 10 else "")
-        problem(path, f"label values outside the {lay.name} set {allowed}: {shown}")
-        return False
-    return True
+        problem(path, f"label values outside the {info.label_set_name} set {allowed}: {_show_values(bad)}")
+        return None
+    labels = data.astype(np.int32, copy=False)
+    lm = info.get_label_map()
+    if lm is not None:
+        unknown = lm.unknown(values)
+        if unknown.size:
+            problem(
+                path,
+                f"label ids not in the label map {lm.name}: {_show_values(unknown)} (list them under "
+                '"background", or set "unmapped": "background")',
+            )
+            return None
+        return lm.apply(labels)
+    if info.remap:
+        if all(int(k) == int(v) for k, v in info.remap.items()):
+            return labels
+        table = np.zeros(max(info.native_labels) + 1, np.int32)
+        for native, loaded in info.remap.items():
+            table[int(native)] = int(loaded)
+        return table[labels]
+    return labels
+
+
+def _show_values(values: np.ndarray) -> str:
+    return ", ".join(str(int(v)) for v in values[:10]) + (", ..." if values.size > 10 else "")
 
 
 def load_case(
@@ -433,19 +721,26 @@ def load_case(
     layout: str | Layout,
     *,
     require_labels: bool = True,
+    info=None,
+    label_map: str | None = None,
 ) -> Case:
-    """Read one case in ``layout`` from ``root`` (images float32, labels int32, affine kept).
+    """Read one case of ``root`` (images float32, labels int32, canonical RAS orientation).
 
     Args:
       root: data folder.
-      case_id: the case's folder name (see :func:`list_cases`).
-      layout: ``"brats"`` or ``"parcellation"`` (or a :class:`Layout`).
+      case_id: one of :func:`list_cases`.
+      layout: one of :data:`LAYOUT_NAMES` (or a :class:`Layout`).
       require_labels: if False, a missing label file gives ``labels=None`` (inference).
+      info: the data set's :func:`dataset_info` (looked up when not given).
+      label_map: ``freesurfer`` / ``parcellation``: ``"paper14"`` or a JSON label map (when no
+        ``info`` is given).
 
     Raises:
       DataError: listing every problem found, each with the file concerned.
     """
-    case, problems = inspect_case(root, case_id, layout, require_labels=require_labels)
+    case, problems = inspect_case(
+        root, case_id, layout, require_labels=require_labels, info=info, label_map=label_map
+    )
     if problems:
         raise DataError(problems)
     return case

@@ -15,6 +15,15 @@ Patch sampling (nnU-Net style): with probability ``foreground_rate`` the patch i
 contains a random foreground voxel (any target channel on); otherwise its corner is uniform over
 the volume. Cases smaller than the patch are zero-padded.
 
+Cases may be held in memory or be read-only ``np.memmap`` views of the preprocessing cache
+(``Data.load(ids, mmap=True)``, :class:`~timm_jax.data.preprocess.LazyCases`). A memory-mapped case
+is kept as its file name, offset, dtype and shape only: each sample maps the file, copies out the
+one patch (and, for a foreground patch, one label slice) and unmaps it, so the sampler — also when
+pickled to grain's worker processes — never holds a case's voxels, and the batches are bit-identical
+to those drawn from the same cases in memory. Per case the sampler keeps the number of foreground
+voxels in each slice along the first axis (found in one pass over the labels at construction), and
+draws the ``k``-th foreground voxel in C order from them, as a flat index array would.
+
 Augmentation: a flip of each axis in ``flip_axes`` with probability 1/2, then per channel an
 intensity scale ``U(1 - s, 1 + s)`` and shift ``U(-t, t)`` applied to the non-zero (brain) voxels,
 and with probability ``noise_prob`` additive Gaussian noise of std ``U(0, noise_std)`` there.
@@ -24,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import mmap
 from collections.abc import Sequence
 
 import numpy as np
@@ -48,11 +58,46 @@ class AugmentConfig:
     noise_std: float = 0.05
 
 
+@dataclasses.dataclass(frozen=True)
+class _Mapped:
+    """A read-only memory map described by its file (reopened where used: picklable, holds no pages)."""
+
+    filename: str
+    offset: int
+    dtype: str
+    shape: tuple[int, ...]
+    order: str
+
+    def open(self) -> np.memmap:
+        return np.memmap(self.filename, np.dtype(self.dtype), "r", self.offset, self.shape, self.order)
+
+
+def _mapped(a) -> _Mapped | None:
+    """The file behind ``a`` if it is a whole memory-mapped array (e.g. ``np.load(mmap_mode="r")``)."""
+    if not isinstance(a, np.memmap) or not isinstance(a.base, mmap.mmap) or not a.filename:
+        return None
+    if a.flags.c_contiguous:
+        order = "C"
+    elif a.flags.f_contiguous:
+        order = "F"
+    else:
+        return None
+    return _Mapped(str(a.filename), int(a.offset), a.dtype.str, tuple(int(d) for d in a.shape), order)
+
+
+def _open(source):
+    return source.open() if isinstance(source, _Mapped) else source
+
+
+_SCAN_SLICES = 8
+
+
 class PatchSampler:
     """Maps an element index to one ``{"image": (*patch, C), "target": (*patch, K)}`` sample.
 
-    Holds the cases in memory (image float32, labels in the smallest integer type) and, per case,
-    the flat indices of its foreground voxels. Picklable, so grain can ship it to workers.
+    Holds each case's image and labels — in memory, or, for memory-mapped cases, only where their
+    files are (see the module docstring) — and per case the foreground voxel count of every slice
+    along the first axis. Picklable, so grain can ship it to workers.
     """
 
     def __init__(
@@ -65,7 +110,7 @@ class PatchSampler:
         foreground_rate: float = 0.33,
         augment: bool | AugmentConfig = True,
     ):
-        if not cases:
+        if not len(cases):
             raise ValueError("no cases to sample from")
         if not 0.0 <= foreground_rate <= 1.0:
             raise ValueError("foreground_rate must be in [0, 1]")
@@ -79,11 +124,13 @@ class PatchSampler:
             augment = AugmentConfig()
         self.augment = augment or None
         self._table = task._table()
-        self.images: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
-        self.foreground: list[np.ndarray] = []
+        self._fg_table = self._table.any(-1)
+        self.images: list = []  # np.ndarray or _Mapped per case
+        self.labels: list = []
+        self.shapes: list[tuple[int, int, int]] = []
+        self.fg_cumsum: list[np.ndarray] = []  # cumulative foreground count per slice of axis 0
         channels = None
-        for case in cases:
+        for case in cases:  # a LazyCases sequence opens one case at a time
             if case.labels is None:
                 raise DataError(f"case {case.case_id}: training needs labels")
             if case.image.shape[:3] != case.labels.shape:
@@ -96,13 +143,44 @@ class PatchSampler:
                 raise DataError(
                     f"case {case.case_id}: {case.image.shape[-1]} channels, others have {channels}"
                 )
-            task.check_labels(case.labels)
-            image, labels = _pad_to_at_least(case.image.astype(np.float32), case.labels, self.patch_shape)
-            labels = labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.int32)
-            fg = self._table[np.minimum(labels, self._table.shape[0] - 1)].any(-1)
-            self.images.append(image)
-            self.labels.append(labels)
-            self.foreground.append(np.flatnonzero(fg).astype(np.int64))
+            labels = case.labels
+            values, counts = self._scan(labels)
+            task.check_labels(values)
+            image_ref, label_ref = _mapped(case.image), _mapped(labels)
+            small = any(n < p for n, p in zip(labels.shape, self.patch_shape))
+            if small or image_ref is None or image_ref.dtype != np.dtype(np.float32).str:
+                image_ref = None
+            if small:  # padded copies in memory (small by definition)
+                image, labels = _pad_to_at_least(
+                    np.asarray(case.image, np.float32), np.asarray(labels), self.patch_shape
+                )
+                _, counts = self._scan(labels)
+                label_ref = None
+            else:
+                image = case.image if image_ref is None else None
+            if image_ref is None:
+                image = np.asarray(image).astype(np.float32, copy=False)
+            if label_ref is None:
+                labels = np.asarray(labels)
+                if not np.issubdtype(labels.dtype, np.integer):
+                    labels = labels.astype(np.int32)
+            self.images.append(image_ref if image_ref is not None else image)
+            self.labels.append(label_ref if label_ref is not None else labels)
+            self.shapes.append(tuple(int(n) for n in labels.shape))
+            self.fg_cumsum.append(np.cumsum(counts))
+
+    def _scan(self, labels) -> tuple[np.ndarray, np.ndarray]:
+        """One pass over a label map, a few slices at a time: its values, and its foreground voxels
+        per slice of axis 0."""
+        top = self._fg_table.shape[0] - 1
+        values: set[int] = set()
+        counts = np.zeros(labels.shape[0], np.int64)
+        for z in range(0, labels.shape[0], _SCAN_SLICES):
+            slab = np.asarray(labels[z : z + _SCAN_SLICES])
+            values.update(np.unique(slab).tolist())
+            fg = self._fg_table[np.clip(slab.astype(np.int64, copy=False), 0, top)]
+            counts[z : z + slab.shape[0]] = fg.reshape(slab.shape[0], -1).sum(axis=1)
+        return np.asarray(sorted(values)), counts
 
     @property
     def num_cases(self) -> int:
@@ -118,24 +196,36 @@ class PatchSampler:
     def __call__(self, index: int) -> dict[str, np.ndarray]:
         return self.sample(index)[0]
 
+    def _foreground_voxel(self, c: int, k: int, labels) -> np.ndarray:
+        """The ``k``-th foreground voxel of case ``c`` in C order."""
+        cum = self.fg_cumsum[c]
+        z = int(np.searchsorted(cum, k, side="right"))
+        before = int(cum[z - 1]) if z else 0
+        top = self._fg_table.shape[0] - 1
+        plane = np.asarray(labels[z]).astype(np.int64, copy=False)
+        row = np.flatnonzero(self._fg_table[np.clip(plane, 0, top)])
+        return np.asarray((z, *np.unravel_index(int(row[k - before]), self.shapes[c][1:])))
+
     def sample(self, index: int) -> tuple[dict[str, np.ndarray], dict]:
         """The sample for ``index`` plus how it was drawn (case, corner, foreground or not)."""
         c = self.case_index(index)
         rng = np.random.default_rng([self.seed, _ELEMENT_SALT, int(index)])
-        image, labels, fg = self.images[c], self.labels[c], self.foreground[c]
-        shape = np.asarray(labels.shape)
+        image, labels = _open(self.images[c]), _open(self.labels[c])
+        n_fg = int(self.fg_cumsum[c][-1]) if self.fg_cumsum[c].size else 0
+        shape = np.asarray(self.shapes[c])
         patch = np.asarray(self.patch_shape)
-        use_fg = bool(rng.random() < self.foreground_rate) and fg.size > 0
+        use_fg = bool(rng.random() < self.foreground_rate) and n_fg > 0
         if use_fg:
-            centre = np.asarray(np.unravel_index(fg[rng.integers(fg.size)], labels.shape))
+            centre = self._foreground_voxel(c, int(rng.integers(n_fg)), labels)
             lo = np.maximum(centre - patch + 1, 0)
             hi = np.minimum(centre, shape - patch)
             corner = np.array([rng.integers(a, b + 1) for a, b in zip(lo, hi)])
         else:
             corner = np.array([rng.integers(0, s - p + 1) for s, p in zip(shape, patch)])
         sl = tuple(slice(int(a), int(a + p)) for a, p in zip(corner, patch))
-        img = image[sl]
-        lab = labels[sl]
+        img = np.array(image[sl], np.float32)  # a copy: nothing refers to a memory map afterwards
+        lab = np.array(labels[sl])
+        del image, labels
         if self.augment is not None:
             img, lab = _augment(img, lab, rng, self.augment)
         target = self._table[np.minimum(lab, self._table.shape[0] - 1)]
@@ -231,7 +321,8 @@ def make_train_dataset(
     """An endless iterable of training batches ``{"image": (B, *patch, C), "target": (B, *patch, K)}``.
 
     Args:
-      cases: cases with labels, held in memory (e.g. from ``load_preprocessed``).
+      cases: cases with labels, in memory or memory-mapped (``load_preprocessed(..., mmap=True)``,
+        ``Data.load(ids, mmap=True)``; a lazy sequence is walked through once).
       task: maps label maps to target channels.
       patch_shape: spatial patch size; smaller volumes are zero-padded.
       batch_size: patches per batch (the global batch).

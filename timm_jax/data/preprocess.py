@@ -14,7 +14,24 @@
    A volume larger than ``target_shape`` is centre-cropped.
 
 The affine is updated at every step so the output still maps voxels to the same world positions;
-``case.meta`` records the crop box and the input shape and affine.
+``case.meta`` records the input shape and affine and, in ``meta["steps"]``, every geometric step
+(crop box, resampling ratio and offset, padding start) with the shapes before and after it.
+
+The whole chain is invertible: :func:`to_input_geometry` takes an array on the preprocessed grid
+(a label map or per-channel probabilities) back to the voxel grid of the case's original reference
+file — undoing the padding, the resampling (nearest for labels, linear for probabilities), the crop
+and the RAS reorientation of :mod:`timm_jax.data.io` — and :func:`write_like_input` saves it with
+that file's header (shape, affine, qform / sform codes). Without ``spacing`` the round trip of a
+label map is exact wherever the labels lie inside the crop box (outside it, i.e. where every
+modality is zero, the result is 0); with ``spacing`` nearest-neighbour resampling there and back
+moves label boundaries by up to one input voxel.
+
+The cache (:func:`load_preprocessed`) stores each case as ``<case>-<key>.image.npy``,
+``<case>-<key>.labels.npy`` and ``<case>-<key>.json`` (the record, written last), each written to a
+temporary file and renamed into place; ``mmap=True`` returns read-only ``np.memmap`` views of the
+``.npy`` files, and :func:`load_preprocessed_lazy` a sequence that opens a case only when it is
+used. Entries of the earlier ``.npz`` format (cache version 1) are not read: their key differs, so
+the case is preprocessed again (the old files stay until deleted).
 """
 
 from __future__ import annotations
@@ -25,12 +42,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from timm_jax.data.io import Case, DataError, case_files, load_case
+from timm_jax.data import geometry
+from timm_jax.data.io import Case, DataError, case_files, dataset_info, load_case
 from timm_jax.errors import writing
 from timm_jax.faults import fault
 
@@ -45,10 +63,15 @@ __all__ = [
     "n4_correct",
     "preprocess_case",
     "load_preprocessed",
+    "load_preprocessed_lazy",
+    "LazyCases",
     "cache_key",
+    "to_input_geometry",
+    "write_like_input",
 ]
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_CACHE_FORMAT = "timm_jax preprocessed case"
 _log = logging.getLogger(__name__)
 
 
@@ -111,6 +134,11 @@ def nonzero_bbox(image: np.ndarray) -> tuple[tuple[int, int], ...]:
     return tuple(box)
 
 
+def _with_step(meta: dict, **step) -> dict:
+    """``meta`` with one more geometric step recorded (a new dict and list: the input is not changed)."""
+    return dict(meta, steps=[*meta.get("steps", []), step])
+
+
 def crop_to_nonzero(case: Case, margin: int = 2) -> Case:
     """Crop image and labels to the joint non-zero box of all channels, ``margin`` voxels wider."""
     box = nonzero_bbox(case.image)
@@ -118,6 +146,7 @@ def crop_to_nonzero(case: Case, margin: int = 2) -> Case:
     sl = tuple(slice(lo, hi) for lo, hi in box)
     labels = None if case.labels is None else case.labels[sl]
     meta = dict(case.meta, crop_box=[list(b) for b in box])
+    meta = _with_step(meta, op="crop", box=[list(b) for b in box], shape_in=list(case.shape))
     return dataclasses.replace(
         case,
         image=case.image[sl],
@@ -164,7 +193,11 @@ def resample(case: Case, spacing: float | Sequence[float]) -> Case:
     from scipy import ndimage
 
     new = np.broadcast_to(np.asarray(spacing, np.float64), (3,))
+    if not np.all(np.isfinite(new) & (new > 0)):
+        raise DataError(f"resampling spacing must be positive, got {spacing}")
     old = np.asarray(case.spacing)
+    if not np.all(old > 0):  # the readers reject such affines; a hand-made Case may still have one
+        raise DataError(f"case {case.case_id}: voxel sizes {tuple(old)} must be positive to resample")
     ratio = new / old
     if np.allclose(ratio, 1.0):
         return case
@@ -181,8 +214,16 @@ def resample(case: Case, spacing: float | Sequence[float]) -> Case:
     scale = np.eye(4)
     scale[:3, :3] = np.diag(ratio)
     scale[:3, 3] = offset
+    meta = _with_step(
+        case.meta,
+        op="resample",
+        ratio=ratio.tolist(),
+        offset=offset.tolist(),
+        shape_in=list(case.shape),
+        shape_out=list(shape),
+    )
     return dataclasses.replace(
-        case, image=image.astype(np.float32), labels=labels, affine=case.affine @ scale
+        case, image=image.astype(np.float32), labels=labels, affine=case.affine @ scale, meta=meta
     )
 
 
@@ -211,6 +252,9 @@ def pad_or_crop_to(case: Case, shape: Sequence[int]) -> Case:
         else:
             start.append(0)
     meta = dict(case.meta, pad_start=[int(s) for s in start])
+    meta = _with_step(
+        meta, op="pad", start=[int(s) for s in start], shape_in=list(case.shape), shape_out=list(shape)
+    )
     return dataclasses.replace(
         case, image=image, labels=labels, affine=_translate(case.affine, start), meta=meta
     )
@@ -265,11 +309,192 @@ def preprocess_case(case: Case, config: PreprocessConfig = PreprocessConfig()) -
     return out
 
 
+# --------------------------------------------------------------------------------------- inverse
+def to_input_geometry(array: np.ndarray, case: Case, *, order: int | None = None) -> np.ndarray:
+    """``array`` on the preprocessed grid of ``case`` back on the voxel grid of its original file.
+
+    Undoes, in reverse order, the padding (or centre crop), the resampling to ``spacing``, the crop
+    to the non-zero box (``meta["steps"]``) and the RAS reorientation of the loader
+    (``meta["source"]``); the result has the shape of the reference file (the label file, or the
+    first modality without one: ``case.meta["source"]["file"]``) and can be written with
+    :func:`write_like_input`.
+
+    Args:
+      array: ``(D, H, W)`` or ``(D, H, W, K)`` on the grid of ``case`` (``case.shape``).
+      case: the preprocessed case (from :func:`preprocess_case` / :func:`load_preprocessed`).
+      order: interpolation when undoing a resampling: 0 nearest (default for integer / bool arrays:
+        label maps), 1 linear (default for floats: probabilities).
+
+    Voxels outside the crop box, or cut by a centre crop to ``target_shape``, come back as 0.
+    """
+    a = np.asarray(array)
+    if a.shape[:3] != tuple(case.shape) or a.ndim not in (3, 4):
+        raise ValueError(f"expected an array of shape {tuple(case.shape)} (+ channels), got {a.shape}")
+    if order is None:
+        order = 0 if (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_) else 1
+    for step in reversed(case.meta.get("steps", [])):
+        if step["op"] == "pad":
+            a = _place(a, step["start"], step["shape_in"])  # output voxel j is input voxel j + start
+        elif step["op"] == "resample":
+            a = _unresample(a, step, order)
+        elif step["op"] == "crop":
+            a = _place(a, [lo for lo, _ in step["box"]], step["shape_in"])
+        else:
+            raise ValueError(f"unknown preprocessing step {step['op']!r} in case {case.case_id}'s meta")
+    source = case.meta.get("source")
+    if source is not None:
+        a = geometry.from_canonical(a, source["orientation"])
+        if tuple(a.shape[:3]) != tuple(source["shape"][:3]):
+            raise ValueError(
+                f"case {case.case_id}: the inverse gives shape {a.shape[:3]}, its file {source['file']} "
+                f"has {tuple(source['shape'])}"
+            )
+    return np.ascontiguousarray(a)
+
+
+def _place(a: np.ndarray, at: Sequence[int], shape: Sequence[int]) -> np.ndarray:
+    """A zero array of ``shape`` (+ ``a``'s channels) with ``a`` written starting at voxel ``at``
+    (negative: ``a`` starts before the output, and that part is dropped)."""
+    out = np.zeros(tuple(int(s) for s in shape) + a.shape[3:], a.dtype)
+    dst, src = [], []
+    for o, n_a, n_out in zip(at, a.shape[:3], shape):
+        lo, hi = max(int(o), 0), min(int(o) + n_a, int(n_out))
+        if hi <= lo:
+            return out
+        dst.append(slice(lo, hi))
+        src.append(slice(lo - int(o), hi - int(o)))
+    out[tuple(dst)] = a[tuple(src)]
+    return out
+
+
+def _unresample(a: np.ndarray, step: dict, order: int) -> np.ndarray:
+    """Inverse of :func:`resample`: input voxel ``i`` sits at resampled coordinate ``(i + 0.5) / r - 0.5``."""
+    from scipy import ndimage
+
+    ratio = np.asarray(step["ratio"], np.float64)
+    shape = tuple(int(s) for s in step["shape_in"])
+
+    def warp(vol):
+        return ndimage.affine_transform(
+            vol, 1.0 / ratio, offset=0.5 / ratio - 0.5, output_shape=shape, order=order, mode="nearest"
+        )
+
+    if a.ndim == 3:
+        return warp(a).astype(a.dtype, copy=False)
+    return np.stack([warp(a[..., k]) for k in range(a.shape[-1])], axis=-1).astype(a.dtype, copy=False)
+
+
+def write_like_input(path: str | os.PathLike, array: np.ndarray, case: Case) -> Path:
+    """Save ``array`` (on the original grid: :func:`to_input_geometry`) with the input file's header.
+
+    The header of the case's reference file (``case.meta["source"]["file"]``) is the template: the
+    written file has its shape, affine and qform / sform codes (and pixdim, units, orientation
+    fields). Integer / bool arrays (label maps) are stored as the smallest of uint8, int16, int32
+    that holds them, floats (probabilities, ``(D, H, W, K)``) as float32. ``.nii`` / ``.nii.gz``
+    paths get NIfTI, ``.mgz`` / ``.mgh`` MGH; when the input was of the other format (or is gone),
+    the header is made from the recorded affine and codes instead.
+    """
+    import nibabel as nib
+
+    source = case.meta.get("source")
+    if source is None:
+        raise ValueError(f"case {case.case_id} has no meta['source'] (it was not read by timm_jax.data.io)")
+    arr = _storable(np.asarray(array))
+    if tuple(arr.shape[:3]) != tuple(source["shape"][:3]):
+        raise ValueError(
+            f"array of shape {arr.shape} is not on the grid of {source['file']} "
+            f"(shape {tuple(source['shape'])}); map it with to_input_geometry first"
+        )
+    path = Path(path)
+    mgh = path.name.endswith((".mgz", ".mgh"))
+    affine = np.asarray(source["affine"], np.float64)
+    template = None
+    try:
+        template = nib.load(source["file"])
+    except Exception as e:  # moved or unreadable: the recorded geometry is enough
+        _log.warning(
+            "input file %s is unreadable (%s); writing %s from the recorded affine",
+            source["file"],
+            _brief(e),
+            path,
+        )
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if mgh:
+            header = template.header.copy() if isinstance(template, nib.MGHImage) else None
+            if arr.dtype not in (np.uint8, np.int16, np.int32, np.float32):
+                arr = arr.astype(np.int32)
+            img = nib.MGHImage(arr, affine, header=header)
+        elif isinstance(template, nib.Nifti1Image):  # Nifti2Image too
+            img = _nifti_like(type(template), arr, template.header)
+        else:
+            img = nib.Nifti1Image(arr, affine)
+            qcode, scode = source.get("qform_code"), source.get("sform_code")
+            img.set_qform(affine, code=1 if qcode is None else int(qcode))
+            img.set_sform(affine, code=1 if scode is None else int(scode))
+        img.set_data_dtype(arr.dtype)
+        tmp = path.with_name(
+            f".tmp{os.getpid()}-{path.name}"
+        )  # the same ending: nibabel picks the format by it
+        try:
+            nib.save(img, str(tmp))
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+    return path
+
+
+_HEADER_GEOMETRY = (
+    "qform_code",
+    "sform_code",
+    "quatern_b",
+    "quatern_c",
+    "quatern_d",
+    "qoffset_x",
+    "qoffset_y",
+    "qoffset_z",
+    "srow_x",
+    "srow_y",
+    "srow_z",
+    "xyzt_units",
+    "dim_info",
+)
+
+
+def _nifti_like(klass, arr: np.ndarray, template_header):
+    """A NIfTI image of ``arr`` whose header is the template's, geometry fields copied verbatim."""
+    header = template_header.copy()
+    img = klass(arr, None, header=header)
+    h = img.header
+    for key in _HEADER_GEOMETRY:
+        h[key] = template_header[key]
+    pixdim = np.array(template_header["pixdim"], copy=True)
+    h["pixdim"][:4] = pixdim[:4]  # qfac and the voxel sizes; the 4th axis (channels) keeps nibabel's
+    h.set_slope_inter(1.0, 0.0)
+    h["cal_min"], h["cal_max"] = 0.0, 0.0
+    return klass(arr, None, header=h)
+
+
+def _storable(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    if np.issubdtype(arr.dtype, np.integer):
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        for dt in (np.uint8, np.int16, np.int32):
+            if np.iinfo(dt).min <= lo and hi <= np.iinfo(dt).max:
+                return arr.astype(dt, copy=False)
+        raise ValueError(f"label values {lo}..{hi} do not fit int32")
+    return arr.astype(np.float32, copy=False)
+
+
 # --------------------------------------------------------------------------------------- cache
-def cache_key(root, case_id: str, layout: str, config: PreprocessConfig) -> str:
-    """Hash of the settings and of every source file's path, size and modification time."""
+def cache_key(root, case_id: str, layout: str, config: PreprocessConfig, *, info=None) -> str:
+    """Hash of the settings, the data set's reading conventions and every source file's path, size
+    and modification time."""
+    info = info if info is not None else dataset_info(root, layout)
     sources = []
-    for key, path in sorted(case_files(root, case_id, layout).items()):
+    for key, path in sorted(case_files(root, case_id, layout, info=info).items()):
         if path is None:
             sources.append([key, None])
         else:
@@ -281,11 +506,97 @@ def cache_key(root, case_id: str, layout: str, config: PreprocessConfig) -> str:
             "layout": layout,
             "case_id": case_id,
             "config": config.to_dict(),
+            "dataset": info.fingerprint(),
             "sources": sources,
         },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _entry_paths(cache_dir: Path, case_id: str, key: str) -> dict[str, Path]:
+    stem = f"{case_id}-{key}"
+    return {
+        "record": cache_dir / f"{stem}.json",
+        "image": cache_dir / f"{stem}.image.npy",
+        "labels": cache_dir / f"{stem}.labels.npy",
+    }
+
+
+def _read_entry(paths: dict[str, Path], case_id: str, *, mmap: bool) -> Case:
+    """The cached case (arrays memory-mapped read-only with ``mmap``); raises on any damage."""
+    rec = json.loads(paths["record"].read_text(encoding="utf-8"))
+    if (
+        not isinstance(rec, dict)
+        or rec.get("format") != _CACHE_FORMAT
+        or rec.get("version") != _CACHE_VERSION
+    ):
+        raise ValueError("not a timm_jax cache record of this version")
+    if rec["case_id"] != case_id:
+        raise ValueError(f"record of case {rec['case_id']!r}")
+    arrays = {}
+    for name in ("image", "labels"):
+        spec = rec["arrays"].get(name)
+        if spec is None:
+            arrays[name] = None
+            continue
+        arr = np.load(paths[name], mmap_mode="r" if mmap else None, allow_pickle=False)
+        if list(arr.shape) != list(spec["shape"]) or str(arr.dtype) != spec["dtype"]:
+            raise ValueError(f"{paths[name].name} holds {arr.dtype}{arr.shape}, the record says {spec}")
+        arrays[name] = arr
+    if arrays["image"] is None:
+        raise ValueError("record has no image")
+    return Case(
+        case_id=case_id,
+        image=arrays["image"],
+        labels=arrays["labels"],
+        affine=np.asarray(rec["affine"], np.float64),
+        modalities=tuple(rec["modalities"]),
+        paths=dict(rec["paths"]),
+        meta=dict(rec["meta"]),
+    )
+
+
+def _write_entry(cache_dir: Path, paths: dict[str, Path], case: Case) -> None:
+    """Each array to a temporary ``.npy``, then the record; renamed into place arrays first, record
+    last, so a record on disk always has its arrays. Nothing is left behind on an error."""
+    with writing(cache_dir):
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    arrays = {"image": np.ascontiguousarray(case.image, np.float32)}
+    if case.labels is not None:
+        arrays["labels"] = np.ascontiguousarray(case.labels)
+    record = {
+        "format": _CACHE_FORMAT,
+        "version": _CACHE_VERSION,
+        "case_id": case.case_id,
+        "modalities": list(case.modalities),
+        "paths": case.paths,
+        "meta": case.meta,
+        "affine": np.asarray(case.affine).tolist(),
+        "arrays": {
+            name: {"file": paths[name].name, "shape": list(arr.shape), "dtype": str(arr.dtype)}
+            for name, arr in arrays.items()
+        },
+    }
+    temps: list[tuple[str, Path]] = []
+    with writing(paths["record"]):
+        try:
+            for name, arr in arrays.items():
+                fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{paths[name].name}.", suffix=".tmp")
+                temps.append((tmp, paths[name]))
+                with os.fdopen(fd, "wb") as f:
+                    np.save(f, arr, allow_pickle=False)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{paths['record'].name}.", suffix=".tmp")
+            temps.append((tmp, paths["record"]))
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(record, f)
+            fault("preprocess.cache", tmp)
+            for tmp, final in temps:
+                os.replace(tmp, final)
+        finally:
+            for tmp, _ in temps:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
 
 
 def load_preprocessed(
@@ -296,57 +607,44 @@ def load_preprocessed(
     cache_dir=None,
     *,
     require_labels: bool = True,
+    info=None,
+    mmap: bool = False,
 ) -> Case:
-    """Load and preprocess a case, reusing ``<cache_dir>/<case_id>-<key>.npz`` when present.
+    """Load and preprocess a case, reusing its cache entry ``<cache_dir>/<case_id>-<key>.*`` when present.
 
-    The key hashes ``config`` with each source file's path, size and mtime, so a changed file or
-    setting is recomputed. ``cache_dir=None`` disables caching.
+    The key hashes ``config`` and the data set's conventions with each source file's path, size and
+    mtime, so a changed file or setting is recomputed. ``cache_dir=None`` disables caching. With
+    ``mmap=True`` (needs ``cache_dir``) the case's ``image`` and ``labels`` are read-only
+    ``np.memmap`` views of the cache files: nothing is read until it is used. A damaged entry
+    (truncated, zeroed, foreign) is logged and rebuilt.
     """
+    info = info if info is not None else dataset_info(root, layout)
     if cache_dir is None:
-        return preprocess_case(load_case(root, case_id, layout, require_labels=require_labels), config)
+        if mmap:
+            raise ValueError("mmap=True needs a cache_dir (the memory-mapped files live there)")
+        return preprocess_case(
+            load_case(root, case_id, layout, require_labels=require_labels, info=info), config
+        )
     cache_dir = Path(cache_dir)
-    key = cache_key(root, case_id, layout, config)
-    path = cache_dir / f"{case_id}-{key}.npz"
-    if path.is_file():
+    key = cache_key(root, case_id, layout, config, info=info)
+    paths = _entry_paths(cache_dir, case_id, key)
+    if paths["record"].is_file():
         try:
-            with np.load(path, allow_pickle=False) as z:
-                labels = z["labels"] if "labels" in z.files else None
-                if labels is not None or not require_labels:
-                    return Case(
-                        case_id=case_id,
-                        image=z["image"],
-                        labels=labels,
-                        affine=z["affine"],
-                        modalities=tuple(json.loads(str(z["modalities"]))),
-                        paths=json.loads(str(z["paths"])),
-                        meta=json.loads(str(z["meta"])),
-                    )
-        except Exception as e:  # truncated, zeroed or foreign file (zipfile, zlib, EOF, ...): rebuild it
+            case = _read_entry(paths, case_id, mmap=mmap)
+            if case.labels is not None or not require_labels:
+                return case
+        except (
+            Exception
+        ) as e:  # truncated, zeroed or foreign file (JSON, npy header, mmap size...): rebuild it
             _log.warning(
-                "preprocessed-data cache entry %s is unreadable (%s); rebuilding it", path, _brief(e)
+                "preprocessed-data cache entry %s is unreadable (%s); rebuilding it",
+                paths["record"],
+                _brief(e),
             )
-    case = preprocess_case(load_case(root, case_id, layout, require_labels=require_labels), config)
-    with writing(cache_dir):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    arrays = dict(
-        image=case.image,
-        affine=case.affine,
-        modalities=json.dumps(list(case.modalities)),
-        paths=json.dumps(case.paths),
-        meta=json.dumps(case.meta),
-    )
-    if case.labels is not None:
-        arrays["labels"] = case.labels
-    with writing(path):
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **arrays)
-            fault("preprocess.cache", tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    case = preprocess_case(load_case(root, case_id, layout, require_labels=require_labels, info=info), config)
+    _write_entry(cache_dir, paths, case)
+    if mmap:
+        return _read_entry(paths, case_id, mmap=True)
     return case
 
 
@@ -355,12 +653,87 @@ def _brief(e: Exception) -> str:
 
 
 def load_preprocessed_many(
-    root, case_ids, layout, config=PreprocessConfig(), cache_dir=None, *, progress=False
+    root, case_ids, layout, config=PreprocessConfig(), cache_dir=None, *, progress=False, info=None
 ):
     """:func:`load_preprocessed` for several cases (optionally with a tqdm progress bar)."""
+    info = info if info is not None else dataset_info(root, layout)
     ids = list(case_ids)
     if progress:
         from tqdm import tqdm
 
         ids = tqdm(ids, desc="preprocess", unit="case")
-    return [load_preprocessed(root, cid, layout, config, cache_dir) for cid in ids]
+    return [load_preprocessed(root, cid, layout, config, cache_dir, info=info) for cid in ids]
+
+
+class LazyCases(Sequence):
+    """Cases of the preprocessing cache, each opened (memory-mapped, read-only) when it is accessed.
+
+    Holds only the case ids and how to find them: ``cases[i]`` is ``load_preprocessed(...,
+    mmap=True)`` (a cache hit; rebuilt if the entry was removed or damaged meanwhile). Iterating
+    opens one case at a time, so a data set larger than memory can be walked through, and no file
+    stays open between accesses.
+    """
+
+    def __init__(self, root, ids, layout, config, cache_dir, *, require_labels=True, info=None):
+        self.root, self.layout, self.config = root, layout, config
+        self.cache_dir = Path(cache_dir)
+        self.ids = list(ids)
+        self.require_labels = require_labels
+        self.info = info if info is not None else dataset_info(root, layout)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return load_preprocessed(
+            self.root,
+            self.ids[i],
+            self.layout,
+            self.config,
+            self.cache_dir,
+            require_labels=self.require_labels,
+            info=self.info,
+            mmap=True,
+        )
+
+    def __repr__(self) -> str:
+        return f"LazyCases({len(self)} cases in {self.cache_dir})"
+
+
+def load_preprocessed_lazy(
+    root,
+    case_ids,
+    layout,
+    config: PreprocessConfig = PreprocessConfig(),
+    cache_dir=None,
+    *,
+    require_labels: bool = True,
+    info=None,
+    check: Callable[[np.ndarray], None] | None = None,
+    progress: bool = False,
+) -> LazyCases:
+    """Preprocess every case into the cache (one at a time), then return them as :class:`LazyCases`.
+
+    ``check`` (e.g. ``task.check_labels``) is applied to each case's labels as it is cached.
+    """
+    if cache_dir is None:
+        raise ValueError("load_preprocessed_lazy needs a cache_dir")
+    info = info if info is not None else dataset_info(root, layout)
+    ids = list(case_ids)
+    walk = ids
+    if progress:
+        from tqdm import tqdm
+
+        walk = tqdm(ids, desc="preprocess", unit="case")
+    for n, cid in enumerate(walk):
+        case = load_preprocessed(
+            root, cid, layout, config, cache_dir, require_labels=require_labels, info=info, mmap=True
+        )
+        if check is not None and case.labels is not None:
+            check(case.labels)
+        del case
+        if (n + 1) % 10 == 0:
+            _log.info("  cached %d/%d cases", n + 1, len(ids))
+    return LazyCases(root, ids, layout, config, cache_dir, require_labels=require_labels, info=info)

@@ -1,8 +1,11 @@
-"""From a data description (directory, layout, task, split, fraction) to cases in memory.
+"""From a data description (directory, layout, task, split, fraction) to cases.
 
 A :class:`DataSpec` is stored in every checkpoint, so that ``fuse.py`` can compute a source
 model's Fisher on *its own* task's data and ``evaluate.py`` can find a run's test split. Its
-fields are the scripts' data flags (:mod:`timm_jax.cli` derives them).
+fields are the scripts' data flags (:mod:`timm_jax.cli` derives them). :func:`resolve` looks at
+the data folder once: ``Data.info`` (a :class:`~timm_jax.data.layouts.DatasetInfo`) holds the
+convention found, the modalities in channel order (``Data.in_channels``) and the labels;
+``Data.load(ids, mmap=True)`` gives cases whose arrays are read-only memory maps of the cache.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from timm_jax.config import Config, setting
-from timm_jax.data.io import DataError, list_cases
-from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed
+from timm_jax.data.io import LAYOUT_NAMES, DataError, dataset_info, list_cases
+from timm_jax.data.layouts import DatasetInfo
+from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed, load_preprocessed_lazy
 from timm_jax.data.splits import fraction_split, load_splits, make_splits, splits_from_manifest
 from timm_jax.data.tasks import Task, brats_regions, parcellation_labels, task_from_manifest
 from timm_jax.errors import ConfigError
@@ -33,14 +37,26 @@ class DataSpec(Config):
     """
 
     data_dir: str = setting("", "Root of the data layout (<dir>/<case>/...).")
-    layout: str = setting("", "Data layout: brats or parcellation.", choices=("brats", "parcellation"))
+    layout: str = setting(
+        "",
+        "Data layout: brats (2018-2021 or 2023+ naming), msd, nnunet, freesurfer or parcellation.",
+        choices=LAYOUT_NAMES,
+    )
+    label_map: str = setting(
+        "",
+        "freesurfer / parcellation: merge the label ids into classes: paper14 (the paper's 14 classes "
+        'from aseg / aparc+aseg) or a JSON file {"class": [ids, "lo-hi"], ...}.',
+    )
     task_key: str = setting(
         "",
         "Task of a demo manifest.json (task1, task2, task3): sets the labels "
         "and the split. Leave empty for real data.",
     )
     labels: tuple = setting(
-        (), "Parcellation label ids to predict (real data; BraTS always predicts WT/TC/ET).", item=int
+        (),
+        "Label ids to predict (parcellation / freesurfer / msd / nnunet; default: the data set's own "
+        "labels where it names them; BraTS always predicts WT/TC/ET).",
+        item=int,
     )
     manifest: str = setting("", "Path of a manifest.json (default: in --data_dir or its parent).")
     splits_file: str = setting(
@@ -66,8 +82,12 @@ class DataSpec(Config):
         if not self.data_dir or not self.layout:
             missing = [f"--{n}" for n in ("data_dir", "layout") if not getattr(self, n)]
             raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
-        if self.layout not in ("brats", "parcellation"):
-            raise ConfigError(f"--layout must be 'brats' or 'parcellation', got {self.layout!r}")
+        if self.layout not in LAYOUT_NAMES:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUT_NAMES)}, got {self.layout!r}")
+        if self.label_map and self.layout not in ("freesurfer", "parcellation"):
+            raise ConfigError(
+                f"--label_map applies to --layout=freesurfer or parcellation, not {self.layout}"
+            )
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
 
@@ -82,16 +102,49 @@ class Data:
     splits: dict  # the full train/val/test ids
     train_ids: list  # the training cases of the fraction actually used
     val_ids: list  # its validation cases
+    info: DatasetInfo | None = None  # the data folder's convention, modalities and labels
 
-    def load(self, ids, *, require_labels: bool = True) -> list:
-        """The preprocessed cases ``ids`` (cached), their labels checked against the task."""
+    @property
+    def in_channels(self) -> int:
+        """The network's input channels: the data set's modalities."""
+        return len(self.info.modalities)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.spec.cache_dir or str(Path(self.spec.data_dir).resolve().parent / ".timm_cache")
+
+    def load(self, ids, *, require_labels: bool = True, mmap: bool = False):
+        """The preprocessed cases ``ids`` (cached), their labels checked against the task.
+
+        With ``mmap=True`` the result is a lazy sequence (:class:`~timm_jax.data.preprocess.LazyCases`):
+        every case is preprocessed into the cache first, then each item is opened on access, its
+        ``image`` / ``labels`` read-only ``np.memmap`` views of the cache files, so that a data set
+        larger than memory can be trained on (the training pipeline reads only the patches it samples).
+        """
         cfg = self.spec.preprocess_config()
-        cache = self.spec.cache_dir or str(Path(self.spec.data_dir).resolve().parent / ".timm_cache")
+        if mmap:
+            cases = load_preprocessed_lazy(
+                self.spec.data_dir,
+                ids,
+                self.spec.layout,
+                cfg,
+                self.cache_dir,
+                require_labels=require_labels,
+                info=self.info,
+                check=self.task.check_labels,
+            )
+            return cases
         out = []
         for i, cid in enumerate(ids):
             out.append(
                 load_preprocessed(
-                    self.spec.data_dir, cid, self.spec.layout, cfg, cache, require_labels=require_labels
+                    self.spec.data_dir,
+                    cid,
+                    self.spec.layout,
+                    cfg,
+                    self.cache_dir,
+                    require_labels=require_labels,
+                    info=self.info,
                 )
             )
             if (i + 1) % 10 == 0:
@@ -118,6 +171,7 @@ def resolve(spec: DataSpec) -> Data:
     """Task, split and training fraction of a spec (reads only the directory listing/manifest)."""
     if not os.path.isdir(spec.data_dir):
         raise DataError(f"data directory {spec.data_dir} (--data_dir) does not exist")
+    info = dataset_info(spec.data_dir, spec.layout, label_map=spec.label_map or None)
     manifest = None
     if spec.task_key:
         mpath = _find_manifest(spec)
@@ -139,20 +193,32 @@ def resolve(spec: DataSpec) -> Data:
             )
     elif spec.layout == "brats":
         task = brats_regions()
+    elif info.convention == "msd-brats":
+        task = info.make_task()
+    elif spec.labels:
+        known = info.label_values
+        bad = [v for v in spec.labels if known is not None and v not in known]
+        if bad:
+            raise ConfigError(f"--labels {bad} are not labels of {spec.data_dir} (its labels: {list(known)})")
+        names = [info.label_names.get(int(v), f"label_{v}") for v in spec.labels]
+        task = parcellation_labels(spec.labels, names, layout=spec.layout, known_labels=known)
+    elif info.task is not None:
+        task = info.make_task()
     else:
-        if not spec.labels:
-            raise ConfigError(
-                "a parcellation task needs --labels (the label ids to predict) "
-                "or --task_key of a demo manifest"
-            )
-        task = parcellation_labels(spec.labels)
+        raise ConfigError(
+            f"a {spec.layout} task needs --labels (the label ids to predict), --label_map "
+            "or --task_key of a demo manifest"
+        )
     if spec.splits_file:
         splits = load_splits(spec.splits_file)
     elif manifest is not None:
         splits = splits_from_manifest(manifest, spec.task_key)
     else:
         splits = make_splits(
-            list_cases(spec.data_dir, spec.layout), spec.split_seed, spec.val_fraction, spec.test_fraction
+            list_cases(spec.data_dir, spec.layout, info=info),
+            spec.split_seed,
+            spec.val_fraction,
+            spec.test_fraction,
         )
     for s in ("train", "val"):
         if not splits.get(s):
@@ -163,4 +229,4 @@ def resolve(spec: DataSpec) -> Data:
         train_ids, val_ids = fraction_split(splits, spec.fraction, spec.split_seed)
     except ValueError as e:
         raise ConfigError(f"--fraction={spec.fraction}: {e}") from None
-    return Data(spec=spec, task=task, splits=splits, train_ids=train_ids, val_ids=val_ids)
+    return Data(spec=spec, task=task, splits=splits, train_ids=train_ids, val_ids=val_ids, info=info)

@@ -8,6 +8,8 @@ turns predicted probabilities back into a label map.
   are nested, outermost first: WT = {1, 2, 4} ⊃ TC = {1, 4} ⊃ ET = {4}. Decoding thresholds every
   channel at 0.5 and paints from the outside in, each region with the label that it alone adds:
   WT\\TC → 2, TC\\ET → 1, ET → 4.
+  A region task may instead give ``region_labels`` (nnU-Net's ``regions_class_order``): the label
+  painted for each region in channel order, later channels overwriting earlier ones.
 * ``kind="labels"`` (parcellation): channel ``k`` is 1 where the label equals ``label_ids[k]``; every
   other value is background. Decoding takes the most probable channel where its probability
   exceeds 0.5, else background (0).
@@ -43,6 +45,8 @@ class Task:
       regions: for ``kind="regions"``, the label set of each channel, outermost first.
       known_labels: every label value a label map may contain (``None``: any non-negative
         integer); anything else raises ``DataError``.
+      region_labels: for ``kind="regions"``, the label :meth:`decode` paints for each region, in
+        channel order (later ones overwrite); empty: derived from nested regions.
     """
 
     name: str
@@ -52,11 +56,13 @@ class Task:
     channel_names: tuple[str, ...]
     regions: tuple[tuple[int, ...], ...] = ()
     known_labels: tuple[int, ...] | None = None
+    region_labels: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "label_ids", tuple(int(v) for v in self.label_ids))
         object.__setattr__(self, "channel_names", tuple(str(v) for v in self.channel_names))
         object.__setattr__(self, "regions", tuple(tuple(int(v) for v in r) for r in self.regions))
+        object.__setattr__(self, "region_labels", tuple(int(v) for v in self.region_labels))
         if self.known_labels is not None:
             object.__setattr__(self, "known_labels", tuple(sorted({0, *(int(v) for v in self.known_labels)})))
         if self.kind not in _KINDS:
@@ -69,6 +75,8 @@ class Task:
         else:
             if len(self.regions) != len(self.channel_names) or not self.regions:
                 raise ValueError("regions task needs one non-empty region per channel name")
+            if self.region_labels and len(self.region_labels) != len(self.regions):
+                raise ValueError("region_labels needs one label per region")
         if any(v < 0 for v in self.label_ids):
             raise ValueError("label ids must be non-negative")
         if self.known_labels is not None:
@@ -145,7 +153,10 @@ class Task:
         return out
 
     def _region_paint_labels(self) -> tuple[int, ...]:
-        """For nested regions, the one label each region adds to the next inner one."""
+        """The label painted per region: ``region_labels``, or for nested regions the one label each
+        region adds to the next inner one."""
+        if self.region_labels:
+            return self.region_labels
         paint = []
         for k, region in enumerate(self.regions):
             inner = set(self.regions[k + 1]) if k + 1 < len(self.regions) else set()
@@ -172,6 +183,7 @@ class Task:
             "channel_names": list(self.channel_names),
             "regions": [list(r) for r in self.regions],
             "known_labels": None if self.known_labels is None else list(self.known_labels),
+            **({"region_labels": list(self.region_labels)} if self.region_labels else {}),
         }
 
     @classmethod
@@ -184,6 +196,7 @@ class Task:
             channel_names=tuple(d["channel_names"]),
             regions=tuple(tuple(r) for r in d.get("regions", ())),
             known_labels=None if d.get("known_labels") is None else tuple(d["known_labels"]),
+            region_labels=tuple(d.get("region_labels", ())),
         )
 
 
