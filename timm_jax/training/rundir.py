@@ -66,9 +66,11 @@ def _dictify(obj: Any) -> Any:
     return obj.to_dict() if hasattr(obj, "to_dict") else obj
 
 
-#: metadata fields that a run's result does not depend on: its progress, the key itself and where
-#: it ran (a run may resume on another number of devices or processes)
-_UNKEYED = ("run", "run_key", "num_devices", "num_processes")
+#: metadata fields that a run's result does not depend on: its progress, the key itself, where it
+#: ran (a run may resume on another number of devices or processes) and what was found in its data
+#: folder (``data_info``: convention, modalities, labels — a function of the folder the ``data``
+#: spec names)
+_UNKEYED = ("run", "run_key", "num_devices", "num_processes", "data_info")
 #: model settings added after runs had been written: keyed only when not at their default, so
 #: that older runs keep their key (and resume)
 _LATER_MODEL_DEFAULTS = {"precision": "float32"}

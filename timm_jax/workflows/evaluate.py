@@ -11,7 +11,6 @@ import numpy as np
 
 from timm_jax.config import DeviceConfig, EvalConfig
 from timm_jax.core.partition import join, select_like, split
-from timm_jax.data.io import LAYOUTS
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
@@ -105,7 +104,13 @@ def evaluate_model(
     data = resolve(spec)
     if not data.splits.get(cfg.split):
         raise ConfigError(f"--split={cfg.split} has no cases (have {sorted(data.splits)})")
-    n_in = len(LAYOUTS[spec.layout].modalities)
+    n_in = data.in_channels
+    recorded = (meta.get("data_info") or {}).get("modalities")
+    if recorded and list(recorded) != list(data.info.modalities):
+        raise CheckpointError(
+            f"{run_dir} was trained on the modalities {list(recorded)}, the data in {spec.data_dir} "
+            f"have {list(data.info.modalities)}"
+        )
     if (n_in, data.task.num_channels) != (model_cfg.in_channels, model_cfg.out_channels):
         raise CheckpointError(
             f"{run_dir} is a {model_cfg.in_channels}→{model_cfg.out_channels} channel "
@@ -132,7 +137,7 @@ def evaluate_model(
     )
     rows = []
     with Events(out_dir) as events, bar(len(ids), f"[evaluate] {cfg.split}", "case") as progress:
-        for i, (cid, case) in enumerate(zip(ids, data.load(ids))):
+        for i, (cid, case) in enumerate(zip(ids, data.load(ids, mmap=True))):
             probs = predict(params, case.image)
             rows.append(
                 {

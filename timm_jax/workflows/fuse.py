@@ -259,7 +259,7 @@ def _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_c
     ids = list(meta.get("train_ids") or data.train_ids)
     if max_examples:
         ids = ids[:max_examples]
-    cases = data.load(ids)
+    cases = data.load(ids, mmap=True)
     per_case = key["patches_per_case"]
     n = len(ids) * per_case
     apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
@@ -341,9 +341,10 @@ def source_task_specific(part: Partition, source_params: dict, *, name: str = "s
     return from_flat_dict({**fresh, **{k: jnp.asarray(v) for k, v in taken.items()}})
 
 
-def _without_labels(cases: list) -> list:
-    """The cases with all-zero label maps: what an unlabelled target provides."""
-    return [dataclasses.replace(c, labels=np.zeros(c.image.shape[:3], np.uint8)) for c in cases]
+def _without_labels(cases) -> list:
+    """The cases with all-zero label maps (what an unlabelled target provides; a read-only
+    broadcast of one zero, so memory-mapped images stay on disk)."""
+    return [dataclasses.replace(c, labels=np.broadcast_to(np.uint8(0), c.image.shape[:3])) for c in cases]
 
 
 def adaption_stage(
@@ -378,8 +379,8 @@ def adaption_stage(
     T = len(src_tr)
     entropy = cfg.adaption_objective == "entropy"
     logits = init_logits(part.transferable, T, cfg.granularity)
-    train_cases = data.load(data.train_ids)
-    val_cases = data.load(data.val_ids)
+    train_cases = data.load(data.train_ids, mmap=True)
+    val_cases = data.load(data.val_ids, mmap=True)
     if entropy:
         train_cases, val_cases = _without_labels(train_cases), _without_labels(val_cases)
     optimizer = make_adaption_optimizer(
@@ -534,6 +535,7 @@ def fuse_models(
         fuse=cfg,
         sources=sources.request(),
         task=data.task.to_dict(),
+        data_info=data.info.to_dict(),
         splits=data.splits,
         train_ids=data.train_ids,
         val_ids=data.val_ids,

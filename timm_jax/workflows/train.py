@@ -16,7 +16,6 @@ import numpy as np
 
 from timm_jax.config import DeviceConfig, ModelConfig, TrainConfig
 from timm_jax.core.partition import join, select_like, shape_mismatches, split
-from timm_jax.data.io import LAYOUTS
 from timm_jax.data.pipeline import make_train_dataset
 from timm_jax.data.spec import Data, DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
@@ -43,9 +42,7 @@ _log = logging.getLogger(__name__)
 
 def model_config_for(data: Data, model_cfg: ModelConfig) -> ModelConfig:
     """``model_cfg`` with the channel counts of the data's layout and task."""
-    return model_cfg.replace(
-        in_channels=len(LAYOUTS[data.spec.layout].modalities), out_channels=data.task.num_channels
-    )
+    return model_cfg.replace(in_channels=data.in_channels, out_channels=data.task.num_channels)
 
 
 def load_init(init: str, init_from: str, model_cfg: ModelConfig):
@@ -131,6 +128,7 @@ def train_model(
         train=train_cfg,
         data=spec,
         task=data.task.to_dict(),
+        data_info=data.info.to_dict(),
         splits=data.splits,
         train_ids=data.train_ids,
         val_ids=data.val_ids,
@@ -150,8 +148,8 @@ def train_model(
             model_cfg.conv_impl,
             dp.describe(),
         )
-        train_cases = data.load(data.train_ids)
-        val_cases = data.load(data.val_ids)
+        train_cases = data.load(data.train_ids, mmap=True)  # memory-mapped: data larger than RAM
+        val_cases = data.load(data.val_ids, mmap=True)
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
         params = init_params(model, init_rng, (1, *patch, model_cfg.in_channels))
         if init == "transfer":
