@@ -76,7 +76,8 @@ def main(argv=None) -> None:
     }
     opt = make_optimizer(1e-3)
     step = make_train_step(model, opt)
-    state = [create_state(params, opt, jax.random.PRNGKey(1))]
+    copy = jax.tree_util.tree_map(lambda a: a.copy(), params)  # the step donates its state
+    state = [create_state(copy, opt, jax.random.PRNGKey(1))]
     batch = {
         "image": rng.standard_normal((2, *PATCH, 4)).astype(np.float32),
         "target": (rng.random((2, *PATCH, 3)) > 0.5).astype(np.float32),
