@@ -1,4 +1,4 @@
-"""Evaluate a run's best checkpoint on a split: per-case Dice/HD95 CSV, summary JSON, NIfTI maps.
+r"""Evaluate a run's best checkpoint on a split: per-case Dice/HD95 CSV, summary JSON, NIfTI maps.
 
 Examples:
   python evaluate.py --run=runs/t3_timm --split=test
@@ -12,8 +12,8 @@ from timm_jax.config import DeviceConfig, EvalConfig
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
 
-cli.define_flags(EvalConfig)
-cli.define_flags(DeviceConfig)
+cli.define_flags(EvalConfig, group="Evaluation")
+cli.define_flags(DeviceConfig, group="Devices and processes")
 flags.DEFINE_string("run", None, "Run directory (train.py workdir or fuse.py output).")
 flags.DEFINE_string("out", "", "Output directory (default <run>/eval_<split>, or <run>/forgetting).")
 flags.DEFINE_string("data_dir", "", "Override the run's data directory (e.g. data moved).")

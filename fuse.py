@@ -1,4 +1,4 @@
-"""Fuse T >= 1 trained runs into an initialisation for a target task: IMM or T-IMM.
+r"""Fuse T >= 1 trained runs into an initialisation for a target task: IMM or T-IMM.
 
 Example (T-IMM of M1 and M2 for the tumour task, then fine-tune with train.py --init=fused):
   python fuse.py --source=runs/m1,runs/m2 --data_dir=demo_out/data/brats --layout=brats \
@@ -14,12 +14,13 @@ from timm_jax.data.spec import DataSpec
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.fuse import fuse_models
 
-cli.define_flags(DataSpec)
-cli.define_flags(DeviceConfig)
-cli.define_flags(TrainConfig)
-cli.define_flags(FuseConfig)
+cli.define_flags(DataSpec, group="Target data", section="data")
+cli.define_flags(DeviceConfig, group="Devices and processes")
+cli.define_flags(TrainConfig, group="Adaption stage (T-IMM)", section="train")
+cli.define_flags(FuseConfig, group="Fusion", section="fuse")
 flags.DEFINE_list("source", [], "Source run directories (trained with train.py).")
 flags.DEFINE_string("out", None, "Output run directory for the fused checkpoint.")
+cli.define_config_flag(out=lambda meta, run: run, source=lambda meta, run: [s[0] for s in meta["sources"]])
 FLAGS = flags.FLAGS
 
 

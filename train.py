@@ -1,4 +1,4 @@
-"""Train one model on one task (no transfer, transfer from a run, or from a fused checkpoint).
+r"""Train one model on one task (no transfer, transfer from a run, or from a fused checkpoint).
 
 Examples:
   python train.py --data_dir=demo_out/data/parcellation --layout=parcellation --task_key=task1 \
@@ -16,10 +16,10 @@ from timm_jax.data.spec import DataSpec
 from timm_jax.errors import ConfigError
 from timm_jax.workflows.train import INITS, train_model
 
-cli.define_flags(DataSpec)
-cli.define_flags(DeviceConfig)
-cli.define_flags(ModelConfig)
-cli.define_flags(TrainConfig)
+cli.define_flags(DataSpec, group="Data", section="data")
+cli.define_flags(DeviceConfig, group="Devices and processes")
+cli.define_flags(ModelConfig, group="Network", section="model")
+cli.define_flags(TrainConfig, group="Training", section="train")
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics.jsonl, config.json).")
 flags.DEFINE_enum(
     "init",
@@ -28,6 +28,11 @@ flags.DEFINE_enum(
     "random (no transfer), transfer (from a trained run) or fused (from fuse.py).",
 )
 flags.DEFINE_string("init_from", "", "Run directory to initialise from (with --init=transfer/fused).")
+cli.define_config_flag(
+    workdir=lambda meta, run: run,
+    init=lambda meta, run: meta["init"],
+    init_from=lambda meta, run: meta["init_from"],
+)
 FLAGS = flags.FLAGS
 
 

@@ -12,30 +12,21 @@ import pytest
 PKG = Path(__file__).resolve().parents[1] / "timm_jax"
 
 # the layer of a module is the first component after ``timm_jax`` (or the module itself)
+LEAVES = {"config", "errors", "faults", "atomic", "progress"}  # usable by every layer but core
 ALLOWED = {
     "errors": set(),
     "faults": set(),
+    "atomic": {"errors", "faults"},
     "config": {"errors"},
     "cli": {"errors"},
     "progress": set(),
     "core": {"core"},
-    "nn": {"nn", "core", "config", "errors"},
-    "data": {"data", "config", "errors", "cli", "faults"},
-    "training": {"training", "nn", "core", "config", "errors", "progress", "faults"},
-    "workflows": {"workflows", "training", "nn", "core", "data", "config", "errors", "progress", "faults"},
-    "experiments": {
-        "experiments",
-        "workflows",
-        "training",
-        "nn",
-        "core",
-        "data",
-        "config",
-        "errors",
-        "cli",
-        "progress",
-        "faults",
-    },
+    "nn": {"nn", "core"} | LEAVES,
+    "data": {"data", "cli"} | LEAVES,
+    "training": {"training", "nn", "core"} | LEAVES,
+    "runs": {"runs", "training", "nn", "core", "data"} | LEAVES,
+    "workflows": {"workflows", "runs", "training", "nn", "core", "data"} | LEAVES,
+    "experiments": {"experiments", "workflows", "runs", "training", "nn", "core", "data", "cli"} | LEAVES,
 }
 
 
@@ -162,3 +153,36 @@ def test_public_api_is_importable_from_the_top():
     assert set(timm_jax.__all__) <= set(dir(timm_jax))
     with pytest.raises(AttributeError):
         timm_jax.no_such_thing  # noqa: B018
+
+
+def test_workflows_do_not_import_each_other():
+    """A workflow (what one script calls) imports no other workflow: what two of them share lives
+    below them (``timm_jax.runs``) or in the figures module ``workflows.report``."""
+    g = _graph()
+    workflows = {
+        m for m in g if _layer(m) == "workflows" and m.rsplit(".", 1)[-1] not in ("report", "workflows")
+    }
+    bad = [f"{m} imports {d}" for m in workflows for d in g[m] if d in workflows]
+    assert not bad, "\n".join(bad)
+
+
+def test_files_are_renamed_into_place_only_by_the_atomic_writer():
+    """One atomic write (timm_jax/atomic.py): no other module renames a file over another."""
+    offenders = [
+        str(p.relative_to(PKG.parent))
+        for p in PKG.rglob("*.py")
+        if p.name != "atomic.py" and ("os.replace(" in p.read_text() or "tempfile.mkstemp(" in p.read_text())
+    ]
+    assert not offenders, offenders
+
+
+def test_no_fault_point_inside_the_step_loop():
+    """Fault points sit at I/O and named stages: none inside the epoch loop's per-step loop or the
+    validation's per-case loop."""
+    tree = ast.parse((PKG / "training" / "loop.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.For):
+            calls = [
+                n for n in ast.walk(node) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "fault"
+            ]
+            assert not calls, f"faults.fault called inside the loop at line {node.lineno}"

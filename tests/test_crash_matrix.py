@@ -151,9 +151,13 @@ def _no_lock_left(run_dir):
 
 #: (id, faults in order, where) — train.py: 3 epochs of 2 steps, one validation case
 TRAIN = [
-    ("train-step-first", ["train.step:1"], "train.py: before the first training step (nothing saved yet)"),
-    ("train-step-mid", ["train.step:4"], "train.py: epoch 2, step 2 of 2 (epoch 1 checkpointed)"),
-    ("train-validate", ["validate:2"], "train.py: during validation of epoch 2"),
+    ("train-step-first", ["train.epoch:1"], "train.py: before the first epoch's steps (nothing saved yet)"),
+    (
+        "train-step-mid",
+        ["train.epoch:2"],
+        "train.py: in epoch 2 before its steps (epoch 1 checkpointed; nothing is written within an epoch)",
+    ),
+    ("train-validate", ["train.validate:2"], "train.py: before the validation of epoch 2"),
     ("train-ckpt-best", ["checkpoint.best:1"], "train.py: while orbax writes the first best checkpoint"),
     (
         "train-ckpt-latest",
@@ -193,7 +197,7 @@ def test_train_killed_and_rerun_equals_uninterrupted(world, case):
     for spec in faults:
         _run(world, "train.py", *args, fault=_resolve(spec, world.train_trace))
     out = _run(world, "train.py", *args)
-    if not faults[0].startswith(("train.step:1", "preprocess", "checkpoint.best:1")):
+    if not faults[0].startswith(("train.epoch:1", "preprocess", "checkpoint.best:1")):
         assert "resuming from checkpoint" in out, out[-2000:]
     assert "took over the lock left by process" in out, out[-2000:]  # the killed run's run.lock
     for which in ("latest", "best"):
@@ -210,14 +214,14 @@ def test_train_killed_and_rerun_equals_uninterrupted(world, case):
 
 #: fuse.py --method=timm of one source: Fisher on 2 cases, adaption 2 epochs of 2 steps
 FUSE = [
-    ("fuse-fisher-case", ["fisher.case:1"], "fuse.py: during the Fisher computation (after case 1 of 2)"),
+    ("fuse-fisher-case", ["fisher.compute:1"], "fuse.py: as the Fisher computation starts (source locked)"),
     (
         "fuse-fisher-cache",
         ["fisher.cache:1"],
         "fuse.py: Fisher cache written to its temporary file, not renamed",
     ),
-    ("fuse-adapt-step", ["adapt.step:3"], "fuse.py: adaption stage, epoch 2, step 1"),
-    ("fuse-adapt-validate", ["validate:1"], "fuse.py: during the adaption stage's first validation"),
+    ("fuse-adapt-step", ["adapt.epoch:2"], "fuse.py: adaption stage, in epoch 2 before its steps"),
+    ("fuse-adapt-validate", ["adapt.validate:1"], "fuse.py: before the adaption stage's first validation"),
     (
         "fuse-adapt-ckpt",
         ["checkpoint.latest:1"],
@@ -326,7 +330,7 @@ def test_two_processes_computing_one_fisher_cache(world, fuse_ref):
     """Two processes compute the same source's Fisher cache at once: both finish, and the cache is
     the uninterrupted run's, bit for bit (each writes a unique temporary file and renames it)."""
     src = _source_copy(world, "concurrent")
-    code = f"from timm_jax.workflows.fuse import source_fisher; source_fisher({str(src)!r})"
+    code = f"from timm_jax.runs.fisher_cache import source_fisher; source_fisher({str(src)!r})"
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=world.env, cwd=world.tmp, stderr=subprocess.PIPE)
         for _ in range(2)

@@ -39,5 +39,6 @@ def test_demo_pipeline_smoke(tmp_path):
         timeout=900,
     )
     assert p2.returncode == 0
-    assert "already finished" in p2.stdout and "already holds this fusion" in p2.stdout
-    assert "[train] epoch" not in p2.stdout
+    assert "already finished" in p2.stdout  # the sources (train.py's own resume check)
+    assert "[train] epoch" not in p2.stdout and "[adapt] epoch" not in p2.stdout  # nothing retrained
+    assert "[fuse]" not in p2.stdout  # finished fusions and evaluations are reused, not reopened

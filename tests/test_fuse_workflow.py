@@ -22,6 +22,8 @@ from timm_jax.core.partition import select_like, to_flat_dict
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError
 from timm_jax.nn.unet import build_model, init_params, layer_order
+from timm_jax.runs.fisher_cache import source_fisher
+from timm_jax.runs.models import model_config_for
 from timm_jax.training.rundir import RunDir, load_run, make_meta
 from timm_jax.workflows.fuse import (
     fuse_models,
@@ -29,9 +31,8 @@ from timm_jax.workflows.fuse import (
     layer_ratios,
     load_sources,
     materialise_fusion,
-    source_fisher,
 )
-from timm_jax.workflows.train import model_config_for, train_model
+from timm_jax.workflows.train import train_model
 
 NET = ModelConfig(base_filters=4, depth=3)
 SCHED = TrainConfig(patch_shape=(16, 16, 16), batch_size=2, steps_per_epoch=1, max_epochs=1)

@@ -23,11 +23,13 @@ from timm_jax.core.partition import to_flat_dict
 from timm_jax.data.pipeline import PatchSampler
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError
+from timm_jax.runs.fisher_cache import fisher_patches, source_fisher
+from timm_jax.runs.models import load_model
 from timm_jax.training.inference import sliding_window_predict
 from timm_jax.training.rundir import RunDir, read_metrics
 from timm_jax.workflows.evaluate import _inference_patch, evaluate_model, training_patch
-from timm_jax.workflows.fuse import fisher_patches, fuse_models, source_fisher
-from timm_jax.workflows.train import load_model, train_model
+from timm_jax.workflows.fuse import fuse_models
+from timm_jax.workflows.train import train_model
 
 PATCH = (16, 16, 16)
 NET = ModelConfig(base_filters=4, depth=3)

@@ -457,12 +457,12 @@ def test_only_process_zero_takes_the_lock_and_every_process_learns_the_outcome(
     try:
         _lock(tmp_path, holder.pid)
         # (the lock step of RunDir's constructor; orbax itself needs a real distributed system)
-        from timm_jax.training.rundir import _acquire_lock_once
+        from timm_jax.training.run_lock import acquire_once as _acquire_lock_once
 
         if zero_locked:
             assert _acquire_lock_once(str(tmp_path)) is None  # went on, holding nothing
         else:
-            with pytest.raises(RunLockedError, match="process 0 could not take its lock"):
+            with pytest.raises(RunLockedError, match="process 0 could not take the run's lock"):
                 _acquire_lock_once(str(tmp_path))
         assert sent == [1]  # process 1 took part in the broadcast (its own value is ignored)
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid

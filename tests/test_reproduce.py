@@ -243,7 +243,17 @@ def test_every_preset_gives_valid_stage_configs(name):
     from timm_jax.experiments.presets import SCALES
 
     scale = SCALES[name]
-    for sched in (scale.source, scale.target, scale.adapt):
-        cfg = scale.train_config(sched, seed=2)
-        assert cfg.max_epochs == sched.max_epochs and cfg.seed == 2 and cfg.patch_shape == scale.patch
-        assert all(p % 2 ** (scale.depth - 1) == 0 for p in scale.patch)
+    for stage in ("source", "target", "adapt"):
+        cfg = scale.stage(stage, seed=2)
+        assert cfg == getattr(scale, stage).replace(seed=2) and cfg.seed == 2
+        assert all(p % scale.model.divisor == 0 for p in cfg.patch_shape)
+    assert scale.fuse.method == "timm"
+
+
+def test_the_presets_read_as_one_table():
+    from timm_jax.experiments.presets import SCALES, table
+
+    t = table()
+    assert t.splitlines()[0] == "| setting | " + " | ".join(SCALES) + " |"
+    assert "| model.base_filters | 8 | 4 | 8 | 4 | 16 |" in t
+    assert "| target.max_epochs | 12 | 2 | 16 | 2 | 500 |" in t

@@ -271,8 +271,8 @@ def test_exception_inside_with_closes_managers_and_propagates(tmp_path, monkeypa
     err = Boom("inside the run")
     with pytest.raises(Boom) as e:
         with RunDir.create(str(tmp_path), m) as run:
-            assert set(run._managers) == {"latest", "best"}
-            for name, manager in run._managers.items():
+            assert set(run._store._managers) == {"latest", "best"}
+            for name, manager in run._store._managers.items():
                 original = manager.close
                 monkeypatch.setattr(
                     manager, "close", lambda n=name, f=original: (calls.append(n), f())[1], raising=False
@@ -293,7 +293,7 @@ def test_latest_and_best(tmp_path):
     with RunDir.create(str(tmp_path), m) as run:
         for step in (1, 2, 3):
             run.save(step, {"params": params(float(step))}, {**m, "run": {"epoch": step}}, best=step == 1)
-        assert run._managers["latest"].all_steps() == [2, 3]  # max_to_keep=2
+        assert run._store._managers["latest"].all_steps() == [2, 3]  # max_to_keep=2
     with RunDir.open(str(tmp_path)) as run:
         assert run.latest_step("latest") == 3
         assert run.latest_step("best") == 1
@@ -311,7 +311,7 @@ def test_latest_and_best(tmp_path):
         assert run.previous["run"] == {"epoch": 3}
         run.save(4, {"params": params(4.0)}, {**m, "run": {"epoch": 4}}, best=True)
         run.save(4, {"params": params(5.0)}, {**m, "run": {"epoch": 5}}, best=True)
-        assert run._managers["best"].all_steps() == [4]
+        assert run._store._managers["best"].all_steps() == [4]
     got, got_meta = load_run(str(tmp_path))
     assert got_meta["run"] == {"epoch": 4}
     assert_tree_equal(got, params(4.0))

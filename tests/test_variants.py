@@ -18,6 +18,7 @@ from timm_jax.core.merge import expand_logits, imm_merge, init_logits, layer_cha
 from timm_jax.core.partition import split, to_flat_dict
 from timm_jax.errors import ConfigError, OptimizerStateError, UserError
 from timm_jax.nn.unet import UNet3D, init_params
+from timm_jax.runs.fisher_cache import adam_source_fisher
 from timm_jax.training.loop import window_evaluator
 from timm_jax.training.rundir import RunDir, make_meta, run_key
 from timm_jax.training.steps import (
@@ -27,11 +28,7 @@ from timm_jax.training.steps import (
     make_adaption_step,
     make_optimizer,
 )
-from timm_jax.workflows.fuse import (
-    adam_source_fisher,
-    layer_ratio_spread,
-    layer_ratios,
-)
+from timm_jax.workflows.fuse import layer_ratio_spread, layer_ratios
 from timm_jax.workflows.report import plot_mixing_ratios
 
 

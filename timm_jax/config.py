@@ -22,16 +22,35 @@ from timm_jax.errors import ConfigError
 CONV_IMPLS = ("auto", "native", "depth2d", "direct")
 PRECISIONS = ("float32", "bfloat16")
 LOSSES = ("dice", "ce", "dice+ce")
+#: the on-disk data layouts (``timm_jax.data.layouts``)
+LAYOUT_NAMES = ("brats", "freesurfer", "msd", "nnunet", "parcellation")
+NORMALISATIONS = ("histogram", "zscore")
+METHODS = ("imm", "timm")
+IMM_MODES = ("mode", "mean")
+GRANULARITIES = ("leaf", "layer", "global", "channel")
+FISHERS = ("empirical", "true", "adam")
+ADAPTION_OBJECTIVES = ("supervised", "entropy")
 
 
 def setting(
-    default: Any, help: str, *, flag: str | None = None, choices: tuple = (), item: type | None = None
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple = (),
+    item: type | None = None,
+    later: bool = False,
 ) -> Any:
     """A configuration field that the scripts expose as ``--<flag or field name>``.
 
     ``choices`` makes an enum flag; ``item`` is the element type of a tuple field (a list flag).
+    ``later=True`` marks a setting added after runs had been written: a run's key
+    (:func:`timm_jax.training.rundir.run_key`) includes it only when it is not at its default, so
+    that those older runs keep their key and resume. (A setting that changes what every run
+    computes — e.g. how validation predicts — must not be ``later``: older runs are then another
+    configuration.)
     """
-    meta = {"help": help, "flag": flag, "choices": tuple(choices), "item": item}
+    meta = {"help": help, "flag": flag, "choices": tuple(choices), "item": item, "later": later}
     if isinstance(default, (list, dict)):
         raise TypeError("use a tuple default (configs are frozen)")
     return dataclasses.field(default=default, metadata=meta)
@@ -60,6 +79,11 @@ class Config:
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
+
+    @classmethod
+    def later_defaults(cls) -> dict[str, Any]:
+        """The ``later=True`` settings and their defaults (see :func:`setting`)."""
+        return {f.name: _jsonable(f.default) for f in dataclasses.fields(cls) if f.metadata.get("later")}
 
 
 def _jsonable(v: Any) -> Any:
@@ -92,6 +116,7 @@ class ModelConfig(Config):
         "Dtype of the network's activations: float32, or bfloat16 (mixed precision; parameters, "
         "gradients, the optimiser and the merge stay float32).",
         choices=PRECISIONS,
+        later=True,
     )
 
     def __post_init__(self):
@@ -138,6 +163,7 @@ class TrainConfig(Config):
         False,
         "Skip a training step whose loss or updated parameters are not finite (counted as "
         "skipped_steps in metrics.jsonl) instead of stopping the run.",
+        later=True,
     )
 
     def __post_init__(self):
@@ -157,19 +183,19 @@ class FuseConfig(Config):
     """How ``fuse.py`` fuses the sources (the adaption stage's schedule is a :class:`TrainConfig`)."""
 
     method: str = setting(
-        "timm", "imm: equal ratios; timm: learn the ratios (adaption stage).", choices=("imm", "timm")
+        "timm", "imm: equal ratios; timm: learn the ratios (adaption stage).", choices=METHODS
     )
-    imm_mode: str = setting("mode", "mode-IMM (Fisher-weighted) or mean-IMM.", choices=("mode", "mean"))
+    imm_mode: str = setting("mode", "mode-IMM (Fisher-weighted) or mean-IMM.", choices=IMM_MODES)
     granularity: str = setting(
         "layer",
         "One mixing logit vector per leaf, per layer, for the model, or per output channel of each layer.",
-        choices=("leaf", "layer", "global", "channel"),
+        choices=GRANULARITIES,
     )
     fisher: str = setting(
         "empirical",
         "Fisher with the reference labels (empirical), labels sampled from the model (true), or "
         "read from the source's Adam second moment at its checkpoint (adam: no pass over the data).",
-        choices=("empirical", "true", "adam"),
+        choices=FISHERS,
     )
     fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
     fisher_patches: int = setting(
@@ -188,13 +214,15 @@ class FuseConfig(Config):
         "logits and the task-specific leaves) or entropy (mean voxel-wise prediction entropy on the "
         "target images, no labels; trains only the logits, early-stopped on the validation images' "
         "entropy).",
-        choices=("supervised", "entropy"),
+        choices=ADAPTION_OBJECTIVES,
+        later=True,
     )
     task_specific_from: int = setting(
         -1,
         "Task-specific leaves (norms, heads) start from this source (0-based index in --source order) "
         "where its leaf has the target's shape (same label set), freshly initialised elsewhere; "
         "-1: all fresh (the paper).",
+        later=True,
     )
 
     def __post_init__(self):
@@ -230,6 +258,73 @@ class EvalConfig(Config):
             raise ConfigError(f"--patch must be three integers D,H,W, got {list(self.patch)}")
         if not 0 <= self.overlap < 1:
             raise ConfigError(f"--overlap must be in [0, 1), got {self.overlap}")
+
+
+@dataclass(frozen=True)
+class DataSpec(Config):
+    """Where the data are and what to predict (the ``--data_dir`` ... flags; stored in checkpoints).
+
+    ``fraction`` is the fraction of the annotated pool (train + val) used, split 80 / 20 into
+    train / val and nested across fractions (:func:`timm_jax.data.splits.fraction_split`).
+    ``cache_dir`` defaults to ``<data_dir>/../.timm_cache``. :mod:`timm_jax.data.spec` resolves a
+    spec to cases (``resolve``).
+    """
+
+    data_dir: str = setting("", "Root of the data layout (<dir>/<case>/...).")
+    layout: str = setting(
+        "",
+        "Data layout: brats (2018-2021 or 2023+ naming), msd, nnunet, freesurfer or parcellation.",
+        choices=LAYOUT_NAMES,
+    )
+    label_map: str = setting(
+        "",
+        "freesurfer / parcellation: merge the label ids into classes: paper14 (the paper's 14 classes "
+        'from aseg / aparc+aseg) or a JSON file {"class": [ids, "lo-hi"], ...}.',
+        later=True,
+    )
+    task_key: str = setting(
+        "",
+        "Task of a demo manifest.json (task1, task2, task3): sets the labels "
+        "and the split. Leave empty for real data.",
+    )
+    labels: tuple = setting(
+        (),
+        "Label ids to predict (parcellation / freesurfer / msd / nnunet; default: the data set's own "
+        "labels where it names them; BraTS always predicts WT/TC/ET).",
+        item=int,
+    )
+    manifest: str = setting("", "Path of a manifest.json (default: in --data_dir or its parent).")
+    splits_file: str = setting(
+        "", "JSON with train/val/test case lists (default: the manifest's, or a seeded split)."
+    )
+    split_seed: int = setting(0, "Seed of the seeded split and of the data fraction.")
+    val_fraction: float = setting(0.2, "Validation share of a seeded split (real data).")
+    test_fraction: float = setting(0.2, "Test share of a seeded split (real data).")
+    fraction: float = setting(
+        1.0,
+        "Fraction of the annotated pool (train + val) used, split 80/20 into train/val; nested "
+        "across fractions (paper Table 1: 4 % of 255 = 8 + 2 cases). 1: the split itself.",
+    )
+    normalisation: str = setting(
+        "histogram",
+        "Intensity normalisation: histogram (original) or zscore.",
+        choices=NORMALISATIONS,
+    )
+    spacing: float = setting(0.0, "Resample to this spacing in mm (0: keep).")
+    cache_dir: str = setting("", "Preprocessing cache (default <data_dir>/../.timm_cache).")
+
+    def __post_init__(self):
+        if not self.data_dir or not self.layout:
+            missing = [f"--{n}" for n in ("data_dir", "layout") if not getattr(self, n)]
+            raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
+        if self.layout not in LAYOUT_NAMES:
+            raise ConfigError(f"--layout must be one of {', '.join(LAYOUT_NAMES)}, got {self.layout!r}")
+        if self.label_map and self.layout not in ("freesurfer", "parcellation"):
+            raise ConfigError(
+                f"--label_map applies to --layout=freesurfer or parcellation, not {self.layout}"
+            )
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 from collections.abc import Iterator
 
 
@@ -40,11 +41,17 @@ class DiskFullError(UserError, OSError):
     written before (the previous checkpoint) is intact: free space and run the same command again."""
 
 
+class NotWritableError(UserError, OSError):
+    """A file or folder the command must write cannot be written (read-only file system, no
+    permission); names the path. Nothing was changed."""
+
+
 class RunLockedError(UserError, RuntimeError):
     """The run directory is held by another live process (its lock file names it)."""
 
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
 def is_disk_full(e: BaseException | None) -> bool:
@@ -63,16 +70,29 @@ def is_disk_full(e: BaseException | None) -> bool:
 
 @contextlib.contextmanager
 def writing(path) -> Iterator[None]:
-    """Turn a full disk while writing ``path`` into :class:`DiskFullError` (one line naming the
-    path); any other error passes unchanged."""
+    """Turn a full disk while writing ``path`` into :class:`DiskFullError`, and a path that may
+    not be written (read-only, no permission) into :class:`NotWritableError` — one line naming the
+    path; any other error passes unchanged."""
     try:
         yield
-    except DiskFullError:
+    except (DiskFullError, NotWritableError):
         raise
     except Exception as e:
         if is_disk_full(e):
             raise DiskFullError(
                 f"disk full: no space left while writing {path}; what was written before (the previous "
                 "checkpoint) is intact — free some space and run the same command again to resume"
+            ) from e
+        if isinstance(e, OSError) and e.errno in (errno.EISDIR, errno.ENOTDIR):
+            where = e.filename or path
+            what = "is a directory" if e.errno == errno.EISDIR else "has a file where a folder should be"
+            raise NotWritableError(
+                f"cannot write {where}: the path {what}; move it aside (nothing was changed)"
+            ) from e
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            where = e.filename or path
+            raise NotWritableError(
+                f"cannot write {where}: {os.strerror(e.errno)}; nothing was changed — use a writable "
+                "directory (e.g. copy the run elsewhere, or pass --out)"
             ) from e
         raise

@@ -5,18 +5,26 @@ of :func:`fault` with that ``point`` in this process
 
 * ``kill`` (the default) — send SIGKILL to the process itself, as a power cut or the OOM killer
   would: no ``finally``, no flushing;
-* ``enospc`` — raise ``OSError(ENOSPC)``, as a write to a full disk does.
+* ``enospc`` — raise ``OSError(ENOSPC)``, as a write to a full disk does;
+* ``eacces`` — raise ``PermissionError(EACCES)``, as a write into a read-only folder does (the
+  tests run as root, whom no permission bit stops).
 
 ``TIMM_JAX_FAULT_LOG=<file>`` appends the name of every point reached to ``<file>`` (one per
 line), so a test can choose "the last checkpoint write" from an uninterrupted run's trace.
-Without either variable :func:`fault` returns at once. The points (``tests/test_crash_matrix.py``
-and ``docs/reliability.md`` list where each one sits): ``train.step`` / ``adapt.step`` (before
-each training step of the epoch loop ``train`` / ``adapt``), ``validate`` (before each
-validation volume), ``checkpoint.best`` / ``checkpoint.latest`` (while orbax writes that
-checkpoint), ``metrics.write`` (before ``metrics.jsonl`` is replaced), ``fisher.case`` (after
-each case of a Fisher computation), ``fisher.cache`` (the cache written to its temporary file,
-not yet renamed), ``ratios.write`` (between the mixing-ratio files of a fusion),
-``preprocess.cache`` (before a preprocessed case is renamed into the cache).
+Without either variable :func:`fault` returns at once. The points sit at I/O and at named
+stages, never inside a per-step or per-case loop (``tests/test_crash_matrix.py`` and
+``docs/reliability.md`` list where each one sits):
+``train.epoch`` / ``adapt.epoch`` (before the steps of each epoch of the loop ``train`` / ``adapt``
+— nothing is written within an epoch, so this is a mid-epoch kill), ``train.validate`` /
+``adapt.validate`` (before each epoch's validation), ``checkpoint.best`` / ``checkpoint.latest``
+(while orbax writes that checkpoint), ``metrics.write`` (``metrics.jsonl`` written to its temporary
+file, not renamed), ``results.summary`` (an evaluation's ``summary.json`` likewise),
+``fisher.compute`` (a source's Fisher computation starting, its lock held), ``fisher.cache`` (the
+cache written to its temporary file, not renamed), ``lock.create`` (a run's lock file being
+created), ``write.probe`` (a folder to write into being checked), ``ratios.write`` (between the
+mixing-ratio files of a fusion), ``preprocess.cache`` (a preprocessed case's record not yet
+renamed into the cache).
+The atomic writes (:mod:`timm_jax.atomic`) carry the "written, not renamed" points.
 """
 
 from __future__ import annotations
@@ -47,4 +55,6 @@ def fault(point: str, path: str = "") -> None:
             continue
         if action and action[0] == "enospc":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path or point)
+        if action and action[0] == "eacces":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path or point)
         os.kill(os.getpid(), signal.SIGKILL)

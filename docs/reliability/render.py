@@ -29,9 +29,13 @@ hand).
 ## How the faults are injected
 
 - **SIGKILL at a named point** — `timm_jax/faults.py`: `TIMM_JAX_FAULT=<point>:<n>` makes the
-  process send itself SIGKILL the `n`-th time it reaches `<point>` (`train.step`, `adapt.step`,
-  `validate`, `checkpoint.best` / `checkpoint.latest` — while orbax writes it, `metrics.write`,
-  `fisher.case`, `fisher.cache`, `ratios.write`, `preprocess.cache`). `tests/test_crash_matrix.py`
+  process send itself SIGKILL the `n`-th time it reaches `<point>`. The points sit at I/O and at
+  named stages, never inside the per-step loop: `train.epoch` / `adapt.epoch` (before an epoch's
+  steps; nothing is written within an epoch, so this stands for any mid-epoch kill),
+  `train.validate` / `adapt.validate`, `checkpoint.best` / `checkpoint.latest` — while orbax writes
+  it, `metrics.write`, `results.summary`, `fisher.compute`, `fisher.cache`, `ratios.write`,
+  `preprocess.cache` (the atomic writes of `timm_jax/atomic.py` carry the "written, not renamed"
+  points). `tests/test_crash_matrix.py`
   runs the real scripts in a subprocess on a tiny demo data set, kills them there (once, or twice
   in a row at the same point), re-runs the same command and compares the final parameters, the
   metrics, the Fisher cache and the mixing ratios with an uninterrupted run's, bit for bit.

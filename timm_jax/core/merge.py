@@ -96,9 +96,7 @@ def uniform_logits(params: PyTree, num_sources: int) -> PyTree:
     return jax.tree_util.tree_map(lambda _: jnp.zeros((num_sources,), jnp.float32), params)
 
 
-def init_logits(
-    params: PyTree, num_sources: int, granularity: Granularity = "leaf", value: float = 0.0
-) -> PyTree:
+def init_logits(params: PyTree, num_sources: int, granularity: Granularity, value: float = 0.0) -> PyTree:
     """Trainable logits at a granularity: one (T,) vector per leaf, per layer or for the model,
     or one per output channel of each layer.
 
@@ -150,7 +148,7 @@ def layer_names(params: PyTree) -> list[str]:
     return list(seen)
 
 
-def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity = "leaf") -> PyTree:
+def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity) -> PyTree:
     """Broadcast compact logits (see :func:`init_logits`) to one (T,) vector per leaf — or, for
     ``"channel"``, one (C, T) array per leaf, which :func:`imm_merge` broadcasts against the
     leaf's last axis (no per-element logits are formed)."""

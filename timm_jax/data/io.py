@@ -30,14 +30,26 @@ import contextlib
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from timm_jax.atomic import atomic_path
+from timm_jax.config import LAYOUT_NAMES
 from timm_jax.data import geometry
-from timm_jax.errors import UserError
+from timm_jax.data.files import (
+    IMAGE_EXTENSIONS,
+    CasePlan,
+    DataError,
+    ImageSource,
+    Problem,
+    is_case_dir,
+    list_dir,
+)
+from timm_jax.data.files import (
+    describe as _describe,
+)
 
 __all__ = [
     "Case",
@@ -57,36 +69,10 @@ __all__ = [
     "save_nifti",
 ]
 
-#: file endings read (NIfTI through nibabel's Nifti1/2Image, MGH through MGHImage)
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".mgh")
 _EXTENSIONS = IMAGE_EXTENSIONS
 #: Tolerance (in mm, per affine entry) below which two files' affines describe the same grid.
 AFFINE_ATOL = geometry.AFFINE_ATOL
-LAYOUT_NAMES = ("brats", "freesurfer", "msd", "nnunet", "parcellation")
 _log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a case: the file (or folder) concerned and what is wrong with it."""
-
-    case_id: str
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}"
-
-
-class DataError(UserError, ValueError):
-    """Raised when a case or a data set cannot be used; the message names each file and its problem."""
-
-    def __init__(self, problems: Sequence[Problem] | str):
-        if isinstance(problems, str):
-            problems = [Problem(case_id="", path="", message=problems)]
-        self.problems = list(problems)
-        lines = [str(p) if p.path else p.message for p in self.problems]
-        super().__init__("\n".join(lines))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,36 +154,6 @@ class Case:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageSource:
-    """One image file of a case and the modalities it supplies.
-
-    ``volumes`` is ``None`` for a 3-D file (one modality), or for a 4-D file the index along its
-    fourth axis of each modality in ``modalities`` (``n_volumes`` is the size that axis must have,
-    ``what`` says where that number comes from).
-    """
-
-    path: Path | None
-    expected: Path
-    modalities: tuple[str, ...]
-    volumes: tuple[int, ...] | None = None
-    n_volumes: int | None = None
-    what: str = ""
-
-
-@dataclasses.dataclass(frozen=True)
-class CasePlan:
-    """The files of one case: ``labels`` is ``None`` when absent (``labels_expected`` is then the file
-    looked for, or ``None`` where the layout has no label file for the case: a test case)."""
-
-    case_id: str
-    folder: Path
-    images: tuple[ImageSource, ...]
-    labels: Path | None
-    labels_expected: Path | None
-
-
-# --------------------------------------------------------------------------------------- data sets
 def _get_layout(layout: str | Layout) -> Layout:
     if isinstance(layout, Layout):
         return layout
@@ -233,10 +189,6 @@ def _info(root, layout, info, label_map):
     return dataset_info(root, layout, label_map=label_map)
 
 
-def is_case_dir(path: Path) -> bool:
-    return path.is_dir() and not path.name.startswith((".", "_"))
-
-
 _is_case_dir = is_case_dir
 
 
@@ -265,22 +217,7 @@ def list_cases(
     return layouts.list_layout_cases(_info(root, layout, info, label_map), subset)
 
 
-def list_dir(folder: Path) -> list[Path]:
-    try:
-        return list(folder.iterdir())
-    except OSError as err:
-        raise DataError([Problem("", str(folder), f"cannot list folder ({_describe(err)})")]) from None
-
-
 _list_dir = list_dir
-
-
-def _describe(err: BaseException, limit: int = 300) -> str:
-    """``Type: message`` of an exception on one line (readers' messages may span several)."""
-    msg = " ".join(str(err).split())
-    if len(msg) > limit:
-        msg = msg[: limit - 3] + "..."
-    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
 
 
 def case_dir(root: str | os.PathLike, case_id: str, layout: str | Layout, *, info=None) -> Path:
@@ -769,5 +706,6 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *
     img.set_data_dtype(arr.dtype)
     img.set_sform(np.asarray(affine, dtype=np.float64), code=1)
     img.set_qform(np.asarray(affine, dtype=np.float64), code=1)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
     return path

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from timm_jax.data.io import DataError, Problem
+from timm_jax.data.files import DataError, Problem
 
 __all__ = ["LabelMap", "PAPER14", "load_label_map", "paper14"]
 

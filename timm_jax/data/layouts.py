@@ -39,7 +39,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from timm_jax.data.io import (
+from timm_jax.config import LAYOUT_NAMES  # the one list of layouts
+from timm_jax.data.files import (
     IMAGE_EXTENSIONS,
     CasePlan,
     DataError,
@@ -51,7 +52,6 @@ from timm_jax.data.io import (
 
 __all__ = ["LAYOUT_NAMES", "DatasetInfo", "dataset_info", "case_plan", "list_layout_cases"]
 
-LAYOUT_NAMES = ("brats", "freesurfer", "msd", "nnunet", "parcellation")
 SUBSETS = ("train", "test", "all")
 
 BRATS_MODALITIES = ("t1", "t1ce", "t2", "flair")

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from timm_jax.config import TrainConfig
 from timm_jax.data.io import Case, DataError
 from timm_jax.data.tasks import Task
 
@@ -107,8 +108,8 @@ class PatchSampler:
         patch_shape: Sequence[int],
         *,
         seed: int,
-        foreground_rate: float = 0.33,
-        augment: bool | AugmentConfig = True,
+        foreground_rate: float = TrainConfig.foreground_rate,
+        augment: bool | AugmentConfig = TrainConfig.augment,
     ):
         if not len(cases):
             raise ValueError("no cases to sample from")
@@ -270,8 +271,8 @@ def make_train_batches(
     patch_shape: Sequence[int],
     batch_size: int,
     seed: int,
-    foreground_rate: float = 0.33,
-    augment: bool | AugmentConfig = True,
+    foreground_rate: float = TrainConfig.foreground_rate,
+    augment: bool | AugmentConfig = TrainConfig.augment,
     num_steps: int = 2**40,
     process_index: int = 0,
     process_count: int = 1,
@@ -308,9 +309,9 @@ def make_train_dataset(
     patch_shape: Sequence[int],
     batch_size: int,
     seed: int,
-    foreground_rate: float = 0.33,
-    augment: bool | AugmentConfig = True,
-    num_workers: int = 0,
+    foreground_rate: float = TrainConfig.foreground_rate,
+    augment: bool | AugmentConfig = TrainConfig.augment,
+    num_workers: int = TrainConfig.num_workers,
     start_step: int = 0,
     num_steps: int = 2**40,
     read_threads: int = 1,

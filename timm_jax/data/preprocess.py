@@ -41,16 +41,15 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from timm_jax.atomic import atomic_path, atomic_paths
 from timm_jax.data import geometry
 from timm_jax.data.io import Case, DataError, case_files, dataset_info, load_case
 from timm_jax.errors import writing
-from timm_jax.faults import fault
 
 __all__ = [
     "PreprocessConfig",
@@ -433,15 +432,8 @@ def write_like_input(path: str | os.PathLike, array: np.ndarray, case: Case) -> 
             img.set_qform(affine, code=1 if qcode is None else int(qcode))
             img.set_sform(affine, code=1 if scode is None else int(scode))
         img.set_data_dtype(arr.dtype)
-        tmp = path.with_name(
-            f".tmp{os.getpid()}-{path.name}"
-        )  # the same ending: nibabel picks the format by it
-        try:
-            nib.save(img, str(tmp))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        with atomic_path(path) as tmp:  # the same ending: nibabel picks the format by it
+            nib.save(img, tmp)
     return path
 
 
@@ -578,25 +570,14 @@ def _write_entry(cache_dir: Path, paths: dict[str, Path], case: Case) -> None:
             for name, arr in arrays.items()
         },
     }
-    temps: list[tuple[str, Path]] = []
-    with writing(paths["record"]):
-        try:
-            for name, arr in arrays.items():
-                fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{paths[name].name}.", suffix=".tmp")
-                temps.append((tmp, paths[name]))
-                with os.fdopen(fd, "wb") as f:
-                    np.save(f, arr, allow_pickle=False)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f".{paths['record'].name}.", suffix=".tmp")
-            temps.append((tmp, paths["record"]))
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(record, f)
-            fault("preprocess.cache", tmp)
-            for tmp, final in temps:
-                os.replace(tmp, final)
-        finally:
-            for tmp, _ in temps:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+    # the arrays first, the record last: the record is the entry's commit mark
+    names = list(arrays)
+    with atomic_paths([paths[n] for n in names] + [paths["record"]], fault_point="preprocess.cache") as tmps:
+        for name, tmp in zip(names, tmps):
+            with open(tmp, "xb") as f:
+                np.save(f, arrays[name], allow_pickle=False)
+        with open(tmps[-1], "x", encoding="utf-8") as f:
+            json.dump(record, f)
 
 
 def load_preprocessed(

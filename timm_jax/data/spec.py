@@ -1,6 +1,7 @@
 """From a data description (directory, layout, task, split, fraction) to cases.
 
-A :class:`DataSpec` is stored in every checkpoint, so that ``fuse.py`` can compute a source
+A :class:`~timm_jax.config.DataSpec` (defined with the other settings in :mod:`timm_jax.config`,
+re-exported here) is stored in every checkpoint, so that ``fuse.py`` can compute a source
 model's Fisher on *its own* task's data and ``evaluate.py`` can find a run's test split. Its
 fields are the scripts' data flags (:mod:`timm_jax.cli` derives them). :func:`resolve` looks at
 the data folder once: ``Data.info`` (a :class:`~timm_jax.data.layouts.DatasetInfo`) holds the
@@ -16,83 +17,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from timm_jax.config import Config, setting
-from timm_jax.data.io import LAYOUT_NAMES, DataError, dataset_info, list_cases
+from timm_jax.config import DataSpec
+from timm_jax.data.io import DataError, dataset_info, list_cases
 from timm_jax.data.layouts import DatasetInfo
 from timm_jax.data.preprocess import PreprocessConfig, load_preprocessed, load_preprocessed_lazy
 from timm_jax.data.splits import fraction_split, load_splits, make_splits, splits_from_manifest
 from timm_jax.data.tasks import Task, brats_regions, parcellation_labels, task_from_manifest
 from timm_jax.errors import ConfigError
 
+__all__ = ["Data", "DataSpec", "preprocess_config", "resolve"]
+
 _log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class DataSpec(Config):
-    """Where the data are and what to predict (the ``--data_dir`` ... flags; stored in checkpoints).
-
-    ``fraction`` is the fraction of the annotated pool (train + val) used, split 80 / 20 into
-    train / val and nested across fractions (:func:`timm_jax.data.splits.fraction_split`).
-    ``cache_dir`` defaults to ``<data_dir>/../.timm_cache``.
-    """
-
-    data_dir: str = setting("", "Root of the data layout (<dir>/<case>/...).")
-    layout: str = setting(
-        "",
-        "Data layout: brats (2018-2021 or 2023+ naming), msd, nnunet, freesurfer or parcellation.",
-        choices=LAYOUT_NAMES,
-    )
-    label_map: str = setting(
-        "",
-        "freesurfer / parcellation: merge the label ids into classes: paper14 (the paper's 14 classes "
-        'from aseg / aparc+aseg) or a JSON file {"class": [ids, "lo-hi"], ...}.',
-    )
-    task_key: str = setting(
-        "",
-        "Task of a demo manifest.json (task1, task2, task3): sets the labels "
-        "and the split. Leave empty for real data.",
-    )
-    labels: tuple = setting(
-        (),
-        "Label ids to predict (parcellation / freesurfer / msd / nnunet; default: the data set's own "
-        "labels where it names them; BraTS always predicts WT/TC/ET).",
-        item=int,
-    )
-    manifest: str = setting("", "Path of a manifest.json (default: in --data_dir or its parent).")
-    splits_file: str = setting(
-        "", "JSON with train/val/test case lists (default: the manifest's, or a seeded split)."
-    )
-    split_seed: int = setting(0, "Seed of the seeded split and of the data fraction.")
-    val_fraction: float = setting(0.2, "Validation share of a seeded split (real data).")
-    test_fraction: float = setting(0.2, "Test share of a seeded split (real data).")
-    fraction: float = setting(
-        1.0,
-        "Fraction of the annotated pool (train + val) used, split 80/20 into train/val; nested "
-        "across fractions (paper Table 1: 4 % of 255 = 8 + 2 cases). 1: the split itself.",
-    )
-    normalisation: str = setting(
-        "histogram",
-        "Intensity normalisation: histogram (original) or zscore.",
-        choices=("histogram", "zscore"),
-    )
-    spacing: float = setting(0.0, "Resample to this spacing in mm (0: keep).")
-    cache_dir: str = setting("", "Preprocessing cache (default <data_dir>/../.timm_cache).")
-
-    def __post_init__(self):
-        if not self.data_dir or not self.layout:
-            missing = [f"--{n}" for n in ("data_dir", "layout") if not getattr(self, n)]
-            raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
-        if self.layout not in LAYOUT_NAMES:
-            raise ConfigError(f"--layout must be one of {', '.join(LAYOUT_NAMES)}, got {self.layout!r}")
-        if self.label_map and self.layout not in ("freesurfer", "parcellation"):
-            raise ConfigError(
-                f"--label_map applies to --layout=freesurfer or parcellation, not {self.layout}"
-            )
-        if not 0 < self.fraction <= 1:
-            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
-
-    def preprocess_config(self) -> PreprocessConfig:
-        return PreprocessConfig(normalisation=self.normalisation, spacing=self.spacing or None)
+def preprocess_config(spec: DataSpec) -> PreprocessConfig:
+    """The preprocessing a spec asks for."""
+    return PreprocessConfig(normalisation=spec.normalisation, spacing=spec.spacing or None)
 
 
 @dataclass
@@ -121,7 +61,7 @@ class Data:
         ``image`` / ``labels`` read-only ``np.memmap`` views of the cache files, so that a data set
         larger than memory can be trained on (the training pipeline reads only the patches it samples).
         """
-        cfg = self.spec.preprocess_config()
+        cfg = preprocess_config(self.spec)
         if mmap:
             cases = load_preprocessed_lazy(
                 self.spec.data_dir,

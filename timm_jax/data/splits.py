@@ -20,6 +20,9 @@ from typing import Any
 
 import numpy as np
 
+from timm_jax.atomic import atomic_write
+from timm_jax.config import DataSpec
+
 __all__ = [
     "make_splits",
     "splits_from_manifest",
@@ -41,9 +44,9 @@ def _permuted(ids: Iterable[str], seed: int, salt: int) -> list[str]:
 
 def make_splits(
     case_ids: Sequence[str],
-    seed: int = 0,
-    val_fraction: float = 0.2,
-    test_fraction: float = 0.2,
+    seed: int = DataSpec.split_seed,
+    val_fraction: float = DataSpec.val_fraction,
+    test_fraction: float = DataSpec.test_fraction,
 ) -> dict[str, list[str]]:
     """Deterministic seeded split into ``{"train", "val", "test"}`` (each list sorted).
 
@@ -92,7 +95,8 @@ def save_splits(path: str | os.PathLike, splits: Mapping[str, Sequence[str]], **
     payload = {k: list(v) for k, v in splits.items()}
     if extra:
         payload["_meta"] = extra
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    with atomic_write(path) as f:
+        f.write(json.dumps(payload, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -109,7 +113,7 @@ def fraction_count(n: int, fraction: float) -> int:
     return min(n, max(1, int(round(fraction * n))))
 
 
-def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = 0) -> list[str]:
+def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = DataSpec.split_seed) -> list[str]:
     """A seeded ``fraction`` of ``train_ids`` (sorted; at least one case), nested across fractions."""
     order = _permuted(train_ids, seed, salt=2)
     if not order:
@@ -118,7 +122,10 @@ def fraction_subset(train_ids: Sequence[str], fraction: float, seed: int = 0) ->
 
 
 def fraction_split(
-    splits: Mapping[str, Sequence[str]], fraction: float, seed: int = 0, val_share: float = 0.2
+    splits: Mapping[str, Sequence[str]],
+    fraction: float,
+    seed: int = DataSpec.split_seed,
+    val_share: float = 0.2,
 ) -> tuple[list[str], list[str]]:
     """``(train, val)`` ids of a ``fraction`` of the pool ``splits["train"] + splits["val"]``.
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from timm_jax.data.io import DataError
+from timm_jax.data.files import DataError
 
 __all__ = ["Task", "brats_regions", "parcellation_labels", "task_from_manifest"]
 

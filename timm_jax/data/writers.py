@@ -15,12 +15,13 @@ what went in:
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from timm_jax.atomic import atomic_path, write_json
 
 __all__ = [
     "MSD_BRAIN_TUMOUR",
@@ -72,13 +73,15 @@ def write_volume(
     if path.name.endswith((".mgz", ".mgh")):
         if arr.dtype not in (np.uint8, np.int16, np.int32, np.float32):
             arr = arr.astype(np.int32 if np.issubdtype(arr.dtype, np.integer) else np.float32)
-        nib.save(nib.MGHImage(arr, affine), str(path))
+        with atomic_path(path) as tmp:
+            nib.save(nib.MGHImage(arr, affine), tmp)
         return path
     img = nib.Nifti1Image(arr, affine)
     img.set_data_dtype(arr.dtype)
     img.set_sform(affine, code=sform_code)
     img.set_qform(affine, code=qform_code)
-    nib.save(img, str(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
     return path
 
 
@@ -188,7 +191,7 @@ def write_msd_task(
         "training": training,
         "test": test,
     }
-    (root / "dataset.json").write_text(json.dumps(meta, indent=4))
+    write_json(root / "dataset.json", meta, indent=4)
     return root
 
 
@@ -225,5 +228,5 @@ def write_nnunet_dataset(
     if regions_class_order is not None:
         meta["regions_class_order"] = list(regions_class_order)
     # the order of "labels" matters for region-based training: no sort_keys
-    (root / "dataset.json").write_text(json.dumps(meta, indent=4))
+    write_json(root / "dataset.json", meta, indent=4)
     return root

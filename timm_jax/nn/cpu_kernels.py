@@ -19,7 +19,10 @@ else ``c++``) for this machine (``-march=native``; ``$TIMM_JAX_MARCH`` overrides
 ``$TIMM_JAX_CACHE`` (default ``~/.cache/timm_jax``), keyed by the source, the flags, jaxlib's
 version and the CPU model, so a shared home directory never loads a build for another CPU. If
 the build fails (no compiler, no jaxlib headers), :func:`available` returns False after one
-warning and callers fall back to the pure-XLA convolution and norm.
+warning and callers fall back to the pure-XLA convolution and norm. A cache folder or library
+that anyone but this user could write (group/other-writable, another owner, a symbolic link) is
+refused with one line (:class:`KernelCacheError`), as ssh refuses such key files: the library is
+loaded into every training process.
 
 The kernels pick their register tiles at compile time: with AVX-512 (32 vector registers)
 larger tiles, and for 8 output channels a variant vectorised along the contraction; without
@@ -40,8 +43,8 @@ import logging
 import os
 import platform
 import shutil
+import stat
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -50,6 +53,8 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from timm_jax.atomic import atomic_path
+from timm_jax.errors import UserError, writing
 from timm_jax.nn import ops
 
 __all__ = [
@@ -72,6 +77,10 @@ _WEIGHT_GRAD = "timm_jax_conv3d_weight_grad"
 _NORM_FORWARD = "timm_jax_instance_norm_forward"
 _NORM_BACKWARD = "timm_jax_instance_norm_backward"
 _log = logging.getLogger(__name__)
+
+
+class KernelCacheError(UserError):
+    """The compiled-kernel cache could be written by someone else (see :func:`check_cache`)."""
 
 
 def _compiler() -> str | None:
@@ -109,30 +118,54 @@ def library_path() -> Path:
     return cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
 
 
+def check_cache(path: Path) -> None:
+    """Refuse a kernel cache that anyone but this user could have written, as ssh refuses such
+    key files: the library at its hashed path is loaded into every training process, so a cache
+    folder or file that is writable by the group or others, not owned by this user, or a symbolic
+    link, is a way to run someone else's code. Raises :class:`KernelCacheError` (one line)."""
+    uid = os.getuid()
+    for p in (path.parent, path):
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            problem = "is a symbolic link"
+        elif st.st_uid != uid:
+            problem = f"is owned by uid {st.st_uid}, not by this user ({uid})"
+        elif st.st_mode & 0o022:
+            who = {0o020: "the group", 0o002: "others", 0o022: "the group and others"}[st.st_mode & 0o022]
+            problem = f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+        else:
+            continue
+        raise KernelCacheError(
+            f"the compiled-kernel cache {p} {problem}; a library there would run in every training "
+            f"process — make it yours and private (chmod go-w), remove it, or set TIMM_JAX_CACHE to a "
+            "folder of your own"
+        )
+
+
 def _build(target: Path) -> None:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set $CXX)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", "-o", tmp, *map(str, _SOURCES)]
-    _log.info("compiling %s", " ".join(cmd))
-    try:
+    with writing(target.parent):
+        target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with atomic_path(target) as tmp:  # concurrent builders never see a partial file
+        cmd = [cxx, *_flags(), f"-I{jax.ffi.include_dir()}", "-o", tmp, *map(str, _SOURCES)]
+        _log.info("compiling %s", " ".join(cmd))
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{proc.stderr.strip()[-2000:]}")
-        os.replace(tmp, target)  # atomic: concurrent builders never see a partial file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @functools.cache
 def available() -> bool:
-    """True when the kernels are built (building them now if needed) and registered with XLA."""
+    """True when the kernels are built (building them now if needed) and registered with XLA.
+    A cache that others could write is refused (:func:`check_cache`), not silently used."""
+    path = library_path()
+    check_cache(path)
     try:
-        path = library_path()
         if not path.exists():
             _build(path)
         lib = ctypes.cdll.LoadLibrary(str(path))

@@ -36,6 +36,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from timm_jax.config import EvalConfig
 from timm_jax.training.parallel import AXIS, data_parallel_jit
 
 __all__ = [
@@ -150,7 +151,7 @@ def sliding_window_predict(
     image: np.ndarray,
     *,
     patch_shape: Sequence[int] | None,
-    overlap: float = 0.5,
+    overlap: float = EvalConfig.overlap,
     batch_size: int = 1,
     gaussian: bool = True,
     divisor: int = 16,

@@ -58,7 +58,12 @@ def pad_to_multiple(x: np.ndarray, divisor: int, spatial_axes=(0, 1, 2)) -> np.n
 
 
 def window_evaluator(
-    predict: Callable, cases: Sequence, task=None, *, loss: str = "dice", prepare: Callable | None = None
+    predict: Callable,
+    cases: Sequence,
+    task=None,
+    *,
+    loss: str = TrainConfig.loss,
+    prepare: Callable | None = None,
 ) -> Callable:
     """``evaluate(params) -> {"loss", "dice": [per channel], "dice_mean", "channels"}`` on the
     validation cases, predicted exactly as ``evaluate.py`` predicts them.
@@ -80,7 +85,6 @@ def window_evaluator(
         model_params = prepare(params) if prepare is not None else params
         losses_, dices = [], []
         for case in cases:
-            fault("validate")
             probs = predict(model_params, case.image)
             targets = None if label_free else np.asarray(task.targets(case.labels), np.float32)
             losses_.append(float(probability_loss(probs[None], None if label_free else targets[None], loss)))
@@ -191,9 +195,9 @@ def _epochs(
         t0 = time.time()
         train_losses = []
         skip = cfg.skip_nonfinite_steps
+        fault(f"{name}.epoch")  # nothing is written within an epoch: a kill here is one mid-epoch
         with bar(cfg.steps_per_epoch, f"[{name}] epoch {progress['epoch'] + 1}", "step") as steps:
             for i in range(cfg.steps_per_epoch):
-                fault(f"{name}.step")
                 backup = jax.tree_util.tree_map(jnp.copy, state) if skip else None  # the step donates it
                 new_state, m = train_step(state, next(batches))
                 loss = float(m["loss"])  # one scalar per step: a non-finite step is named, not averaged
@@ -225,6 +229,7 @@ def _epochs(
                 f"learning rate. The last good checkpoint is in {run.path}"
             )
         t_train = time.time() - t0
+        fault(f"{name}.validate")
         val = evaluate(state.params)
         progress["epoch"] += 1
         epochs_done += 1

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from timm_jax.atomic import atomic_path, atomic_write
+from timm_jax.errors import writing
+
 __all__ = [
     "dice_score",
     "evaluate_case",
@@ -225,11 +228,12 @@ def write_results(
         for k in row:
             if k not in columns:
                 columns.append(k)
-    for path in (csv_path, json_path):
-        parent = os.path.dirname(os.fspath(path))
-        if parent:
-            os.makedirs(parent, exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
+    # the summary is the pair's commit mark: removed first, written last, so that a kill in between
+    # leaves a CSV without a summary (unfinished), never a new CSV beside an old summary
+    with writing(json_path):
+        if os.path.lexists(json_path):
+            os.unlink(json_path)
+    with atomic_write(csv_path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for row in rows:
@@ -243,7 +247,7 @@ def write_results(
                 cells.append(v)
             writer.writerow(cells)
     summary = {"n_cases": len(rows), "metrics": summarize(rows), "extra": dict(extra or {})}
-    with open(json_path, "w") as f:
+    with atomic_write(json_path, fault_point="results.summary") as f:
         json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
     return summary
 
@@ -274,7 +278,5 @@ def save_prediction_nifti(labelmap: Any, affine: Any, path: str) -> None:
     img.set_data_dtype(np.int16)
     img.header["scl_slope"] = 1
     img.header["scl_inter"] = 0
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    nib.save(img, os.fspath(path))
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)

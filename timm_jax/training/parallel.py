@@ -107,7 +107,7 @@ def _check_process_count(cfg: DeviceConfig) -> None:
         )
 
 
-def make_mesh(num_devices: int = 0) -> Mesh:
+def make_mesh(num_devices: int = DeviceConfig.num_devices) -> Mesh:
     """A ``("data",)`` mesh over the first ``num_devices`` of ``jax.devices()`` (0: all of them).
 
     In a multi-process run the mesh must span every process's devices."""

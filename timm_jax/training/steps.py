@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from timm_jax.config import ADAPTION_OBJECTIVES, FuseConfig, TrainConfig
 from timm_jax.core import PyTree, losses
 from timm_jax.core.merge import DEFAULT_EPS, Granularity, expand_logits, imm_merge
 from timm_jax.core.partition import join
@@ -40,7 +41,7 @@ class TrainState:
     rng: jax.Array
 
 
-def make_optimizer(learning_rate: float = 5e-4) -> optax.GradientTransformation:
+def make_optimizer(learning_rate: float = TrainConfig.learning_rate) -> optax.GradientTransformation:
     """Adam (the original's optimiser, lr 5e-4) with the learning rate as a mutable
     hyperparameter, so reduce-on-plateau can change it between epochs (see :func:`scale_learning_rate`)."""
     return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
@@ -51,7 +52,10 @@ def create_state(params: PyTree, optimizer: optax.GradientTransformation, rng: j
 
 
 def make_adaption_optimizer(
-    logits_learning_rate: float = 0.05, learning_rate: float = 5e-4, *, train_task: bool = True
+    logits_learning_rate: float = FuseConfig.logits_learning_rate,
+    learning_rate: float = TrainConfig.learning_rate,
+    *,
+    train_task: bool = True,
 ) -> optax.GradientTransformation:
     """Adam for the adaption state ``{"logits", "task"}``: the mixing logits get their own
     (larger) rate, the freshly initialised task-specific leaves the ordinary training rate.
@@ -93,7 +97,7 @@ def scale_learning_rate(state: TrainState, factor: float, minimum: float = 0.0) 
     return state.replace(opt_state=jax.tree_util.tree_map(scale, state.opt_state, is_leaf=_is_hyper))
 
 
-def segmentation_loss(logits: jax.Array, targets: jax.Array, kind: str = "dice") -> jax.Array:
+def segmentation_loss(logits: jax.Array, targets: jax.Array, kind: str = TrainConfig.loss) -> jax.Array:
     """``"dice"`` (the original's soft Dice), ``"ce"``, or ``"dice+ce"``."""
     if kind == "dice":
         return losses.soft_dice_loss(logits, targets)
@@ -109,7 +113,9 @@ def _apply(model, params, image, rng, train):
     return model.apply({"params": params}, image, train=train, rngs=rngs)
 
 
-def make_train_step(model, optimizer: optax.GradientTransformation, loss: str = "dice", *, mesh=None):
+def make_train_step(
+    model, optimizer: optax.GradientTransformation, loss: str = TrainConfig.loss, *, mesh=None
+):
     """``step(state, batch) -> (state, {"loss"})``: one Adam step on the segmentation loss.
     With ``mesh``, data parallel: the batch is split over its ``data`` axis, the state replicated."""
 
@@ -133,7 +139,7 @@ def fused_params(
     logits: PyTree,
     task_specific: PyTree,
     *,
-    granularity: Granularity = "leaf",
+    granularity: Granularity = FuseConfig.granularity,
     eps: float = DEFAULT_EPS,
 ) -> dict:
     """Full model params: ``imm_merge`` of the sources' transferable leaves, joined with 𝒮."""
@@ -142,15 +148,17 @@ def fused_params(
 
 
 def materialise(
-    sources, fishers, adaption_params: dict, *, granularity: Granularity = "leaf", eps: float = DEFAULT_EPS
+    sources,
+    fishers,
+    adaption_params: dict,
+    *,
+    granularity: Granularity = FuseConfig.granularity,
+    eps: float = DEFAULT_EPS,
 ) -> dict:
     """The fine-tuning stage's initialisation from an adaption state's ``{"logits", "task"}``."""
     return jax.jit(partial(fused_params, granularity=granularity, eps=eps))(
         sources, fishers, adaption_params["logits"], adaption_params["task"]
     )
-
-
-ADAPTION_OBJECTIVES = ("supervised", "entropy")
 
 
 def _check_objective(objective: str) -> None:
@@ -171,10 +179,10 @@ def make_adaption_step(
     model,
     optimizer: optax.GradientTransformation,
     *,
-    granularity: Granularity = "leaf",
+    granularity: Granularity = FuseConfig.granularity,
     eps: float = DEFAULT_EPS,
-    loss: str = "dice",
-    objective: str = "supervised",
+    loss: str = TrainConfig.loss,
+    objective: str = FuseConfig.adaption_objective,
     mesh=None,
 ):
     """``step(state, sources, fishers, batch) -> (state, {"loss"})`` for T-IMM stage 1.

@@ -2,25 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from timm_jax.atomic import writable_dir, write_json
 from timm_jax.config import DeviceConfig, EvalConfig
 from timm_jax.core.partition import join, select_like, split
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
+from timm_jax.runs.models import load_model, short_names
 from timm_jax.training.events import Events
 from timm_jax.training.inference import make_predictor
 from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, summarize, write_results
 from timm_jax.training.parallel import DataParallel
-from timm_jax.training.rundir import RunDir, load_run
+from timm_jax.training.rundir import RunDir, RunPaths, load_run
 from timm_jax.workflows.report import prediction_slice
-from timm_jax.workflows.train import load_model
 
 __all__ = ["evaluate_forgetting", "evaluate_model", "run_predictor", "training_patch"]
 
@@ -116,9 +116,9 @@ def evaluate_model(
             f"{run_dir} is a {model_cfg.in_channels}→{model_cfg.out_channels} channel "
             f"model, the data need {n_in}→{data.task.num_channels}"
         )
-    out_dir = out_dir or os.path.join(run_dir, f"eval_{cfg.split}")
+    out_dir = out_dir or RunPaths(run_dir).eval_dir(cfg.split)
     if dp.is_main:
-        os.makedirs(out_dir, exist_ok=True)
+        writable_dir(out_dir)
     patch = _inference_patch(run_dir, meta, cfg)
     if any(p % model_cfg.divisor for p in patch):
         raise ConfigError(f"--patch {list(patch)} must be divisible by {model_cfg.divisor} (2^(depth-1))")
@@ -204,20 +204,23 @@ def evaluate_forgetting(
     task-specific leaves (norms, heads, shape-mismatched leaves) and evaluated on the source's
     own split. Writes ``<out_dir>/<source>/`` per source and ``forgetting.json``.
     """
+    real = [os.path.realpath(s) for s in source_dirs]
+    if len(set(real)) != len(real):
+        raise ConfigError(f"--forgetting names one source run twice: {list(source_dirs)}")
     with RunDir.open(run_dir, ("train", "fused")) as run:
         params, _ = run.load_params()
-        out_dir = out_dir or os.path.join(run.path, "forgetting")
+    root = out_dir or RunPaths(run_dir).forgetting_dir()
     results = {}
-    for src in source_dirs:
+    for src, name in zip(source_dirs, short_names(source_dirs)):  # a/m1, b/m1 -> a_m1, b_m1
         src_params, _ = load_run(src, ("train",))
         part = split(src_params, reference=params)
         combo = join(select_like(params, part.transferable), part.task_specific)
-        name = os.path.basename(os.path.normpath(src))
         _log.info("[forgetting] %s with the task-specific leaves of %s", run_dir, src)
         results[name] = evaluate_model(
-            src, cfg, params_override=combo, out_dir=os.path.join(out_dir, name), devices=devices
+            src, cfg, params_override=combo, out_dir=os.path.join(root, name), devices=devices
         )
     if DataParallel.setup(devices).is_main:
-        with open(os.path.join(out_dir, "forgetting.json"), "w") as f:
-            json.dump({k: v["metrics"]["dice_mean"] for k, v in results.items()}, f, indent=2)
+        write_json(
+            os.path.join(root, "forgetting.json"), {k: v["metrics"]["dice_mean"] for k, v in results.items()}
+        )
     return results

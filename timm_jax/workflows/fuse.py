@@ -23,10 +23,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -35,15 +33,9 @@ import jax.numpy as jnp
 import matplotlib.image
 import numpy as np
 
-from timm_jax.config import DeviceConfig, FuseConfig, ModelConfig, TrainConfig
+from timm_jax.atomic import atomic_write, write_json
+from timm_jax.config import DataSpec, DeviceConfig, FuseConfig, ModelConfig, TrainConfig
 from timm_jax.core import PyTree
-from timm_jax.core.fisher import (
-    adam_fisher,
-    fisher_diagonal,
-    sampled_segmentation_log_likelihood,
-    segmentation_log_likelihood,
-    with_sample_keys,
-)
 from timm_jax.core.merge import check_fishers, expand_logits, init_logits, mixing_ratios
 from timm_jax.core.partition import (
     Partition,
@@ -53,38 +45,30 @@ from timm_jax.core.partition import (
     split,
     to_flat_dict,
 )
-from timm_jax.data.pipeline import PatchSampler
-from timm_jax.data.spec import DataSpec, resolve
-from timm_jax.errors import CheckpointError, ConfigError, OptimizerStateError, writing
+from timm_jax.data.spec import resolve
+from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.faults import fault
 from timm_jax.nn.unet import build_model, init_params, layer_order
-from timm_jax.progress import bar
+from timm_jax.runs.fisher_cache import source_fisher
+from timm_jax.runs.models import load_model, model_config_for, short_names, train_batches
 from timm_jax.training.events import Events
 from timm_jax.training.inference import make_predictor
 from timm_jax.training.loop import fit, state_dict, window_evaluator
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
-from timm_jax.training.steps import (
-    create_state,
-    fused_params,
-    make_adaption_optimizer,
-    make_adaption_step,
-)
+from timm_jax.training.steps import create_state, fused_params, make_adaption_optimizer, make_adaption_step
 from timm_jax.workflows.report import plot_mixing_ratios
-from timm_jax.workflows.train import load_model, model_config_for, train_batches
 
 __all__ = [
     "Sources",
     "adaption_stage",
     "fuse_models",
     "fusion_partition",
-    "adam_source_fisher",
     "layer_ratio_spread",
     "layer_ratios",
     "load_sources",
     "materialise_fusion",
     "save_fusion",
-    "source_fisher",
     "source_task_specific",
 ]
 
@@ -113,6 +97,13 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
     """Read the source runs (models trained with ``train.py``) and check their architectures agree."""
     if not source_dirs:
         raise CheckpointError("fuse needs at least one --source run directory")
+    real = [os.path.realpath(d) for d in source_dirs]
+    for i, r in enumerate(real):
+        if r in real[:i]:
+            raise ConfigError(
+                f"--source names {source_dirs[real.index(r)]} and {source_dirs[i]}, the same run twice; "
+                "a model fused with itself is that model (give each source once)"
+            )
     loaded = []
     for d in source_dirs:
         try:
@@ -129,188 +120,11 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
             )
     return Sources(
         dirs=[s.path for s in loaded],
-        names=[os.path.basename(os.path.normpath(d)) for d in source_dirs],
+        names=short_names(source_dirs),
         params=[s.params for s in loaded],
         metas=[s.meta for s in loaded],
         model_cfg=first,
     )
-
-
-def source_fisher(
-    source_dir: str,
-    *,
-    kind: str = "empirical",
-    max_examples: int = 0,
-    patches_per_case: int = FuseConfig().fisher_patches,
-    dp: DataParallel = DataParallel(),
-) -> dict:
-    """Diagonal Fisher of a trained run on its own training data (cached beside its checkpoint).
-
-    The examples are the source's *training distribution*: ``patches_per_case`` patches per
-    training case, drawn by the source's own patch sampler (its patch shape and foreground rate,
-    no augmentation, seed 0) — one per-example gradient each (:func:`fisher_patches`). A network
-    trained on patches with instance normalisation is another function on a whole volume, so a
-    Fisher of whole volumes would weigh the parameters of a network the source never was.
-
-    ``kind="empirical"`` uses the reference labels, ``"true"`` labels sampled from the model,
-    ``"adam"`` reads the bias-corrected Adam second moment of the same checkpoint (no pass over
-    the data, nothing cached; :func:`adam_source_fisher`). The cache
-    ``<source>/fisher/fisher_<kind>.npz`` is keyed by the checkpoint step, the run's
-    configuration and the settings (the examples included: a cache of another sampling, e.g. of
-    whole volumes, is recomputed), and written atomically (by process 0 only). With a mesh, each
-    call of the per-example gradients takes one patch per device.
-    """
-    if kind not in ("empirical", "true", "adam"):
-        raise ValueError(f"Fisher kind must be 'empirical', 'true' or 'adam', got {kind!r}")
-    if kind == "adam":
-        return adam_source_fisher(source_dir)
-    source_dir, model, model_cfg, params, meta = load_model(source_dir, kinds=("train",))
-    with RunDir.open(source_dir, ("train",)) as run:
-        step = run.latest_step(run.best_or_latest())
-    train_cfg = TrainConfig.from_dict(meta.get("train") or {})
-    examples = {
-        "examples": "patches",
-        "patch_shape": list(train_cfg.patch_shape),
-        "foreground_rate": train_cfg.foreground_rate,
-        "patches_per_case": patches_per_case,
-        "seed": _FISHER_SEED,
-    }
-    key = {
-        "step": step,
-        "kind": kind,
-        "max_examples": max_examples,
-        "run_key": meta.get("run_key"),
-        **examples,
-    }
-    cache = os.path.join(source_dir, "fisher", f"fisher_{kind}.npz")
-    shapes = {k: np.shape(v) for k, v in to_flat_dict(params).items()}
-    cached = _read_fisher_cache(cache, key, shapes)
-    # every process of a multi-process run must take the same branch (the computation is collective)
-    if dp.agree(cached is not None):
-        _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
-        return cached
-    return _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_cfg, key, cache, dp)
-
-
-def adam_source_fisher(source_dir: str) -> dict:
-    """``--fisher=adam``: ν / (1 − β₂ᵗ) from the optimiser state of the checkpoint whose params
-    are fused (best, else latest) — zero passes over the data. Raises
-    :class:`~timm_jax.errors.OptimizerStateError` (one line naming the run and the checkpoint)
-    when that state is missing or is not Adam's."""
-    with RunDir.open(source_dir, ("train",)) as run:
-        which = run.best_or_latest()
-        where = f"--fisher=adam: source {run.path} (checkpoint {which}/{run.latest_step(which)})"
-        state, _ = run.restore(None, which)
-    if not isinstance(state, dict) or state.get("opt_state") is None:
-        raise OptimizerStateError(f"{where} stores no optimiser state; use --fisher=empirical")
-    try:
-        fisher = adam_fisher(state["opt_state"])
-    except ValueError as e:
-        raise OptimizerStateError(f"{where}: {e}; use --fisher=empirical") from e
-    want = {k: np.shape(v) for k, v in to_flat_dict(state["params"]).items()}
-    have = {k: np.shape(v) for k, v in to_flat_dict(fisher).items()} if isinstance(fisher, dict) else {}
-    if have != want:
-        raise OptimizerStateError(f"{where}: the Adam second moment does not have the parameters' leaves")
-    _log.info("[fuse] Fisher of %s: Adam second moment (no pass over the data)", source_dir)
-    return jax.tree_util.tree_map(np.asarray, fisher)
-
-
-def _read_fisher_cache(cache: str, key: dict, shapes: dict) -> dict | None:
-    """The cached Fisher if ``cache`` holds one for ``key`` with these leaf shapes, else None."""
-    if os.path.isfile(cache):
-        try:
-            with np.load(cache, allow_pickle=False) as z:
-                flat = {k: z[k] for k in z.files if k != "__key__"}
-                same = json.loads(str(z["__key__"])) == key
-            if same and {k: v.shape for k, v in flat.items()} == shapes:
-                return from_flat_dict(flat)
-            _log.info("[fuse] Fisher cache %s is of another checkpoint or setting; recomputing", cache)
-        except Exception as e:  # a torn or foreign file of any kind: recompute it
-            _log.warning("[fuse] Fisher cache %s unreadable (%s); recomputing", cache, type(e).__name__)
-    return None
-
-
-#: seed of the Fisher's patch sampler (fixed: the Fisher of a checkpoint is one number)
-_FISHER_SEED = 0
-
-
-def fisher_patches(cases, task, train_cfg: TrainConfig, patches_per_case: int, batch_size: int = 1):
-    """The Fisher's examples: ``patches_per_case`` patches of every case, ``(image, target)`` of
-    ``train_cfg.patch_shape`` each, drawn by the training pipeline's sampler with the source's
-    foreground rate, without augmentation and with seed 0 — each case once per round, in a seeded
-    order (the sampler's epochs), so every case contributes exactly ``patches_per_case``. Yields
-    batches of up to ``batch_size`` patches (the last may be smaller)."""
-    sampler = PatchSampler(
-        cases,
-        task,
-        train_cfg.patch_shape,
-        seed=_FISHER_SEED,
-        foreground_rate=train_cfg.foreground_rate,
-        augment=False,
-    )
-    n = len(cases) * patches_per_case
-    for start in range(0, n, batch_size):
-        samples = [sampler(i) for i in range(start, min(start + batch_size, n))]
-        yield np.stack([s["image"] for s in samples]), np.stack([s["target"] for s in samples])
-
-
-def _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_cfg, key, cache, dp) -> dict:
-    data = resolve(DataSpec.from_dict(meta["data"]))
-    ids = list(meta.get("train_ids") or data.train_ids)
-    if max_examples:
-        ids = ids[:max_examples]
-    cases = data.load(ids, mmap=True)
-    per_case = key["patches_per_case"]
-    n = len(ids) * per_case
-    apply_fn = lambda p, xb: model.apply({"params": p}, xb)  # noqa: E731
-    _log.info(
-        "[fuse] Fisher of %s (%s) on %d patches %s of %d training cases of task %s",
-        source_dir,
-        kind,
-        n,
-        "x".join(str(p) for p in train_cfg.patch_shape),
-        len(ids),
-        data.task.name,
-    )
-    # patches of one shape: memory does not grow with the data set
-    batches = fisher_patches(cases, data.task, train_cfg, per_case, batch_size=dp.num_devices)
-    if kind == "empirical":
-        ll = segmentation_log_likelihood(apply_fn)
-    else:
-        ll = sampled_segmentation_log_likelihood(apply_fn)
-        batches = with_sample_keys(batches, jax.random.PRNGKey(0))
-    with bar(n, f"[fuse] Fisher of {os.path.basename(source_dir)}", "patch") as progress:
-        done = [0]
-
-        def seen(count: int) -> None:
-            fault("fisher.case")
-            progress.update(count - done[0])
-            if count // 50 > done[0] // 50:
-                _log.info("[fuse] Fisher: %d/%d patches", count, n)
-            done[0] = count
-
-        fisher = fisher_diagonal(
-            ll,
-            jax.tree_util.tree_map(jnp.asarray, params) if dp.mesh is None else dp.replicate(params),
-            batches,
-            chunk_size=dp.num_devices,
-            progress=seen,
-            mesh=dp.mesh,
-        )
-    fisher = jax.tree_util.tree_map(np.asarray, fisher)
-    with writing(cache):
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        # a unique temporary file, renamed: two processes computing the same cache never mix
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
-            fault("fisher.cache", tmp)
-            os.replace(tmp, cache)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return fisher
 
 
 def fusion_partition(fresh: dict, sources: Sources) -> Partition:
@@ -348,7 +162,7 @@ def _without_labels(cases) -> list:
 
 
 def adaption_stage(
-    out_dir: str,
+    fused: RunDir,
     meta: dict,
     *,
     model,
@@ -363,7 +177,7 @@ def adaption_stage(
     dp: DataParallel = DataParallel(),
     task_specific: dict | None = None,
 ) -> tuple[PyTree, dict, dict]:
-    """T-IMM stage 1 in ``<out_dir>/adaption`` (resumable); returns the best epoch's
+    """T-IMM stage 1 in the fused run's ``adaption/`` (resumable); returns the best epoch's
     ``(logits, task_specific, summary)``. With a mesh (``dp``), the batches are split over it and
     the sources, Fishers and adaption state are replicated. ``task_specific``: the starting 𝒮
     (default: the fresh ``part.task_specific``). Validation after each epoch predicts the
@@ -411,7 +225,7 @@ def adaption_stage(
         return {f"ratios/{layer}/{n}": a for layer, alphas in ratios.items() for n, a in zip(names, alphas)}
 
     adapt_meta = {**meta, "kind": "adaption"}
-    with RunDir.create(os.path.join(out_dir, "adaption"), adapt_meta) as run:
+    with RunDir.create(fused.adaption_dir(), adapt_meta) as run:
         final, progress = fit(
             run,
             state=state,
@@ -471,35 +285,29 @@ def layer_ratio_spread(logits_per_leaf: PyTree) -> dict[str, list[float]] | None
 
 
 def save_fusion(
-    out_dir: str,
+    run: RunDir,
     params: dict,
     meta: dict,
     ratios: dict[str, list[float]],
     source_names: list[str],
     spread: dict[str, list[float]] | None = None,
 ) -> None:
-    """The ``fused`` run directory: ``mixing_ratios.{json,csv,png}`` (by process 0 of a
+    """Into the open ``fused`` run: ``mixing_ratios.{json,csv,png}`` (by process 0 of a
     multi-process run), then the checkpoint (by every process) — the checkpoint is written last,
     since a run directory with one counts as finished."""
-    with writing(out_dir):
-        if jax.process_index() == 0:
-            os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "mixing_ratios.json"), "w") as f:
-                extra = {} if spread is None else {"ratio_sd_over_channels": spread}
-                json.dump({"sources": source_names, "ratios": ratios, **extra}, f, indent=2)
-            fault("ratios.write", out_dir)
-            with open(os.path.join(out_dir, "mixing_ratios.csv"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(["layer", *source_names])
-                for layer, r in ratios.items():
-                    w.writerow([layer, *[f"{a:.6f}" for a in r]])
-            png = plot_mixing_ratios(
-                ratios, source_names, os.path.join(out_dir, "mixing_ratios.png"), spread=spread
-            )
-            with Events(out_dir) as events:
-                events.image("mixing_ratios", matplotlib.image.imread(png))
-    with RunDir.create(out_dir, meta) as run:
-        run.save(0, {"params": params}, meta, best=True)
+    if jax.process_index() == 0:
+        extra = {} if spread is None else {"ratio_sd_over_channels": spread}
+        write_json(run.ratios_path("json"), {"sources": source_names, "ratios": ratios, **extra})
+        fault("ratios.write", run.path)
+        with atomic_write(run.ratios_path("csv"), newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["layer", *source_names])
+            for layer, r in ratios.items():
+                w.writerow([layer, *[f"{a:.6f}" for a in r]])
+        png = plot_mixing_ratios(ratios, source_names, run.ratios_path("png"), spread=spread)
+        with Events(run.path) as events:
+            events.image("mixing_ratios", matplotlib.image.imread(png))
+    run.save(0, {"params": params}, meta, best=True)
 
 
 def fuse_models(
@@ -512,7 +320,10 @@ def fuse_models(
 ) -> dict:
     """Fuse the source runs into an initialisation for ``target`` in ``out_dir``; returns its
     metadata. ``devices``: the data-parallel mesh of the Fisher and the adaption stage (``None``:
-    one device, no mesh; ``DeviceConfig()``: every visible device, as ``fuse.py`` does)."""
+    one device, no mesh; ``DeviceConfig()``: every visible device, as ``fuse.py`` does).
+
+    ``out_dir``'s lock is held from the first check to the last file: a second fusion into the
+    same directory is refused before it loads a Fisher."""
     if cfg.task_specific_from >= len(source_dirs):
         raise ConfigError(
             f"--task_specific_from={cfg.task_specific_from} names no source ({len(source_dirs)} given)"
@@ -545,6 +356,11 @@ def fuse_models(
         if run.latest_step("best") is not None:
             _log.info("[fuse] %s already holds this fusion; nothing to do", out_dir)
             return run.read_meta("best")
+        return _fuse(run, meta, sources, data, model, model_cfg, cfg, adapt_cfg, dp)
+
+
+def _fuse(run: RunDir, meta, sources: Sources, data, model, model_cfg, cfg, adapt_cfg, dp) -> dict:
+    timm = cfg.method == "timm"
     patch = tuple(adapt_cfg.patch_shape)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(adapt_cfg.seed))
     part = fusion_partition(init_params(model, init_rng, (1, *patch, model_cfg.in_channels)), sources)
@@ -596,7 +412,7 @@ def fuse_models(
         task_specific = source_task_specific(part, sources.params[t], name=sources.names[t])
     if timm:
         logits, task_specific, summary = adaption_stage(
-            out_dir,
+            run,
             meta,
             model=model,
             data=data,
@@ -614,6 +430,6 @@ def fuse_models(
     per_leaf = expand_logits(logits, part.transferable, cfg.granularity)
     ratios, spread = layer_ratios(per_leaf), layer_ratio_spread(per_leaf)
     meta = {**meta, "adaption": summary, "ratios": ratios, "mismatched": part.mismatched}
-    save_fusion(out_dir, params, meta, ratios, sources.names, spread)
-    _log.info("[fuse] wrote fused checkpoint and mixing ratios to %s", out_dir)
+    save_fusion(run, params, meta, ratios, sources.names, spread)
+    _log.info("[fuse] wrote fused checkpoint and mixing ratios to %s", run.path)
     return meta

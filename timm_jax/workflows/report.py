@@ -27,6 +27,8 @@ import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
+from timm_jax.atomic import atomic_write
+
 __all__ = [
     "markdown_table",
     "plot_mixing_ratios",
@@ -37,10 +39,8 @@ __all__ = [
 
 
 def _save(fig: Figure, png_path: str) -> str:
-    parent = os.path.dirname(os.fspath(png_path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    fig.savefig(png_path, dpi=100, bbox_inches="tight")
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
     return os.fspath(png_path)
 
 
@@ -312,10 +312,7 @@ def write_report(
             parts += [f"![{caption}]({png})", "", f"*{caption}*", ""]
     if notes and notes.strip():
         parts += ["## Notes", "", notes.strip(), ""]
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w") as f:
+    with atomic_write(path) as f:
         f.write("\n".join(parts).rstrip() + "\n")
 
 

@@ -9,40 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from timm_jax.config import DeviceConfig, ModelConfig, TrainConfig
+from timm_jax.config import DataSpec, DeviceConfig, ModelConfig, TrainConfig
 from timm_jax.core.partition import join, select_like, shape_mismatches, split
-from timm_jax.data.pipeline import make_train_dataset
-from timm_jax.data.spec import Data, DataSpec, resolve
+from timm_jax.data.spec import resolve
 from timm_jax.errors import CheckpointError, ConfigError
-from timm_jax.nn.unet import UNet3D, build_model, init_params, resolve_conv_impl
+from timm_jax.nn.unet import build_model, init_params
+from timm_jax.runs.models import model_config_for, train_batches
 from timm_jax.training.inference import make_predictor
 from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import create_state, make_optimizer, make_train_step
 
-__all__ = [
-    "INITS",
-    "LoadedModel",
-    "load_init",
-    "load_model",
-    "model_config_for",
-    "train_batches",
-    "train_model",
-]
+__all__ = ["INITS", "load_init", "train_model"]
 
 INITS = ("random", "transfer", "fused")
 _log = logging.getLogger(__name__)
-
-
-def model_config_for(data: Data, model_cfg: ModelConfig) -> ModelConfig:
-    """``model_cfg`` with the channel counts of the data's layout and task."""
-    return model_cfg.replace(in_channels=data.in_channels, out_channels=data.task.num_channels)
 
 
 def load_init(init: str, init_from: str, model_cfg: ModelConfig):
@@ -75,29 +61,6 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
             f"depth={model_cfg.depth})"
         )
     return params, meta
-
-
-def train_batches(cases, task, cfg: TrainConfig, dp: DataParallel = DataParallel()):
-    """``start_step -> iterator`` of the seeded, resumable training batches of ``cases``; with a
-    mesh, each process reads its rows of every global batch and they arrive split over the mesh."""
-
-    def batches_from(start: int):
-        stream = make_train_dataset(
-            cases,
-            task,
-            patch_shape=tuple(cfg.patch_shape),
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            foreground_rate=cfg.foreground_rate,
-            augment=cfg.augment,
-            num_workers=cfg.num_workers,
-            start_step=start,
-            process_index=dp.process_index,
-            process_count=dp.num_processes,
-        )
-        return map(dp.shard, iter(stream))
-
-    return batches_from
 
 
 def train_model(
@@ -184,32 +147,3 @@ def train_model(
             cfg=train_cfg,
         )
     return summary
-
-
-class LoadedModel(NamedTuple):
-    path: str  # the run directory, absolute
-    model: UNet3D
-    cfg: ModelConfig  # conv_impl resolved for this machine
-    params: dict
-    meta: dict
-
-
-def load_model(run_dir: str, kinds=("train", "fused")) -> LoadedModel:
-    """The network and params of a run's best checkpoint. A stored ``conv_impl`` that this
-    machine cannot run (e.g. the CPU kernels on a GPU host) is replaced by ``auto``, with a warning."""
-    with RunDir.open(run_dir, kinds) as run:
-        params, meta = run.load_params()
-        path = run.path
-    model_cfg = ModelConfig.from_dict(meta["model"])
-    try:
-        resolve_conv_impl(model_cfg.conv_impl)
-    except ValueError:
-        _log.warning(
-            "%s was trained with conv_impl=%s, which is not available here; using 'auto' "
-            "(the same maths, other float rounding)",
-            run_dir,
-            model_cfg.conv_impl,
-        )
-        model_cfg = model_cfg.replace(conv_impl="auto")
-    model, model_cfg = build_model(model_cfg)
-    return LoadedModel(path, model, model_cfg, params, meta)
