@@ -16,7 +16,13 @@ from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
 from timm_jax.training.events import Events
 from timm_jax.training.inference import make_predictor
-from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, summarize, write_results
+from timm_jax.training.metrics import (
+    convention,
+    evaluate_case,
+    save_prediction_nifti,
+    summarize,
+    write_results,
+)
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, load_run
 from timm_jax.workflows.report import prediction_slice
@@ -148,6 +154,7 @@ def evaluate_model(
                         data.task.channel_names,
                         spacing=case.spacing,
                         compute_hd95=cfg.hd95,
+                        empty_regions=cfg.empty_regions,
                     ),
                 }
             )
@@ -177,9 +184,16 @@ def evaluate_model(
     }
     if dp.is_main:
         csv_path, json_path = (os.path.join(out_dir, f) for f in ("per_case.csv", "summary.json"))
-        summary = write_results(rows, csv_path, json_path, extra=extra)
+        summary = write_results(
+            rows, csv_path, json_path, extra=extra, convention=convention(cfg.empty_regions)
+        )
     else:
-        summary = {"n_cases": len(rows), "metrics": summarize(rows), "extra": extra}
+        summary = {
+            "n_cases": len(rows),
+            "metrics": summarize(rows),
+            "extra": extra,
+            "convention": convention(cfg.empty_regions),
+        }
     m = summary["metrics"]
     _log.info(
         "[evaluate] mean Dice %.3f %s -> %s",
