@@ -18,6 +18,8 @@ ALLOWED = {
     "config": {"errors"},
     "cli": {"errors"},
     "progress": set(),
+    # the `python -m timm_jax.bundle` command: parses flags, calls the bundle workflows
+    "bundle": {"workflows", "cli", "config", "errors"},
     "core": {"core"},
     "nn": {"nn", "core", "config", "errors"},
     "data": {"data", "config", "errors", "cli", "faults"},

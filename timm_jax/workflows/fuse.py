@@ -70,6 +70,7 @@ from timm_jax.training.steps import (
     make_adaption_optimizer,
     make_adaption_step,
 )
+from timm_jax.workflows.bundle import bundle_fisher, is_bundle, load_source
 from timm_jax.workflows.report import plot_mixing_ratios
 from timm_jax.workflows.train import load_model, model_config_for, train_batches
 
@@ -110,13 +111,14 @@ class Sources:
 
 
 def load_sources(source_dirs: Sequence[str]) -> Sources:
-    """Read the source runs (models trained with ``train.py``) and check their architectures agree."""
+    """Read the source runs (models trained with ``train.py``, or model bundles of them) and check
+    their architectures agree."""
     if not source_dirs:
         raise CheckpointError("fuse needs at least one --source run directory")
     loaded = []
     for d in source_dirs:
         try:
-            loaded.append(load_model(d, kinds=("train",)))
+            loaded.append(load_source(d, kinds=("train",)))  # a run directory or a model bundle
         except CheckpointError as e:
             raise CheckpointError(f"--source {d}: {e}") from e
     first = loaded[0].cfg
@@ -555,7 +557,10 @@ def fuse_models(
             jax.tree_util.tree_map(
                 jnp.asarray,
                 select_like(
-                    source_fisher(
+                    # a bundle's Fisher is stored in it (its data are not there to compute one)
+                    bundle_fisher(d, cfg.fisher, patches_per_case=cfg.fisher_patches)
+                    if is_bundle(d)
+                    else source_fisher(
                         d,
                         kind=cfg.fisher,
                         max_examples=cfg.fisher_examples,

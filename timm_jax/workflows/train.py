@@ -25,6 +25,7 @@ from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, make_meta
 from timm_jax.training.steps import create_state, make_optimizer, make_train_step
+from timm_jax.workflows.bundle import is_bundle, load_source
 
 __all__ = [
     "INITS",
@@ -55,6 +56,11 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
         return None, None
     if not init_from:
         raise ConfigError(f"--init={init} needs --init_from (a run directory)")
+    if is_bundle(init_from):  # a model bundle: a trained network, for --init=transfer
+        if init != "transfer":
+            raise ConfigError(f"--init={init} but {init_from} is a model bundle; use --init=transfer")
+        src_bundle = load_source(init_from)
+        return _check_init_architecture(init_from, model_cfg, src_bundle.params, src_bundle.meta)
     with RunDir.open(init_from) as run:
         if init == "fused" and run.kind != "fused":
             raise ConfigError(
@@ -67,6 +73,10 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
                 "trained with train.py" + ("; use --init=fused" if run.kind == "fused" else "")
             )
         params, meta = run.load_params()
+    return _check_init_architecture(init_from, model_cfg, params, meta)
+
+
+def _check_init_architecture(init_from: str, model_cfg: ModelConfig, params, meta):
     src = ModelConfig.from_dict(meta.get("model", {}))
     if not model_cfg.same_architecture(src):
         raise CheckpointError(
