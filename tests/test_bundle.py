@@ -348,3 +348,23 @@ def test_the_bundle_command_exports_and_verify_refuses_in_one_line(env):
     assert p.returncode == 2 and "Traceback" not in p.stderr
     errors = [line for line in p.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "params.npz: holds a pickled object array" in errors[0], p.stderr
+
+
+def test_predict_with_a_bundle_equals_predict_with_its_run(env):
+    """predict.py --run=BUNDLE: the bundle's preprocessing, modalities and task give exactly the run's
+    segmentation (here of one case's files; the case is named after its folder)."""
+    import nibabel as nib
+
+    from timm_jax.workflows.predict import predict
+
+    data = env.tmp / "data" / "parcellation"
+    case = sorted(p for p in data.iterdir() if (p / "t1.nii.gz").is_file())[0]
+    files = [str(case / "t1.nii.gz"), str(case / "t2.nii.gz")]
+    a, b = env.tmp / "pred" / "run", env.tmp / "pred" / "bundle"
+    predict(env.m1, files, str(a))
+    (rec,) = predict(env.b1, files, str(b), probabilities=True)
+    assert rec["case"] == case.name and (b / f"{case.name}_prob.json").is_file()
+    sa, sb = nib.load(a / f"{case.name}_seg.nii.gz"), nib.load(b / f"{case.name}_seg.nii.gz")
+    np.testing.assert_array_equal(np.asarray(sa.dataobj), np.asarray(sb.dataobj))
+    np.testing.assert_array_equal(sa.affine, sb.affine)
+    assert sb.shape == nib.load(files[0]).shape

@@ -93,6 +93,19 @@ def file_modality(path: str, modalities: Sequence[str]) -> tuple[str | None, str
     return None, stem
 
 
+def _case_name(path: str, named: tuple[str | None, str]) -> str:
+    """A case id from its first file: the name without the modality (``<case>_t1.nii.gz``), else
+    the folder (``<case>/t1.nii.gz``, FreeSurfer's ``<subject>/mri/T1.mgz``)."""
+    modality, rest = named
+    name = re.sub(r"[_\-.]+$", "", rest if modality else _stem(path))
+    if name:
+        return name
+    folder = Path(os.path.abspath(path)).parent
+    if folder.name == "mri":
+        folder = folder.parent
+    return folder.name or "case"
+
+
 @dataclass
 class _Input:
     """What to predict: a data folder (``root``, ``layout``, ``info``, ``cases``) or one case's files."""
@@ -146,8 +159,7 @@ def _resolve_input(inputs: Sequence[str], meta: dict, layout: str, case_id: str)
     if missing:
         raise DataError(f"--input: {missing[0]} is not a file (nor a data folder)")
     named = [file_modality(p, modalities) for p in inputs]
-    guess = named[0][1] if named[0][0] else _stem(inputs[0])
-    cid = case_id or re.sub(r"[_\-.]+$", "", guess) or "case"
+    cid = case_id or _case_name(inputs[0], named[0])
     given = [m or "?" for m, _ in named]
     volumes = None
     if len(inputs) == 1 and len(modalities) > 1:
