@@ -25,7 +25,7 @@ from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.training.rundir import load_run
 from timm_jax.workflows import fuse
 from timm_jax.workflows.bundle import BundleError, file_sha256, is_bundle, load_source, open_bundle
-from timm_jax.workflows.bundle_export import export_bundle
+from timm_jax.workflows.bundle_export import export_bundle, source_fisher_any
 from timm_jax.workflows.train import load_init, train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,9 @@ def test_bundle_holds_the_params_fishers_and_description_but_no_data(env):
     assert bundle.meta["data_info"]["modalities"] == ["t1", "t2"]
     with pytest.raises(CheckpointError, match=r"holds no true Fisher \(it has: empirical, adam\)"):
         bundle.fisher("true")
+    # the Fisher of a run or a bundle, one call
+    assert_trees_equal(source_fisher_any(env.b1), bundle.fisher("empirical"))
+    assert_trees_equal(source_fisher_any(env.m1, patches_per_case=PATCHES), bundle.fisher("empirical"))
 
 
 def test_case_ids_only_when_asked_and_no_overwrite_by_default(env):

@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import stat
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -76,6 +77,9 @@ CARD_FILE = "MODEL_CARD.md"
 FISHER_KINDS = ("empirical", "true", "adam")
 #: bundle.json larger than this is not a bundle's (it holds configuration and checksums only)
 _MAX_JSON_BYTES = 16 << 20
+#: an .npz whose members declare more than this is refused before it is read (the paper's network:
+#: 33 MB of float32 parameters)
+_MAX_NPZ_BYTES = 8 << 30
 _log = logging.getLogger(__name__)
 
 
@@ -252,6 +256,10 @@ def _read_npz(root: Path, name: str) -> dict[str, np.ndarray]:
     path = root / name
     out = {}
     try:
+        with zipfile.ZipFile(path) as zf:
+            declared = sum(i.file_size for i in zf.infolist())
+        if declared > _MAX_NPZ_BYTES:
+            raise _fail(root, name, f"declares {declared} bytes of arrays, more than a bundle holds")
         with np.load(path, allow_pickle=False) as z:
             if not hasattr(z, "files"):
                 raise _fail(root, name, "is a single .npy array, not an .npz archive of named arrays")

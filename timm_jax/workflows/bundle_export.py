@@ -1,4 +1,6 @@
-"""Export a trained run as a model bundle: what ``python -m timm_jax.bundle export`` calls.
+"""Export a trained run as a model bundle: what ``python -m timm_jax.bundle export`` calls; and
+:func:`source_fisher_any`, the Fisher of a run or a bundle (for callers outside ``fuse``, which
+cannot import this module: it imports ``fuse``).
 
 The bundle (format in :mod:`timm_jax.workflows.bundle` and ``docs/bundles.md``) is written into a
 temporary directory beside ``out`` and renamed into place when complete, so a bundle on disk is
@@ -38,6 +40,7 @@ from timm_jax.workflows.bundle import (
     PARAMS_FILE,
     VERSION,
     BundleError,
+    bundle_fisher,
     file_sha256,
     fisher_file,
     is_bundle,
@@ -46,7 +49,7 @@ from timm_jax.workflows.bundle import (
     run_modalities,
 )
 
-__all__ = ["code_version", "export_bundle"]
+__all__ = ["code_version", "export_bundle", "source_fisher_any"]
 
 _log = logging.getLogger(__name__)
 #: the data-spec fields a bundle keeps (how to read and preprocess inputs); paths are left out
@@ -143,6 +146,24 @@ def _fisher(run_dir: str, kind: str, patches_per_case: int, dp: DataParallel) ->
     ):  # another process replaced the cache meanwhile
         raise BundleError(f"the Fisher cache {cache} changed while the bundle was written; run again")
     return fisher, settings
+
+
+def source_fisher_any(
+    path: str,
+    kind: str = "empirical",
+    *,
+    max_examples: int = 0,
+    patches_per_case: int = FuseConfig().fisher_patches,
+    dp: DataParallel = DataParallel(),
+) -> dict:
+    """The ``kind`` Fisher of a source: stored in a model bundle (:func:`bundle_fisher`; it cannot be
+    computed again, its data are not there), else :func:`timm_jax.workflows.fuse.source_fisher` of
+    the run directory (computed on its training data, cached)."""
+    if is_bundle(path):
+        return bundle_fisher(path, kind, patches_per_case=patches_per_case)
+    return fuse.source_fisher(
+        path, kind=kind, max_examples=max_examples, patches_per_case=patches_per_case, dp=dp
+    )
 
 
 def _finite(v):
