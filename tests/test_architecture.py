@@ -20,6 +20,8 @@ ALLOWED = {
     "config": {"errors"},
     "cli": {"errors"},
     "progress": set(),
+    # the `python -m timm_jax.bundle` command: parses flags, calls the bundle workflows
+    "bundle": {"runs", "workflows", "cli"} | LEAVES,
     "core": {"core"},
     "nn": {"nn", "core"} | LEAVES,
     "data": {"data", "cli"} | LEAVES,

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from timm_jax.training.metrics import (
+    BRATS_HD95_PENALTY,
+    convention,
     dice_score,
     evaluate_case,
     hd95,
@@ -63,9 +65,67 @@ def test_hd95_single_voxels_and_percentile():
 def test_hd95_empty_conventions():
     z = np.zeros((4, 4, 4), bool)
     m = cube((4, 4, 4), (1, 1, 1), (3, 3, 3))
+    # the BraTS convention (default): both empty 0, exactly one empty the 373.13 mm penalty
+    assert BRATS_HD95_PENALTY == pytest.approx(math.sqrt(240**2 + 240**2 + 155**2), abs=0.005)
     assert hd95(z, z) == 0.0
-    assert math.isnan(hd95(m, z))
-    assert math.isnan(hd95(z, m))
+    assert hd95(m, z) == BRATS_HD95_PENALTY and hd95(z, m) == BRATS_HD95_PENALTY
+    # the old behaviour
+    assert hd95(z, z, empty_regions="nan") == 0.0
+    assert math.isnan(hd95(m, z, empty_regions="nan"))
+    assert math.isnan(hd95(z, m, empty_regions="nan"))
+    with pytest.raises(ValueError, match="empty_regions"):
+        hd95(m, m, empty_regions="zero")
+
+
+def _surface_by_neighbours(mask):
+    """Voxels with a face-neighbour outside the mask or the volume, by explicit shifts."""
+    padded = np.pad(mask, 1, constant_values=False)
+    inner = np.ones_like(mask)
+    for axis in range(3):
+        for step in (-1, 1):
+            inner &= np.roll(padded, step, axis=axis)[1:-1, 1:-1, 1:-1]
+    return mask & ~inner
+
+
+def _hd95_reference(pred, truth, spacing):
+    """HD95 from the surface voxels' coordinates in mm: nearest neighbours by a k-d tree and by brute
+    force over all pairs (which must agree), pooled over both directions, numpy's 95th percentile."""
+    from scipy.spatial import cKDTree
+
+    sp = np.argwhere(_surface_by_neighbours(pred)) * np.asarray(spacing)
+    st = np.argwhere(_surface_by_neighbours(truth)) * np.asarray(spacing)
+    pairwise = np.sqrt(((sp[:, None, :] - st[None, :, :]) ** 2).sum(-1))
+    brute = np.concatenate([pairwise.min(axis=1), pairwise.min(axis=0)])
+    tree = np.concatenate([cKDTree(st).query(sp)[0], cKDTree(sp).query(st)[0]])
+    np.testing.assert_allclose(np.sort(brute), np.sort(tree), rtol=1e-12)
+    return float(np.percentile(brute, 95))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_hd95_against_an_independent_implementation(seed):
+    """Random blobby masks (a random field smoothed and thresholded, some touching the volume
+    border) with anisotropic spacing: hd95 equals the surface-voxel distances computed from
+    coordinates (brute force and cKDTree), not from a distance transform."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(s) for s in rng.integers(9, 16, size=3))
+    spacing = tuple(float(s) for s in rng.uniform(0.4, 3.0, size=3))
+    masks = []
+    for _ in range(2):
+        field = ndimage.gaussian_filter(rng.normal(size=shape), sigma=1.5)
+        masks.append(field > np.quantile(field, rng.uniform(0.6, 0.9)))
+    pred, truth = masks
+    assert pred.any() and truth.any()
+    assert hd95(pred, truth, spacing) == pytest.approx(_hd95_reference(pred, truth, spacing), rel=1e-9)
+    assert hd95(truth, pred, spacing) == pytest.approx(hd95(pred, truth, spacing), rel=1e-12)
+
+
+def test_convention_record():
+    c = convention()
+    assert c["empty_regions"] == "brats" and c["hd95_penalty_mm"] == BRATS_HD95_PENALTY
+    assert "373.13" in c["one_empty"] and c["both_empty"] == "Dice 1, HD95 0"
+    assert convention("nan")["hd95_penalty_mm"] is None
 
 
 def test_evaluate_case_keys_and_values():
@@ -80,8 +140,12 @@ def test_evaluate_case_keys_and_values():
     assert set(out) == {"dice_WT", "hd95_WT", "dice_ET", "hd95_ET", "dice_mean"}
     assert out["dice_WT"] == pytest.approx(2 * 32 / 128)
     assert out["hd95_WT"] == pytest.approx(2.0)
-    assert out["dice_ET"] == 0.0 and math.isnan(out["hd95_ET"])
+    assert out["dice_ET"] == 0.0 and out["hd95_ET"] == BRATS_HD95_PENALTY
     assert out["dice_mean"] == pytest.approx(0.25)
+    old = evaluate_case(probs, truth, ("WT", "ET"), spacing=(1.0, 1.0, 2.0), empty_regions="nan")
+    assert math.isnan(old["hd95_ET"]) and {k: v for k, v in old.items() if k != "hd95_ET"} == {
+        k: v for k, v in out.items() if k != "hd95_ET"
+    }
     fast = evaluate_case(probs, truth, ("WT", "ET"), compute_hd95=False)
     assert set(fast) == {"dice_WT", "dice_ET", "dice_mean"}
     with pytest.raises(ValueError, match="channel names"):
@@ -95,7 +159,13 @@ def test_write_results_csv_and_json(tmp_path):
         {"case": "c3", "dice_WT": 0.0, "hd95_WT": 4.0, "note": "x"},
     ]
     csv_path, json_path = tmp_path / "sub" / "cases.csv", tmp_path / "summary.json"
-    write_results(rows, str(csv_path), str(json_path), extra={"method": "T-IMM", "seed": np.int64(3)})
+    write_results(
+        rows,
+        str(csv_path),
+        str(json_path),
+        extra={"method": "T-IMM", "seed": np.int64(3)},
+        convention=convention("nan"),
+    )
     with open(csv_path) as f:
         table = list(csv.reader(f))
     assert table[0] == ["case", "dice_WT", "hd95_WT", "note"]
@@ -108,6 +178,7 @@ def test_write_results_csv_and_json(tmp_path):
     assert s["metrics"]["dice_WT"]["std"] == pytest.approx(np.std([0.5, 1.0, 0.0]))
     assert s["metrics"]["hd95_WT"] == {"mean": 3.0, "std": 1.0, "median": 3.0, "n_valid": 2}
     assert "note" not in s["metrics"]
+    assert s["convention"]["empty_regions"] == "nan"
     with pytest.raises(ValueError, match="no 'case'"):
         write_results([{"dice": 1.0}], str(csv_path), str(json_path))
 

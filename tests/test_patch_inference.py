@@ -24,10 +24,10 @@ from timm_jax.data.pipeline import PatchSampler
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError
 from timm_jax.runs.fisher_cache import fisher_patches, source_fisher
-from timm_jax.runs.models import load_model
+from timm_jax.runs.models import load_model, training_patch
 from timm_jax.training.inference import sliding_window_predict
 from timm_jax.training.rundir import RunDir, read_metrics
-from timm_jax.workflows.evaluate import _inference_patch, evaluate_model, training_patch
+from timm_jax.workflows.evaluate import _inference_patch, evaluate_model
 from timm_jax.workflows.fuse import fuse_models
 from timm_jax.workflows.train import train_model
 

@@ -32,7 +32,7 @@ from typing import IO, Any
 from timm_jax.errors import NotWritableError, writing
 from timm_jax.faults import fault
 
-__all__ = ["atomic_path", "atomic_paths", "atomic_write", "writable_dir", "write_json"]
+__all__ = ["atomic_dir", "atomic_path", "atomic_paths", "atomic_write", "writable_dir", "write_json"]
 
 
 def _temporary(path: str) -> str:
@@ -95,6 +95,33 @@ def atomic_write(
         with open(fd, mode, **open_kw) as f:
             yield f
             f.flush()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary folder beside ``path`` for the body to fill; renamed into place when it returns
+    (a folder already at ``path`` is moved aside first and removed after), removed if it raises:
+    a reader finds the whole old folder or the whole new one (e.g. a model bundle)."""
+    import shutil
+    import tempfile
+
+    path = os.fspath(path).rstrip(os.sep)
+    parent = os.path.dirname(path) or "."
+    with writing(path):
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+        try:
+            yield tmp
+            if os.path.lexists(path):
+                old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
+                os.replace(path, os.path.join(old, "previous"))
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp)
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, fault_point: str = "", indent: int | None = 2) -> None:

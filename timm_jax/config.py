@@ -252,6 +252,12 @@ class EvalConfig(Config):
     overlap: float = setting(0.5, "Sliding-window overlap fraction (nnU-Net's 0.5).")
     hd95: bool = setting(True, "Also compute the 95th-percentile Hausdorff distance.")
     save_predictions: bool = setting(False, "Write predicted label maps as NIfTI (source affine).")
+    empty_regions: str = setting(
+        "brats",
+        "A region empty in reference or prediction: brats (both empty: Dice 1, HD95 0; one empty: Dice 0, "
+        "HD95 373.13 mm; no case dropped) or nan (one empty: HD95 nan, left out of the HD95 means).",
+        choices=("brats", "nan"),
+    )
 
     def __post_init__(self):
         if self.patch and len(self.patch) != 3:

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,7 @@ __all__ = [
     "inspect_case",
     "list_cases",
     "load_case",
+    "load_files",
     "save_nifti",
 ]
 
@@ -681,6 +683,56 @@ def load_case(
     if problems:
         raise DataError(problems)
     return case
+
+
+def load_files(
+    paths: Sequence[str | os.PathLike],
+    modalities: Sequence[str],
+    *,
+    case_id: str,
+    volumes: Sequence[int] | None = None,
+) -> Case:
+    """One case from image files outside any layout (inference input), without labels.
+
+    ``paths`` gives one file per modality, in the order of ``modalities``; or a single 4-D file
+    holding them all, ``volumes`` then naming the index along its fourth axis of each modality
+    (default ``0 .. n-1``). The files get the checks and the geometry handling of
+    :func:`load_case` (closest-RAS orientation, other grids resampled onto the first file's),
+    and ``Case.meta["source"]`` is the first file, so that results can be written back on its grid.
+
+    Raises:
+      DataError: listing every problem found, each with the file concerned.
+    """
+    from timm_jax.data.layouts import DatasetInfo
+
+    files = [Path(p) for p in paths]
+    mods = tuple(str(m) for m in modalities)
+    if len(files) == 1 and len(mods) > 1:
+        order = tuple(range(len(mods))) if volumes is None else tuple(int(v) for v in volumes)
+        what = f"the {len(mods)} modalities {', '.join(mods)}"
+        n = max(order) + 1 if volumes is not None else len(mods)
+        images = (ImageSource(files[0] if _is_file(files[0]) else None, files[0], mods, order, n, what),)
+    elif len(files) == len(mods):
+        images = tuple(ImageSource(f if _is_file(f) else None, f, (m,)) for f, m in zip(files, mods))
+    else:
+        raise DataError(
+            f"case {case_id}: {len(files)} file(s) for the {len(mods)} modalities {', '.join(mods)}"
+        )
+    info = DatasetInfo(
+        layout="files", convention="files", root=str(files[0].parent), modalities=mods, native_labels=None
+    )
+    plan = CasePlan(case_id, files[0].parent, images, None, None)
+    case, problems = _read_case(plan, info, require_labels=False)
+    if problems:
+        raise DataError(problems)
+    return case
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, dtype: Any = None) -> Path:

@@ -141,8 +141,7 @@ def write_demo_report(
 
 def _preview(run_dir: str, png: str) -> None:
     from timm_jax.data.spec import DataSpec, resolve
-    from timm_jax.runs.models import load_model
-    from timm_jax.workflows.evaluate import run_predictor
+    from timm_jax.runs.models import load_model, run_predictor
 
     _, model, _, params, meta = load_model(run_dir)
     data = resolve(DataSpec.from_dict(meta["data"]))

@@ -287,9 +287,8 @@ def _fig_forgetting_slice(out: str, fraction: float, path: str) -> None:
     from timm_jax.core.partition import join, select_like, split
     from timm_jax.data.spec import DataSpec, resolve
     from timm_jax.experiments.grid import cell_dir
-    from timm_jax.runs.models import load_model
+    from timm_jax.runs.models import load_model, run_predictor
     from timm_jax.training.rundir import load_run
-    from timm_jax.workflows.evaluate import run_predictor
 
     m1 = os.path.join(out, "runs", "sources", "m1")
     _, model, _, m1_params, meta = load_model(m1)

@@ -16,14 +16,25 @@ import os
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from timm_jax.config import ModelConfig, TrainConfig
+from timm_jax.config import EvalConfig, ModelConfig, TrainConfig
 from timm_jax.data.pipeline import make_train_dataset
 from timm_jax.data.spec import Data
+from timm_jax.errors import CheckpointError
 from timm_jax.nn.unet import UNet3D, build_model, resolve_conv_impl
+from timm_jax.runs.bundle import BundleError, is_bundle, open_bundle
+from timm_jax.training.inference import make_predictor
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir
 
-__all__ = ["LoadedModel", "load_model", "model_config_for", "short_names", "train_batches"]
+__all__ = [
+    "LoadedModel",
+    "load_model",
+    "model_config_for",
+    "run_predictor",
+    "short_names",
+    "train_batches",
+    "training_patch",
+]
 
 _log = logging.getLogger(__name__)
 
@@ -37,11 +48,21 @@ class LoadedModel(NamedTuple):
 
 
 def load_model(run_dir: str, kinds=("train", "fused")) -> LoadedModel:
-    """The network and params of a run's best checkpoint. A stored ``conv_impl`` that this
-    machine cannot run (e.g. the CPU kernels on a GPU host) is replaced by ``auto``, with a warning."""
-    with RunDir.open(run_dir, kinds) as run:
-        params, meta = run.load_params()
-        path = run.path
+    """The network and params of a run's best checkpoint, or of a model bundle (a trained network:
+    of kind ``train``; :mod:`timm_jax.runs.bundle`). A stored ``conv_impl`` that this machine
+    cannot run (e.g. the CPU kernels on a GPU host) is replaced by ``auto``, with a warning."""
+    if is_bundle(run_dir):
+        if "train" not in kinds:
+            raise BundleError(
+                f"{run_dir} is a model bundle (a trained network); expected "
+                f"{' or '.join(repr(k) for k in kinds)}"
+            )
+        b = open_bundle(run_dir)
+        params, meta, path = b.params, b.meta, b.path
+    else:
+        with RunDir.open(run_dir, kinds) as run:
+            params, meta = run.load_params()
+            path = run.path
     model_cfg = ModelConfig.from_dict(meta["model"])
     try:
         resolve_conv_impl(model_cfg.conv_impl)
@@ -95,3 +116,30 @@ def short_names(paths: Sequence[str]) -> list[str]:
         if len(set(names)) == len(names):
             return names
     raise ValueError(f"the same run directory is given twice in {list(paths)}")
+
+
+def training_patch(meta: dict) -> tuple[int, int, int] | None:
+    """The patch a run's network was trained at (its sliding-window size): the ``train`` config's
+    ``patch_shape`` (train runs, T-IMM fusions), the recorded ``patch`` (IMM fusions), else that of
+    its first source (IMM fusions written before the patch was recorded); ``None`` if unknown."""
+    train = meta.get("train") or {}
+    if train.get("patch_shape"):
+        return tuple(int(p) for p in train["patch_shape"])
+    if meta.get("patch"):
+        return tuple(int(p) for p in meta["patch"])
+    for src in meta.get("sources") or []:
+        try:
+            with RunDir.open(src[0]) as run:
+                return training_patch(run.meta)
+        except CheckpointError:
+            continue
+    return None
+
+
+def run_predictor(model, meta: dict, cfg: EvalConfig = EvalConfig(), mesh=None):
+    """``predict(params, image) -> probabilities`` as ``evaluate.py`` predicts a run: sliding windows
+    at its training patch (or ``cfg.patch``) with ``cfg.overlap`` (the reports' figures use it)."""
+    patch = tuple(cfg.patch) or training_patch(meta)
+    if patch is None:
+        raise CheckpointError("the run records no training patch; pass --patch=D,H,W")
+    return make_predictor(model, patch, overlap=cfg.overlap, mesh=mesh)

@@ -6,6 +6,13 @@
   Hausdorff distance reported by the BraTS challenge).
 * :func:`evaluate_case` — both metrics per output channel from sigmoid probabilities.
 * :func:`write_results` — a per-case CSV and a summary JSON (mean / std / median per metric).
+
+Empty regions (:data:`EMPTY_REGIONS`, ``EvalConfig.empty_regions``): with ``"brats"`` (the default)
+a region empty in both the reference and the prediction scores Dice 1 and HD95 0, and one empty in
+exactly one of them Dice 0 and HD95 :data:`BRATS_HD95_PENALTY` mm, so every case has a finite value
+and none is dropped from the means; ``"nan"`` (the behaviour before) gives such a case HD95 ``nan``,
+and the summary's nan-aware means leave it out. Dice is the same under both. :func:`convention`
+describes the one used, for ``summary.json``.
 * :func:`save_prediction_nifti` — a label map as an int16 NIfTI with the source affine.
 """
 
@@ -22,9 +29,13 @@ import numpy as np
 from scipy import ndimage
 
 from timm_jax.atomic import atomic_path, atomic_write
+from timm_jax.config import EvalConfig
 from timm_jax.errors import writing
 
 __all__ = [
+    "BRATS_HD95_PENALTY",
+    "EMPTY_REGIONS",
+    "convention",
     "dice_score",
     "evaluate_case",
     "hd95",
@@ -33,6 +44,37 @@ __all__ = [
     "surface_distances",
     "write_results",
 ]
+
+
+#: how a region empty in the reference or the prediction is scored (see the module docstring)
+EMPTY_REGIONS = ("brats", "nan")
+#: HD95 (mm) of a region present in exactly one of reference and prediction under the ``"brats"``
+#: convention: the diagonal of the BraTS 240 x 240 x 155 volume at 1 mm, sqrt(240² + 240² + 155²),
+#: as BraTS 2021-era evaluation code uses; the BraTS 2023 lesion-wise tooling (rachitsaluja/
+#: BraTS-2023-Metrics) uses 374 mm instead (docs/method.md, "Metrics")
+BRATS_HD95_PENALTY = 373.13
+
+
+def _check_convention(empty_regions: str) -> None:
+    if empty_regions not in EMPTY_REGIONS:
+        raise ValueError(f"empty_regions must be one of {EMPTY_REGIONS}, got {empty_regions!r}")
+
+
+def convention(empty_regions: str = EvalConfig.empty_regions) -> dict[str, Any]:
+    """The scoring convention as recorded in ``summary.json`` (``"convention"``)."""
+    _check_convention(empty_regions)
+    if empty_regions == "brats":
+        one = f"Dice 0, HD95 {BRATS_HD95_PENALTY} mm (BraTS)"
+    else:
+        one = "Dice 0, HD95 nan (left out of the HD95 statistics)"
+    return {
+        "empty_regions": empty_regions,
+        "both_empty": "Dice 1, HD95 0",
+        "one_empty": one,
+        "hd95_penalty_mm": BRATS_HD95_PENALTY if empty_regions == "brats" else None,
+        "hd95": "95th percentile of the pooled symmetric distances between the 6-connected surface "
+        "voxels of prediction and reference, in mm with the evaluation grid's voxel spacing",
+    }
 
 
 def _as_masks(pred: Any, truth: Any, fn: str):
@@ -84,7 +126,13 @@ def surface_distances(pred: Any, truth: Any, spacing: Sequence[float] = (1.0, 1.
     return np.concatenate([dist_to_truth[sp], dist_to_pred[st]])
 
 
-def hd95(pred: Any, truth: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
+def hd95(
+    pred: Any,
+    truth: Any,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    *,
+    empty_regions: str = EvalConfig.empty_regions,
+) -> float:
     """95th percentile (numpy's linear interpolation) of the symmetric surface distances in mm.
 
     The distances from every surface voxel of ``pred`` to the surface of ``truth`` and from
@@ -93,15 +141,17 @@ def hd95(pred: Any, truth: Any, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> f
     take the maximum of the two directed 95th percentiles; the two agree for symmetric
     configurations such as shifted copies of one shape.)
 
-    Conventions: both masks empty → 0.0 (perfect agreement); exactly one empty → ``nan``
-    (the distance is undefined; aggregate with nan-aware statistics).
+    Conventions: both masks empty → 0.0 (perfect agreement); exactly one empty →
+    :data:`BRATS_HD95_PENALTY` with ``empty_regions="brats"`` (the default), ``nan`` with
+    ``"nan"`` (the distance is undefined; aggregate with nan-aware statistics).
     """
+    _check_convention(empty_regions)
     pred, truth = _as_masks(pred, truth, "hd95")
     has_p, has_t = bool(pred.any()), bool(truth.any())
     if not has_p and not has_t:
         return 0.0
     if has_p != has_t:
-        return float("nan")
+        return BRATS_HD95_PENALTY if empty_regions == "brats" else float("nan")
     return float(np.percentile(surface_distances(pred, truth, spacing), 95))
 
 
@@ -112,13 +162,15 @@ def evaluate_case(
     spacing: Sequence[float] | None = None,
     compute_hd95: bool = True,
     threshold: float = 0.5,
+    empty_regions: str = EvalConfig.empty_regions,
 ) -> dict[str, float]:
     """Per-channel Dice (and HD95) of one case.
 
     Channel ``k`` is predicted as ``probs[..., k] > threshold`` and compared with
     ``truth_targets[..., k] > 0.5``. Returns ``{"dice_<name>": ..., "hd95_<name>": ...}`` for
     every channel name (HD95 in mm with voxel ``spacing``, default (1, 1, 1); omitted when
-    ``compute_hd95`` is False) and ``"dice_mean"``, the mean Dice over the channels.
+    ``compute_hd95`` is False) and ``"dice_mean"``, the mean Dice over the channels. A channel
+    empty in the truth or the prediction is scored by ``empty_regions`` (:data:`EMPTY_REGIONS`).
 
     Args:
       probs: (D, H, W, K) sigmoid probabilities.
@@ -145,7 +197,7 @@ def evaluate_case(
         dices.append(d)
         out[f"dice_{name}"] = d
         if compute_hd95:
-            out[f"hd95_{name}"] = hd95(p, t, spacing)
+            out[f"hd95_{name}"] = hd95(p, t, spacing, empty_regions=empty_regions)
     out["dice_mean"] = float(np.mean(dices))
     return out
 
@@ -208,13 +260,15 @@ def write_results(
     csv_path: str,
     json_path: str,
     extra: dict[str, Any] | None = None,
+    convention: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes per-case metrics to ``csv_path`` and their summary to ``json_path``.
 
     The CSV has one row per case; its columns are ``case`` first, then every other key in
     the order first seen over the rows (missing values are left empty, nan is written as
     ``nan``). The JSON is ``{"n_cases": N, "metrics": {metric: {"mean", "std", "median",
-    "n_valid"}}, "extra": extra}`` with the statistics of :func:`summarize`; non-finite
+    "n_valid"}}, "extra": extra}`` with the statistics of :func:`summarize` (and
+    ``"convention"``, the scoring of empty regions, when given: :func:`convention`); non-finite
     numbers are written as ``null``. Parent directories are created. Returns the summary.
 
     Raises:
@@ -247,6 +301,8 @@ def write_results(
                 cells.append(v)
             writer.writerow(cells)
     summary = {"n_cases": len(rows), "metrics": summarize(rows), "extra": dict(extra or {})}
+    if convention is not None:
+        summary["convention"] = dict(convention)
     with atomic_write(json_path, fault_point="results.summary") as f:
         json.dump(_json_safe(summary), f, indent=2, allow_nan=False)
     return summary

@@ -14,45 +14,24 @@ from timm_jax.core.partition import join, select_like, split
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
-from timm_jax.runs.models import load_model, short_names
+from timm_jax.runs.models import load_model, short_names, training_patch
 from timm_jax.training.events import Events
 from timm_jax.training.inference import make_predictor
-from timm_jax.training.metrics import evaluate_case, save_prediction_nifti, summarize, write_results
+from timm_jax.training.metrics import (
+    convention,
+    evaluate_case,
+    save_prediction_nifti,
+    summarize,
+    write_results,
+)
 from timm_jax.training.parallel import DataParallel
 from timm_jax.training.rundir import RunDir, RunPaths, load_run
 from timm_jax.workflows.report import prediction_slice
 
-__all__ = ["evaluate_forgetting", "evaluate_model", "run_predictor", "training_patch"]
+__all__ = ["evaluate_forgetting", "evaluate_model"]
 
 _log = logging.getLogger(__name__)
 _PREVIEWS = 3  # prediction slices written to TensorBoard per evaluation
-
-
-def training_patch(meta: dict) -> tuple[int, int, int] | None:
-    """The patch a run's network was trained at (its sliding-window size): the ``train`` config's
-    ``patch_shape`` (train runs, T-IMM fusions), the recorded ``patch`` (IMM fusions), else that of
-    its first source (IMM fusions written before the patch was recorded); ``None`` if unknown."""
-    train = meta.get("train") or {}
-    if train.get("patch_shape"):
-        return tuple(int(p) for p in train["patch_shape"])
-    if meta.get("patch"):
-        return tuple(int(p) for p in meta["patch"])
-    for src in meta.get("sources") or []:
-        try:
-            with RunDir.open(src[0]) as run:
-                return training_patch(run.meta)
-        except CheckpointError:
-            continue
-    return None
-
-
-def run_predictor(model, meta: dict, cfg: EvalConfig = EvalConfig(), mesh=None):
-    """``predict(params, image) -> probabilities`` as ``evaluate.py`` predicts a run: sliding windows
-    at its training patch (or ``cfg.patch``) with ``cfg.overlap`` (the reports' figures use it)."""
-    patch = tuple(cfg.patch) or training_patch(meta)
-    if patch is None:
-        raise CheckpointError("the run records no training patch; pass --patch=D,H,W")
-    return make_predictor(model, patch, overlap=cfg.overlap, mesh=mesh)
 
 
 def _inference_patch(run_dir: str, meta: dict, cfg: EvalConfig) -> tuple[int, ...]:
@@ -148,6 +127,7 @@ def evaluate_model(
                         data.task.channel_names,
                         spacing=case.spacing,
                         compute_hd95=cfg.hd95,
+                        empty_regions=cfg.empty_regions,
                     ),
                 }
             )
@@ -177,9 +157,16 @@ def evaluate_model(
     }
     if dp.is_main:
         csv_path, json_path = (os.path.join(out_dir, f) for f in ("per_case.csv", "summary.json"))
-        summary = write_results(rows, csv_path, json_path, extra=extra)
+        summary = write_results(
+            rows, csv_path, json_path, extra=extra, convention=convention(cfg.empty_regions)
+        )
     else:
-        summary = {"n_cases": len(rows), "metrics": summarize(rows), "extra": extra}
+        summary = {
+            "n_cases": len(rows),
+            "metrics": summarize(rows),
+            "extra": extra,
+            "convention": convention(cfg.empty_regions),
+        }
     m = summary["metrics"]
     _log.info(
         "[evaluate] mean Dice %.3f %s -> %s",

@@ -49,6 +49,7 @@ from timm_jax.data.spec import resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.faults import fault
 from timm_jax.nn.unet import build_model, init_params, layer_order
+from timm_jax.runs.bundle import bundle_fisher, is_bundle
 from timm_jax.runs.fisher_cache import source_fisher
 from timm_jax.runs.models import load_model, model_config_for, short_names, train_batches
 from timm_jax.training.events import Events
@@ -94,7 +95,8 @@ class Sources:
 
 
 def load_sources(source_dirs: Sequence[str]) -> Sources:
-    """Read the source runs (models trained with ``train.py``) and check their architectures agree."""
+    """Read the source runs (models trained with ``train.py``, or model bundles of them) and check
+    their architectures agree."""
     if not source_dirs:
         raise CheckpointError("fuse needs at least one --source run directory")
     real = [os.path.realpath(d) for d in source_dirs]
@@ -107,7 +109,7 @@ def load_sources(source_dirs: Sequence[str]) -> Sources:
     loaded = []
     for d in source_dirs:
         try:
-            loaded.append(load_model(d, kinds=("train",)))
+            loaded.append(load_model(d, kinds=("train",)))  # a run directory or a model bundle
         except CheckpointError as e:
             raise CheckpointError(f"--source {d}: {e}") from e
     first = loaded[0].cfg
@@ -371,7 +373,10 @@ def _fuse(run: RunDir, meta, sources: Sources, data, model, model_cfg, cfg, adap
             jax.tree_util.tree_map(
                 jnp.asarray,
                 select_like(
-                    source_fisher(
+                    # a bundle's Fisher is stored in it (its data are not there to compute one)
+                    bundle_fisher(d, cfg.fisher, patches_per_case=cfg.fisher_patches)
+                    if is_bundle(d)
+                    else source_fisher(
                         d,
                         kind=cfg.fisher,
                         max_examples=cfg.fisher_examples,

@@ -18,7 +18,8 @@ from timm_jax.core.partition import join, select_like, shape_mismatches, split
 from timm_jax.data.spec import resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.nn.unet import build_model, init_params
-from timm_jax.runs.models import model_config_for, train_batches
+from timm_jax.runs.bundle import is_bundle
+from timm_jax.runs.models import load_model, model_config_for, train_batches
 from timm_jax.training.inference import make_predictor
 from timm_jax.training.loop import fit, window_evaluator
 from timm_jax.training.parallel import DataParallel
@@ -41,6 +42,11 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
         return None, None
     if not init_from:
         raise ConfigError(f"--init={init} needs --init_from (a run directory)")
+    if is_bundle(init_from):  # a model bundle: a trained network, for --init=transfer
+        if init != "transfer":
+            raise ConfigError(f"--init={init} but {init_from} is a model bundle; use --init=transfer")
+        src_bundle = load_model(init_from, kinds=("train",))
+        return _check_init_architecture(init_from, model_cfg, src_bundle.params, src_bundle.meta)
     with RunDir.open(init_from) as run:
         if init == "fused" and run.kind != "fused":
             raise ConfigError(
@@ -53,6 +59,10 @@ def load_init(init: str, init_from: str, model_cfg: ModelConfig):
                 "trained with train.py" + ("; use --init=fused" if run.kind == "fused" else "")
             )
         params, meta = run.load_params()
+    return _check_init_architecture(init_from, model_cfg, params, meta)
+
+
+def _check_init_architecture(init_from: str, model_cfg: ModelConfig, params, meta):
     src = ModelConfig.from_dict(meta.get("model", {}))
     if not model_cfg.same_architecture(src):
         raise CheckpointError(
