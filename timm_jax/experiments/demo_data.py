@@ -48,9 +48,20 @@ from absl import flags
 from timm_jax.data.io import save_nifti
 from timm_jax.data.tasks import brats_regions, parcellation_labels
 
-__all__ = ["build_demo", "preview", "main", "GENERATOR_VERSION", "PARCELLATION_LABELS", "DISCLAIMER"]
+__all__ = [
+    "build_demo",
+    "preview",
+    "main",
+    "GENERATOR_VERSION",
+    "GENERATORS",
+    "PARCELLATION_LABELS",
+    "DISCLAIMER",
+]
 
 GENERATOR_VERSION = "1.0"
+#: ``build_demo(generator=...)``: "demo" is generator 1.0 (this module, the default, unchanged);
+#: "benchmark" is generator 2.0 (:mod:`timm_jax.experiments.bench_data`)
+GENERATORS = ("demo", "benchmark")
 
 DISCLAIMER = (
     "SYNTHETIC DATA. The images are simulated (per-tissue random intensities, bias field, blur, noise, "
@@ -605,6 +616,7 @@ def build_demo(
     test_donors: Sequence[str] = DEFAULT_TEST_DONORS,
     progress: bool = True,
     make_preview: bool = True,
+    generator: str = "demo",
 ) -> dict:
     """Build the demo data set under ``out_dir`` and return its manifest (also written as JSON).
 
@@ -625,10 +637,15 @@ def build_demo(
       test_donors: anatomies used only for test cases (``"mni"`` or native donor ids).
       progress: show a progress bar.
       make_preview: also write ``preview.png``.
+      generator: ``"demo"`` (generator 1.0, this module) or ``"benchmark"`` (generator 2.0,
+        :mod:`timm_jax.experiments.bench_data`: the paper's 14 HCP classes, tumours with a
+        learning curve).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     test_donors = tuple(str(d) for d in test_donors)
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; choose from {GENERATORS}")
     unknown = set(test_donors) - set(NATIVE_DONORS) - {MNI}
     if unknown:
         raise ValueError(f"unknown donors {sorted(unknown)}; choose from {NATIVE_DONORS + (MNI,)}")
@@ -643,6 +660,8 @@ def build_demo(
         n_brats_test=n_brats_test,
         test_donors=list(test_donors),
     )
+    if generator != "demo":
+        params["generator"] = generator
     plan = _plan(
         seed,
         n_parc_task1,
@@ -658,7 +677,12 @@ def build_demo(
     affine = grid_affine(spacing)
     idx = np.indices(shape).reshape(3, -1).astype(np.float32)
     world = _linear(affine[:3, :3], affine[:3, 3], idx)  # (3, N) mm
-    offsets = _scanner_offsets(seed)
+    if generator == "benchmark":
+        from timm_jax.experiments import bench_data
+
+        offsets, make_case = bench_data._scanner_offsets(seed), bench_data.make_case
+    else:
+        offsets, make_case = _scanner_offsets(seed), _make_case
 
     _remove_stale_cases(out_dir, plan)
     iterator = enumerate(plan)
@@ -667,12 +691,12 @@ def build_demo(
 
         iterator = tqdm(iterator, total=len(plan), desc="demo cases", unit="case")
     for index, case in iterator:
-        case.update(_make_case(seed, index, case, out_dir, float(spacing), world, affine, offsets))
+        case.update(make_case(seed, index, case, out_dir, float(spacing), world, affine, offsets))
         case["path"] = (
             f"{case['layout']}/{case['id']}" if case["layout"] == "parcellation" else f"brats/{case['id']}"
         )
 
-    manifest = _manifest(seed, params, plan, shape, affine, test_donors)
+    manifest = _manifest(seed, params, plan, shape, affine, test_donors, generator)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     if make_preview:
@@ -707,7 +731,7 @@ def _remove_stale_cases(out_dir: Path, plan: list[dict]) -> None:
     old_manifest.unlink()  # rewritten at the end; a partial build leaves none
 
 
-def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
+def _manifest(seed, params, plan, shape, affine, test_donors, generator="demo") -> dict:
     try:
         from importlib.metadata import version
 
@@ -721,11 +745,18 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "hcp_1_7": "labels 1-7 on the training cases of tasks 1 and 2 (All-HCP 1:7)",
         "hcp_8_14": "labels 8-14 on the training cases of tasks 1 and 2 (All-HCP 8:14)",
     }
+    label_names = PARCELLATION_LABELS
+    if generator == "benchmark":
+        from timm_jax.experiments import bench_data
+
+        label_names = bench_data.PAPER_LABELS
+        descriptions |= {
+            "task1": "the paper's HCP classes 1-7 (cerebral cortex the large one; group A)",
+            "task2": "the paper's HCP classes 8-14 (cerebral white matter the large one; group B)",
+        }
     tasks = {}
     for key, (ids, _) in PARCELLATION_TASKS.items():
-        task = parcellation_labels(
-            ids, [PARCELLATION_LABELS[i] for i in ids], name=key, known_labels=range(0, 15)
-        )
+        task = parcellation_labels(ids, [label_names[i] for i in ids], name=key, known_labels=range(0, 15))
         tasks[key] = {
             "layout": "parcellation",
             "label_ids": list(task.label_ids),
@@ -758,7 +789,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
     for c in plan:
         counts.setdefault(c["task"], {}).setdefault(c["split"], 0)
         counts[c["task"]][c["split"]] += 1
-    return {
+    manifest = {
         "generator": {"name": "timm_jax.experiments.demo_data", "version": GENERATOR_VERSION},
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
@@ -783,7 +814,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
             "brats": "brats/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
         },
         "label_names": {
-            "parcellation": {str(k): v for k, v in PARCELLATION_LABELS.items()},
+            "parcellation": {str(k): v for k, v in label_names.items()},
             "brats": {str(k): v for k, v in BRATS_LABELS.items()},
         },
         "tasks": tasks,
@@ -795,6 +826,10 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "splits": task_splits(plan),
         "cases": plan,
     }
+    if generator == "benchmark":
+        manifest |= bench_data.manifest_entries()
+        manifest["disclaimer"] = DISCLAIMER + " " + bench_data.DISCLAIMER_NOTE
+    return manifest
 
 
 # ----------------------------------------------------------------------------------- preview
@@ -879,6 +914,14 @@ def _define(fv) -> None:
     flags.DEFINE_bool("small", False, "The 'smoke' preset: a few cases at coarse spacing.", flag_values=fv)
     flags.DEFINE_bool("preview", True, "Write preview.png (--nopreview: don't).", flag_values=fv)
     flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
+    flags.DEFINE_enum(
+        "generator",
+        "demo",
+        list(GENERATORS),
+        "demo: generator 1.0 (the demo); benchmark: generator 2.0 (the paper's 14 HCP classes, "
+        "tumours with a learning curve; timm_jax.experiments.bench_data).",
+        flag_values=fv,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -895,7 +938,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.spacing is not None:
         kwargs["spacing"] = fv.spacing
     try:
-        build_demo(fv.out, seed=fv.seed, progress=not fv.quiet, make_preview=fv.preview, **kwargs)
+        build_demo(
+            fv.out,
+            seed=fv.seed,
+            progress=not fv.quiet,
+            make_preview=fv.preview,
+            generator=fv.generator,
+            **kwargs,
+        )
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
