@@ -18,7 +18,7 @@ id    class                         where it comes from
 4     amygdala                      real (DK); the paper's class also holds the choroid plexus, not made
 5     caudate                       real (DK)
 6     pallidum                      real (DK)
-7     CSF                           derived: a 2 mm shell around cerebellum and brainstem (the basal
+7     CSF                           derived: a 3 mm shell around cerebellum and brainstem (the basal
                                     cisterns); the cerebral sulcal CSF (a 4 mm band under the cerebral
                                     surface and a 2 mm shell around it) has CSF intensities but is
                                     unlabelled, as in FreeSurfer's aseg
@@ -42,7 +42,9 @@ id    class                         where it comes from
 widely varied size and elongation, mostly in white matter, also reaching deep grey matter and cortex),
 one of three phenotypes (enhancing rim with or without necrosis, solid enhancing, non-enhancing),
 and an appearance drawn per case and modality over wide ranges (a conspicuity factor from subtle
-to strong, times an independent factor per modality and compartment), so that lesion intensities
+to strong, times an independent factor per modality and compartment, of which about a third are
+"silent": that modality shows the compartment barely or not at all, so which modalities carry a
+lesion changes from case to case; each compartment shows on at least one), so that lesion intensities
 overlap those of normal tissue (oedema as bright as cortex on FLAIR, cores as dark as grey matter on
 T1) and no single-modality threshold separates them; heterogeneity, blur, bias field, noise and
 gamma vary per case and modality; anatomy is warped more strongly (rotation, scale, displacement)
@@ -99,7 +101,7 @@ ORIGIN: dict[int, str] = {
     AMYG: "real (DK; no choroid plexus)",
     CAUD: "real (DK)",
     PALL: "real (DK)",
-    CSF: "derived (2 mm shell around cerebellum and brainstem: the basal cisterns)",
+    CSF: "derived (3 mm shell around cerebellum and brainstem: the basal cisterns)",
     CB_WM: "derived (geometry)",
     WM: "derived (hole-filled interior)",
     HIPP: "real (DK)",
@@ -163,8 +165,10 @@ LEVERS: dict[str, Any] = {
     "oedema_radius_mm": [7.0, 30.0],
     "phenotypes": {"ring": 0.45, "solid enhancing": 0.25, "non-enhancing": 0.3},
     "conspicuity": [0.3, 1.0],
-    "modality_factor": [0.5, 1.5],
-    "heterogeneity": [0.03, 0.18],
+    "modality_factor": [0.4, 1.6],
+    "silent_modality_prob": 0.35,
+    "silent_factor": [0.0, 0.15],
+    "heterogeneity": [0.03, 0.25],
     "blur_sigma_vox": [0.4, 0.9],
     "bias_strength": [0.05, 0.3],
     "noise_sigma": [0.01, 0.05],
@@ -312,8 +316,8 @@ def _load_anatomy(donor: str) -> v1._Anatomy:
     for side in (-1.0, 1.0):
         m = thal_mask & ((rel[0] > 0) == (side > 0))
         c = (_centroid(m, affine) - thal_c) / s
-        vdc = _ellipsoid(rel, (c[0] - side * 3.0, c[1] + 1.0, c[2] - 9.0), (8.0, 12.0, 8.0)) < 1.0
-        tissue[vdc & (tissue == 0) & hull] = VDC
+        vdc = _ellipsoid(rel, (c[0] - side * 3.0, c[1] + 1.0, c[2] - 9.0), (10.0, 14.0, 10.0)) < 1.0
+        tissue[vdc & (tissue == 0)] = VDC
     interior &= tissue == 0
 
     # ventricles: medial side of each caudate and on top of each thalamus; third between the thalami
@@ -355,7 +359,7 @@ def _load_anatomy(donor: str) -> v1._Anatomy:
     cb_wm |= cereb & _near(bs, 8.0) & (depth > 1.5)  # peduncles
     tissue[cereb] = CB_GM
     tissue[cb_wm] = CB_WM
-    infra = ndimage.binary_dilation(cereb | bs, st, iterations=2) & (tissue == 0)
+    infra = ndimage.binary_dilation(cereb | bs, st, iterations=3) & (tissue == 0)
     tissue[infra] = CSF
 
     nz = tissue > 0
@@ -474,14 +478,26 @@ def _lesion_plan(rng: np.random.Generator) -> dict:
             }
         )
     conspicuity = rng.uniform(*LEVERS["conspicuity"])
+    # per modality and compartment a factor; a "silent" one shows (almost) nothing, so which
+    # modalities show a compartment changes from case to case; each shows on at least one
+    contrasts = list(_TUMOUR)
+    silent = rng.random((len(contrasts), 3)) < LEVERS["silent_modality_prob"]
+    factor = np.where(
+        silent,
+        rng.uniform(*LEVERS["silent_factor"], size=silent.shape),
+        rng.uniform(*LEVERS["modality_factor"], size=silent.shape),
+    )
+    factor[contrasts.index("t1ce"), 2] = max(factor[contrasts.index("t1ce"), 2], 0.6)
+    for k in range(3):
+        if factor[:, k].max() < 0.8:
+            factor[rng.integers(len(contrasts)), k] = rng.uniform(0.8, LEVERS["modality_factor"][1])
     appearance = {}
-    for contrast, base in _TUMOUR.items():
+    for i, (contrast, base) in enumerate(_TUMOUR.items()):
         ratios = []
         for k, b in enumerate(base):
             if phenotype == "non-enhancing" and k == 0:
                 b = _SOLID_CORE[contrast]
-            f = rng.uniform(*LEVERS["modality_factor"])
-            ratios.append(float(max(0.05, 1.0 + conspicuity * f * (b - 1.0))))
+            ratios.append(float(max(0.05, 1.0 + conspicuity * factor[i, k] * (b - 1.0))))
         appearance[contrast] = ratios
     if phenotype != "non-enhancing":  # enhancement always shows on T1ce relative to T1
         appearance["t1ce"][2] = max(appearance["t1ce"][2], appearance["t1"][2] * 1.12)
