@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` runs the T-IMM pipeline on the built-in demo data,
-# `make test` runs the test suite (`make test-all` adds the slow crash matrix, `make reliability`
+# `make test` runs the test suite (`make test-fast` leaves out the subprocess end-to-end runs,
+# `make test-all` adds the slow crash matrix, `make reliability`
 # records it in docs/reliability.md). Both create the virtual environment on first use.
 # `make reproduce` runs the paper's experiment grid with 3 seeds (about 100 min on 2 cores;
 # resumable) and writes $(REPRO)/report.md.
@@ -10,7 +11,7 @@ OUT    ?= demo_out
 REPRO  ?= reproduce_out
 SEEDS  ?= 3
 
-.PHONY: demo test test-all reliability env bench clean reproduce
+.PHONY: demo test test-fast test-all reliability env bench clean reproduce
 
 env: $(VENV)/.installed
 
@@ -22,6 +23,10 @@ $(VENV)/.installed: pyproject.toml
 
 test: env
 	$(PY) -m pytest -q tests
+
+# the loop to run while working: unit and in-process tests, no script run in a subprocess
+test-fast: env
+	$(PY) -m pytest -q -m "not slow and not e2e" tests
 
 # everything, the slow crash-consistency matrix included (pyproject's addopts deselect `slow`)
 test-all: env

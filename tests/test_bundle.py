@@ -307,6 +307,7 @@ def test_damaged_missing_extra_foreign_and_newer_bundles_are_refused(env):
     assert not is_bundle(env.tmp / "planted" / "foreign")
 
 
+@pytest.mark.e2e
 def test_the_bundle_command_exports_and_verify_refuses_in_one_line(env):
     tmp = env.tmp
     e = script_env(tmp, ROOT)

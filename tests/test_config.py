@@ -127,6 +127,7 @@ def test_dict_round_trip(cls):
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.e2e
 def test_every_config_field_is_a_flag_of_the_script(script):
     out = subprocess.run(
         [sys.executable, str(ROOT / script), "--helpfull"], capture_output=True, text=True, timeout=120

@@ -132,6 +132,7 @@ def test_kernel_rejects_inconsistent_shapes_with_a_clear_error():
 
 
 @pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction-set levels")
+@pytest.mark.e2e
 def test_avx2_build_matches_native(tmp_path):
     # The machines here have AVX-512, which selects the larger tiles and the narrow-output
     # kernels; build for AVX2 (x86-64-v3) in a fresh process to test the other code path.
@@ -185,6 +186,7 @@ def test_instance_norm_kernels_per_example_under_vmap_and_deterministic():
     np.testing.assert_array_equal(per_example(True), per_example(True))
 
 
+@pytest.mark.e2e
 def test_without_a_compiler_everything_falls_back_to_xla_after_one_warning(tmp_path):
     script = (
         "import warnings, jax, jax.numpy as jnp\n"

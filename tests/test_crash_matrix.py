@@ -27,6 +27,8 @@ import pytest
 from _demo import script_env, tiny_demo
 from _reliability import record
 
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["--base_filters=2", "--depth=2"]
 SCHED = ["--patch=16,16,16", "--batch_size=1", "--steps_per_epoch=2"]
@@ -327,8 +329,9 @@ def test_a_second_train_py_on_a_held_workdir_refuses(world):
 
 @pytest.mark.slow
 def test_two_processes_computing_one_fisher_cache(world, fuse_ref):
-    """Two processes compute the same source's Fisher cache at once: both finish, and the cache is
-    the uninterrupted run's, bit for bit (each writes a unique temporary file and renames it)."""
+    """Two processes want the same source's Fisher cache at once: both finish — one computes it
+    holding the source's lock, the other waits for that lock and reads the cache — and the cache is
+    the uninterrupted run's, bit for bit."""
     src = _source_copy(world, "concurrent")
     code = f"from timm_jax.runs.fisher_cache import source_fisher; source_fisher({str(src)!r})"
     procs = [

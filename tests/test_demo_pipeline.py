@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

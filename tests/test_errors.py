@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -38,6 +38,8 @@ from timm_jax.data.writers import (
     write_volume,
 )
 
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["--base_filters=2", "--depth=2", "--patch=16,16,16", "--steps_per_epoch=1", "--max_epochs=1"]
 SMALL = (26, 28, 24)

@@ -9,6 +9,8 @@ import pytest
 nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the 'test' extra")
 from nbclient import NotebookClient  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "fusion_api.ipynb"
 
 

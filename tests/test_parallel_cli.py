@@ -31,6 +31,8 @@ import numpy as np
 import pytest
 from _demo import script_env, tiny_demo
 
+pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 NET = ["--base_filters=4", "--depth=3"]
 SCHED = ["--patch=16,16,16", "--batch_size=4", "--steps_per_epoch=2", "--max_epochs=3"]

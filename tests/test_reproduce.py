@@ -128,6 +128,7 @@ def _grid(out, env, *args, **kw):
     )
 
 
+@pytest.mark.e2e
 def test_quick_grid_killed_resumes_and_writes_the_full_report(tmp_path):
     out = tmp_path / "grid"
     out.mkdir()
@@ -195,6 +196,7 @@ def test_quick_grid_killed_resumes_and_writes_the_full_report(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_quick_grid_variants_leave_the_grid_and_its_report_as_they_were(tmp_path):
     """``--variants`` on a finished grid: no file of the grid's runs is rewritten, the report is the
     old one with the variants' section appended, and the section has its rows and raw files."""

@@ -197,6 +197,14 @@ class FuseConfig(Config):
         "read from the source's Adam second moment at its checkpoint (adam: no pass over the data).",
         choices=FISHERS,
     )
+    fisher_normalisation: str = setting(
+        "none",
+        "none: the Fishers as they are (the paper); layer: each source's Fisher scaled to unit mean per "
+        "layer before the merge, so that a source whose task labels more voxels does not outweigh the "
+        "others everywhere.",
+        choices=("none", "layer"),
+        later=True,
+    )
     fisher_examples: int = setting(0, "Use at most this many training cases for the Fisher (0: all).")
     fisher_patches: int = setting(
         4,

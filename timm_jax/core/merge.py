@@ -168,6 +168,31 @@ def expand_logits(logits: PyTree, params: PyTree, granularity: Granularity) -> P
     raise ValueError(f"granularity must be 'leaf', 'layer', 'global' or 'channel', got {granularity!r}")
 
 
+def normalise_fisher_per_layer(fisher: PyTree) -> PyTree:
+    """One source's Fisher scaled to unit mean per layer (a layer: the leaves sharing a parent path,
+    as for ``"layer"`` granularity): every leaf of layer l is divided by the mean of all the
+    layer's elements. A layer whose Fisher is all zero is left as it is.
+
+    The log-likelihood sums over voxels, so a source whose task labels more voxels has a Fisher
+    many times larger everywhere, and mode-IMM then follows that source whatever the ratios
+    (``--fisher_normalisation=layer``; after FusionBench's ``normalize_fisher_weight``, which scales
+    each source's Fisher per parameter tensor)."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(fisher)
+    sums: dict[str, Any] = {}
+    sizes: dict[str, int] = {}
+    for path, x in flat:
+        layer = jax.tree_util.keystr(path[:-1]) or "<root>"
+        sums[layer] = sums.get(layer, 0.0) + jnp.sum(jnp.asarray(x, jnp.float32))
+        sizes[layer] = sizes.get(layer, 0) + int(np.prod(jnp.shape(x)))
+    leaves = []
+    for path, x in flat:
+        layer = jax.tree_util.keystr(path[:-1]) or "<root>"
+        mean = sums[layer] / sizes[layer]
+        x = jnp.asarray(x, jnp.float32)
+        leaves.append(jnp.where(mean > 0, x / jnp.where(mean > 0, mean, 1.0), x))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _host_array(x) -> np.ndarray:
     """A concrete leaf as a NumPy array NumPy's ufuncs understand (bfloat16 → float32, exactly)."""
     a = np.asarray(x)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from timm_jax.core.fisher import (
 from timm_jax.core.partition import from_flat_dict, to_flat_dict
 from timm_jax.data.pipeline import PatchSampler
 from timm_jax.data.spec import DataSpec, resolve
-from timm_jax.errors import OptimizerStateError
+from timm_jax.errors import OptimizerStateError, RunLockedError
 from timm_jax.faults import fault
 from timm_jax.progress import bar
 from timm_jax.runs.models import load_model
@@ -41,6 +42,8 @@ from timm_jax.training.rundir import RunDir
 __all__ = ["adam_source_fisher", "fisher_patches", "source_fisher"]
 
 _log = logging.getLogger(__name__)
+#: seconds between looks at a source whose Fisher cache another process is computing
+_LOCK_POLL_S = 2.0
 
 
 def source_fisher(
@@ -96,14 +99,28 @@ def source_fisher(
     if dp.agree(cached is not None):
         _log.info("[fuse] Fisher of %s: cached (%s)", source_dir, cache)
         return cached
-    # writing into the source run: hold its lock (a source being trained right now is refused)
-    with RunDir.open(source_dir, ("train",)) as run, run.lock():
-        fault("fisher.compute")
-        fisher = _compute_fisher(source_dir, model, params, meta, kind, max_examples, train_cfg, key, dp)
-        if jax.process_index() == 0:
-            with atomic_write(cache, "wb", fault_point="fisher.cache") as f:
-                np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
-    return fisher
+    # writing into the source run: hold its lock (a source being trained right now is refused; one
+    # whose cache another process is computing is waited for, and its cache read)
+    while True:
+        try:
+            with RunDir.open(source_dir, ("train",)) as run, run.lock("fisher"):
+                cached = _read_fisher_cache(cache, key, shapes) if os.path.exists(cache) else None
+                if dp.agree(cached is not None):
+                    _log.info("[fuse] Fisher of %s: cached by another process (%s)", source_dir, cache)
+                    return cached
+                fault("fisher.compute")
+                fisher = _compute_fisher(
+                    source_dir, model, params, meta, kind, max_examples, train_cfg, key, dp
+                )
+                if jax.process_index() == 0:
+                    with atomic_write(cache, "wb", fault_point="fisher.cache") as f:
+                        np.savez(f, __key__=json.dumps(key), **to_flat_dict(fisher))
+                return fisher
+        except RunLockedError as e:
+            if (getattr(e, "holder", None) or {}).get("purpose") != "fisher":
+                raise
+            _log.info("[fuse] %s; waiting for it", e)
+            time.sleep(_LOCK_POLL_S)
 
 
 def adam_source_fisher(source_dir: str) -> dict:

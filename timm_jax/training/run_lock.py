@@ -42,13 +42,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def acquire(run_path: str) -> str:
-    """Create ``<run>/run.lock`` holding this process's pid and host, atomically (``O_EXCL``).
-    A lock of a live process refuses with :class:`RunLockedError`; one left by a dead process of
-    this host (its pid is not running, or is this very process's: a container restarted) is
-    taken over with a warning."""
+def acquire(run_path: str, purpose: str = "run") -> str:
+    """Create ``<run>/run.lock`` holding this process's pid, host and ``purpose`` (``run``: it
+    writes the run; ``fisher``: it writes a Fisher cache into it), atomically (``O_EXCL``).
+    A lock of a live process refuses with :class:`RunLockedError` (its ``holder`` attribute is the
+    lock's content); one left by a dead process of this host (its pid is not running, or is this
+    very process's: a container restarted) is taken over with a warning."""
     path = os.path.join(run_path, LOCK_FILE)
-    me = {"pid": os.getpid(), "host": socket.gethostname()}
+    me = {"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose}
     with writing(path):
         os.makedirs(run_path, exist_ok=True)
     for _ in range(20):
@@ -91,27 +92,30 @@ def acquire(run_path: str) -> str:
                 "%s: took over the lock left by process %d on %s, which is not running", run_path, pid, host
             )
             continue
-        raise RunLockedError(
-            f"{run_path} is in use by process {pid} on {host} (lock file {path}); wait for it to "
+        what = "computing a Fisher cache in" if holder.get("purpose") == "fisher" else "in use by"
+        error = RunLockedError(
+            f"{run_path} is {what} process {pid} on {host} (lock file {path}); wait for it to "
             "finish, or delete the lock file if that process is no longer running"
         )
+        error.holder = holder
+        raise error
     raise RunLockedError(
         f"could not take the lock {path}: it keeps changing; is another process starting here?"
     )
 
 
-def acquire_once(run_path: str) -> str | None:
+def acquire_once(run_path: str, purpose: str = "run") -> str | None:
     """Process 0 takes the lock; in a multi-process run every process learns whether it did, so
     that all of them stop with the same one line (instead of waiting in collectives for a
     process 0 that has left)."""
     if jax.process_count() == 1:
-        return acquire(run_path)
+        return acquire(run_path, purpose)
     from jax.experimental import multihost_utils
 
     held, error = None, None
     if jax.process_index() == 0:
         try:
-            held = acquire(run_path)
+            held = acquire(run_path, purpose)
         except UserError as e:  # held by another process, or not writable
             error = e
     ok = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))

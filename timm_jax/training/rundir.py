@@ -248,13 +248,15 @@ class RunDir(RunPaths):
             self._lock = None
 
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self, purpose: str = "run") -> Iterator[None]:
         """Hold the run's lock while writing into a run opened for reading (e.g. a source's
-        Fisher cache): a run being written by another live process is refused with one line."""
+        Fisher cache, ``purpose="fisher"``): a run being written by another live process is
+        refused with one line (:class:`~timm_jax.errors.RunLockedError`, whose ``holder`` says
+        what that process is doing)."""
         if self._lock is not None:  # opened with create(): already held
             yield
             return
-        held = run_lock.acquire_once(self.path)
+        held = run_lock.acquire_once(self.path, purpose)
         try:
             yield
         finally:

@@ -36,7 +36,13 @@ import numpy as np
 from timm_jax.atomic import atomic_write, write_json
 from timm_jax.config import DataSpec, DeviceConfig, FuseConfig, ModelConfig, TrainConfig
 from timm_jax.core import PyTree
-from timm_jax.core.merge import check_fishers, expand_logits, init_logits, mixing_ratios
+from timm_jax.core.merge import (
+    check_fishers,
+    expand_logits,
+    init_logits,
+    mixing_ratios,
+    normalise_fisher_per_layer,
+)
 from timm_jax.core.partition import (
     Partition,
     default_is_transferable,
@@ -396,6 +402,8 @@ def _fuse(run: RunDir, meta, sources: Sources, data, model, model_cfg, cfg, adap
             raise CheckpointError(
                 f"{e}; the source's weights or its Fisher cache (<source>/fisher/) are damaged"
             ) from e
+        if cfg.fisher_normalisation == "layer":
+            fishers = [normalise_fisher_per_layer(f) for f in fishers]
     mismatched = f" (shape-mismatched: {', '.join(part.mismatched)})" if part.mismatched else ""
     _log.info(
         "[fuse] %s (%s-IMM) of %d source(s) %s for task %s; %d transferable leaves, "

@@ -1,0 +1,434 @@
+"""The benchmark that asks "does T-IMM help?": a pre-registered pilot with gates, then the grid.
+
+    python -m timm_jax.experiments.benchmark --out=DIR --stage=pilot|grid|report
+        [--prereg=docs/benchmark/preregistration.json] [--quick]
+
+Everything it runs is fixed by the pre-registration file (``--prereg``; the repository's is
+``docs/benchmark/preregistration.json``): the data generator and its seed, the network, the
+schedule rules, the replicates, the initialisations, the gates, the statistics and the verdict
+rules. The file is committed before any transfer cell runs; the report states its commit.
+
+* ``--stage=pilot`` — the sources (M1, M2) and, at every fraction and replicate, the *no transfer*
+  cell and the non-learning threshold baseline: only what the gates need, nothing that compares
+  the methods. The gates (``gates`` of the file): G1 the sources reach a test Dice, G2 no transfer
+  at 100 % beats no transfer at the smallest fraction by a margin (a learning curve), G3 no
+  transfer at 100 % beats the best global intensity threshold by a margin (not trivial), G4 few
+  runs stop at their step cap (converged). ``raw/gates.json`` records them.
+* ``--stage=grid`` — the transfer cells (M1, M2, IMM, mean-IMM, T-IMM; at one fraction the
+  All-HCP sources and the variants), the forgetting evaluation. It refuses to start unless the
+  pilot's gates are recorded; if a gate failed it still runs only with ``--after_failed_gates``, and
+  the report then makes no transfer claim.
+* ``--stage=report`` — ``DIR/report.md`` from the raw files (:mod:`.benchmark_report`).
+
+A replicate ``r`` of a fraction has its own training subset (data seed ``r``: the nested fraction of
+the pool, :func:`timm_jax.data.splits.fraction_split`) and its own training seed (``train_seed_base
++ r``: initialisation, patch sampling, dropout), so both variances are in the numbers. The sources
+are trained once (seed 0), deterministically: a later session rebuilds them and checks their test
+Dice against the committed ``raw/sources.csv``.
+
+An epoch is one pass over the training cases, ``patches_per_case`` patches each; the patience of
+the learning-rate plateau and of early stopping and the step cap are given in *steps* and turned
+into epochs per fraction (:func:`schedule`), so that every fraction gets the same budget of
+patience. Each finished cell writes its raw results (per-case Dice, per-epoch curves, configs) to
+``DIR/raw/`` at once; an interrupted stage continues where it stopped (finished runs and
+evaluations are reused).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from absl import flags
+
+from timm_jax import cli
+from timm_jax.atomic import atomic_write, write_json
+
+__all__ = ["load_prereg", "replicate_seeds", "run_grid", "run_pilot", "schedule"]
+
+_log = logging.getLogger("timm_jax.experiments.benchmark")
+FLAGS = flags.FLAGS
+ROOT = Path(__file__).resolve().parents[2]
+PREREG = ROOT / "docs" / "benchmark" / "preregistration.json"
+
+
+# ------------------------------------------------------------------ the pre-registration
+def load_prereg(path: str | os.PathLike = PREREG, *, quick: bool = False) -> dict:
+    """The pre-registration (JSON); ``quick`` applies its ``quick`` overrides (a tiny version for
+    the tests: the same code paths, not a result)."""
+    from timm_jax.errors import ConfigError
+
+    try:
+        with open(path) as f:
+            prereg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"--prereg={path}: cannot read the pre-registration ({type(e).__name__}: {e})"
+        ) from None
+    if prereg.get("format") != "timm_jax.benchmark.prereg":
+        raise ConfigError(f"--prereg={path} is not a benchmark pre-registration (no format field)")
+    if quick:
+        prereg = _merge(prereg, prereg.get("quick", {}))
+    return prereg
+
+
+#: dicts of the pre-registration that an override replaces whole (the others are merged key by key)
+_REPLACED = ("fractions", "settings", "sources", "counts")
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        merge = isinstance(v, dict) and isinstance(base.get(k), dict) and k not in _REPLACED
+        out[k] = _merge(base[k], v) if merge else v
+    return out
+
+
+def replicate_seeds(prereg: dict, r: int) -> tuple[int, int]:
+    """``(data seed, training seed)`` of replicate ``r``."""
+    return r, int(prereg["replicates"]["train_seed_base"]) + r
+
+
+def schedule(prereg: dict, n_train: int, seed: int, stage: str = "training"):
+    """The :class:`~timm_jax.config.TrainConfig` of a run on ``n_train`` training cases: an epoch is
+    one pass over them (``patches_per_case`` patches each); the patience and the cap, given in steps,
+    become epochs (at least 1 / 2 / the stop)."""
+    from timm_jax.config import TrainConfig
+
+    t = {**prereg["training"], **prereg.get(stage, {})} if stage != "training" else prereg["training"]
+    spe = max(1, math.ceil(n_train * t["patches_per_case"] / t["batch_size"]))
+    plateau = max(1, math.ceil(t["plateau_steps"] / spe))
+    stop = max(plateau + 1, math.ceil(t["stop_steps"] / spe))
+    cap = max(stop, math.ceil(t["cap_steps"] / spe))
+    return TrainConfig(
+        learning_rate=t["learning_rate"],
+        batch_size=t["batch_size"],
+        patch_shape=tuple(t["patch_shape"]),
+        steps_per_epoch=spe,
+        max_epochs=cap,
+        plateau_patience=plateau,
+        early_stopping_patience=stop,
+        seed=seed,
+    )
+
+
+# ------------------------------------------------------------------ where things are
+class Layout:
+    """The benchmark's folders: ``data/``, ``runs/`` (not committed: checkpoints) and ``raw/``
+    (committed: per-case results, curves, configs)."""
+
+    def __init__(self, out: str):
+        self.out = os.path.abspath(out)
+        self.data = os.path.join(self.out, "data")
+        self.runs = os.path.join(self.out, "runs")
+        self.raw = os.path.join(self.out, "raw")
+
+    def source(self, name: str) -> str:
+        return os.path.join(self.runs, "sources", name)
+
+    def cell(self, fraction: float, r: int, init: str) -> str:
+        return os.path.join(self.runs, f"f{round(fraction * 100):03d}", f"rep{r}", slug(init))
+
+    def raw_cell(self, fraction: float, r: int, init: str) -> str:
+        return os.path.join(self.raw, "runs", f"f{round(fraction * 100):03d}", f"rep{r}", slug(init))
+
+
+def slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace(":", "_").replace("-", "")
+
+
+def _spec(lay: Layout, task: str, fraction: float = 1.0, data_seed: int = 0):
+    from timm_jax.config import DataSpec
+
+    layout = "brats" if task == "task3" else "parcellation"
+    return DataSpec(
+        data_dir=os.path.join(lay.data, layout),
+        layout=layout,
+        task_key=task,
+        fraction=fraction,
+        split_seed=data_seed,
+    )
+
+
+def _n_train(spec) -> int:
+    from timm_jax.data.spec import resolve
+
+    return len(resolve(spec).train_ids)
+
+
+def export_run(run_dir: str, dest: str) -> None:
+    """The committed raw results of one run: its per-case test Dice, per-epoch curves and
+    configuration (and an adaption stage's curves), never a checkpoint."""
+    files = [
+        ("eval_test/per_case.csv", "per_case.csv"),
+        ("eval_test/summary.json", "summary.json"),
+        ("metrics.jsonl", "metrics.jsonl"),
+        ("config.json", "config.json"),
+        ("adaption/metrics.jsonl", "adaption_metrics.jsonl"),
+        ("mixing_ratios.json", "mixing_ratios.json"),
+        ("forgetting/forgetting.json", "forgetting.json"),
+    ]
+    for src, name in files:
+        path = os.path.join(run_dir, src)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            with atomic_write(os.path.join(dest, name), "wb") as f:
+                f.write(data)
+
+
+# ------------------------------------------------------------------ stages
+def _prepare(lay: Layout, prereg: dict) -> None:
+    import jax
+
+    from timm_jax.experiments.demo_data import build_demo
+
+    os.makedirs(lay.raw, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(lay.out, ".jax_cache"))
+    if not os.path.isfile(os.path.join(lay.data, "manifest.json")):
+        d = prereg["data"]
+        _log.info(
+            "== building the benchmark data set (generator %s, seed %d) in %s",
+            d["generator"],
+            d["seed"],
+            lay.data,
+        )
+        build_demo(
+            lay.data,
+            seed=d["seed"],
+            generator=d["generator"],
+            progress=False,
+            make_preview=False,
+            **d.get("counts", {}),
+            spacing=d["spacing"],
+        )
+    write_json(os.path.join(lay.raw, "preregistration.json"), prereg)
+
+
+def _model(prereg: dict):
+    from timm_jax.config import ModelConfig
+
+    return ModelConfig(**prereg["model"])
+
+
+def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
+    """Train (or reuse) the named sources once, evaluate them on their test cases, and record
+    ``raw/sources.csv``; a source rebuilt on another machine is checked against the committed Dice."""
+    from timm_jax.config import EvalConfig
+    from timm_jax.experiments.protocol import evaluated, finished
+    from timm_jax.workflows.evaluate import evaluate_model
+    from timm_jax.workflows.train import train_model
+
+    rows = []
+    committed = {r["source"]: r for r in _read_csv(os.path.join(lay.raw, "sources.csv"))}
+    for name in names:
+        task, init_from = prereg["sources"][name]["task"], prereg["sources"][name].get("from", "")
+        spec = _spec(lay, task)
+        run = lay.source(name)
+        if not finished(run):
+            _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
+            train_model(
+                spec,
+                _model(prereg),
+                schedule(prereg, _n_train(spec), 0, "sources"),
+                run,
+                init="transfer" if init_from else "random",
+                init_from=lay.source(init_from) if init_from else "",
+            )
+        summary = evaluated(run) or evaluate_model(run, EvalConfig(hd95=False))
+        export_run(run, os.path.join(lay.raw, "sources", name))
+        m = summary["metrics"]
+        row = {"source": name, "task": task, "dice_mean": m["dice_mean"]["mean"]}
+        row |= {k[5:]: v["mean"] for k, v in m.items() if k.startswith("dice_") and k != "dice_mean"}
+        old = committed.get(name)
+        if old is not None and abs(float(old["dice_mean"]) - row["dice_mean"]) > prereg["sources_tolerance"]:
+            from timm_jax.errors import CheckpointError
+
+            raise CheckpointError(
+                f"source {name} was rebuilt with test Dice {row['dice_mean']:.4f}, the committed "
+                f"raw/sources.csv says {float(old['dice_mean']):.4f} (tolerance "
+                f"{prereg['sources_tolerance']}): not the same source; the grid cannot continue on it"
+            )
+        rows.append(row)
+    _write_csv(os.path.join(lay.raw, "sources.csv"), rows, merge_on="source", old=list(committed.values()))
+    return rows
+
+
+def run_pilot(out: str, prereg: dict) -> dict:
+    """The sources, the no-transfer cells and the threshold baselines; the gates (``raw/gates.json``)."""
+    from timm_jax.experiments.baselines import run_baseline
+    from timm_jax.experiments.protocol import Init, run_cell
+
+    lay = Layout(out)
+    _prepare(lay, prereg)
+    t0 = time.time()
+    train_sources(lay, prereg, prereg["pilot_sources"])
+    for f, r in _cells(prereg):
+        data_seed, train_seed = replicate_seeds(prereg, r)
+        spec = _spec(lay, "task3", f, data_seed)
+        n = _n_train(spec)
+        run = lay.cell(f, r, "no transfer")
+        _log.info("== pilot: %s replicate %d: no transfer (%d training cases)", f"{f:.0%}", r, n)
+        run_cell(
+            Init("random"),
+            spec,
+            run,
+            model=_model(prereg),
+            target=schedule(prereg, n, train_seed),
+            adapt=schedule(prereg, n, train_seed, "adaption"),
+        )
+        export_run(run, lay.raw_cell(f, r, "no transfer"))
+        base = lay.raw_cell(f, r, "threshold")
+        if not os.path.isfile(os.path.join(base, "summary.json")):
+            run_baseline(spec, out=base)
+    _add_time(lay, "pilot", time.time() - t0)
+    from timm_jax.experiments.benchmark_report import gates
+
+    result = gates(lay.raw, prereg)
+    write_json(os.path.join(lay.raw, "gates.json"), result)
+    for g in result["gates"]:
+        _log.info("== gate %s: %s (%s)", g["gate"], "met" if g["met"] else "NOT met", g["what"])
+    return result
+
+
+def run_grid(out: str, prereg: dict, *, after_failed_gates: bool = False) -> None:
+    """The transfer cells of every fraction and replicate, the variants, and the forgetting."""
+    from timm_jax.config import EvalConfig, FuseConfig
+    from timm_jax.errors import ConfigError
+    from timm_jax.experiments.protocol import Init, initialisations, run_cell
+    from timm_jax.workflows.evaluate import evaluate_forgetting
+
+    lay = Layout(out)
+    path = os.path.join(lay.raw, "gates.json")
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"no pilot in {out}: run --stage=pilot first (the gates decide whether the grid runs)"
+        )
+    with open(path) as f:
+        failed = [g["gate"] for g in json.load(f)["gates"] if not g["met"]]
+    if failed and not after_failed_gates:
+        raise ConfigError(
+            f"gates {', '.join(failed)} were not met: the benchmark cannot answer the question; pass "
+            "--after_failed_gates to run the grid anyway (the report then makes no transfer claim)"
+        )
+    _prepare(lay, prereg)
+    t0 = time.time()
+    extra_at = prereg["all_hcp"]["fraction"]
+    sources = train_sources(lay, prereg, [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()])
+    del sources
+    fuse = FuseConfig(**prereg["fuse"])
+    no_hd95 = EvalConfig(hd95=False)
+    m1, m2 = lay.source("m1"), lay.source("m2")
+    for f, r in _cells(prereg):
+        data_seed, train_seed = replicate_seeds(prereg, r)
+        spec = _spec(lay, "task3", f, data_seed)
+        n = _n_train(spec)
+        extra = {k: lay.source(v) for k, v in prereg["all_hcp"]["sources"].items()} if f == extra_at else {}
+        inits = initialisations(m1, m2, fuse, extra)
+        inits["mean-IMM"] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="imm", imm_mode="mean"))
+        inits = {k: v for k, v in inits.items() if k in prereg["initialisations"] or k in extra}
+        if f == prereg["variants"]["fraction"]:
+            for name, change in prereg["variants"]["settings"].items():
+                inits[name] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="timm", **change))
+        for name, init in inits.items():
+            if name == "no transfer":
+                continue  # the pilot's
+            run = lay.cell(f, r, name)
+            fused_dir = run + "_fused"
+            _log.info("== grid: %s replicate %d: %s", f"{f:.0%}", r, name)
+            run_cell(
+                init,
+                spec,
+                run,
+                model=_model(prereg),
+                target=schedule(prereg, n, train_seed),
+                adapt=schedule(prereg, n, train_seed, "adaption"),
+                fused_dir=fused_dir,
+                evaluation=no_hd95,
+            )
+            export_run(run, lay.raw_cell(f, r, name))
+            if init.init == "fused":
+                # forgetting of the fusion (IMM / mean-IMM: one model whatever the replicate; the
+                # report counts it once)
+                if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
+                    evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
+                export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
+    for name in ("m1", "m2"):
+        if not os.path.isfile(os.path.join(lay.source(name), "forgetting", "forgetting.json")):
+            evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
+        export_run(lay.source(name), os.path.join(lay.raw, "sources", name))
+    _add_time(lay, "grid", time.time() - t0)
+
+
+def _cells(prereg: dict):
+    """``(fraction, replicate)`` in the order they run: every fraction's first replicate, then the
+    second, ... — so that an interrupted stage has all fractions partly done, not one fully."""
+    plan = [(float(f), int(n)) for f, n in prereg["fractions"].items()]
+    for r in range(max(n for _, n in plan)):
+        for f, n in plan:
+            if r < n:
+                yield f, r
+
+
+def _add_time(lay: Layout, stage: str, seconds: float) -> None:
+    path = os.path.join(lay.raw, "wall_time.json")
+    state = json.load(open(path)) if os.path.isfile(path) else {}
+    state.setdefault(stage, []).append(
+        {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
+    )
+    write_json(path, state)
+
+
+def _read_csv(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_csv(path: str, rows: list[dict], *, merge_on: str = "", old: list[dict] = ()) -> None:
+    if merge_on:
+        keep = {r[merge_on]: r for r in old}
+        keep.update({r[merge_on]: r for r in rows})
+        rows = list(keep.values())
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with atomic_write(path, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def main() -> None:
+    prereg = load_prereg(FLAGS.prereg, quick=FLAGS.quick)
+    if FLAGS.stage == "pilot":
+        run_pilot(FLAGS.out, prereg)
+    elif FLAGS.stage == "grid":
+        run_grid(FLAGS.out, prereg, after_failed_gates=FLAGS.after_failed_gates)
+    from timm_jax.experiments.benchmark_report import write_report
+
+    _log.info("report: %s", write_report(FLAGS.out, prereg))
+
+
+def define_flags() -> None:
+    flags.DEFINE_string("out", "benchmark_out", "Output directory (data, runs, raw results, report).")
+    flags.DEFINE_enum(
+        "stage", "report", ["pilot", "grid", "report"], "What to run (the report is always written)."
+    )
+    flags.DEFINE_string("prereg", str(PREREG), "The pre-registration file.")
+    flags.DEFINE_bool("quick", False, "Apply the file's `quick` overrides: a tiny version for the tests.")
+    flags.DEFINE_bool(
+        "after_failed_gates", False, "Run the grid although a gate failed (no transfer claim is made)."
+    )
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -1,0 +1,350 @@
+"""The benchmark's report, computed from its raw files only (``DIR/raw/``), by this code.
+
+* :func:`gates` — the pre-registered gates from the pilot's raw results.
+* :func:`write_report` — ``DIR/report.md``: the pre-registration's commit, the gates, the sources,
+  and — once the grid has cells — Table 2 (mean ± sd over replicates), every pre-registered
+  comparison with its hierarchical-bootstrap interval, the per-replicate differences and the
+  verdict, Table 3 (the T-IMM stages), Table 4 (forgetting, each fused model once), convergence,
+  and the figures.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from timm_jax.atomic import atomic_write
+from timm_jax.experiments import stats
+from timm_jax.workflows.report import markdown_table
+
+__all__ = ["cells", "gates", "write_report"]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _csv(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _jsonl(path: str) -> list[dict]:
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _fraction(dirname: str) -> float:
+    return int(dirname[1:]) / 100
+
+
+def cells(raw: str) -> dict:
+    """``{(fraction, init slug): {replicate: {case: dice_mean}}}`` of every finished cell."""
+    out: dict = defaultdict(dict)
+    root = os.path.join(raw, "runs")
+    if not os.path.isdir(root):
+        return {}
+    for fdir in sorted(os.listdir(root)):
+        for rdir in sorted(os.listdir(os.path.join(root, fdir))):
+            for init in sorted(os.listdir(os.path.join(root, fdir, rdir))):
+                rows = _csv(os.path.join(root, fdir, rdir, init, "per_case.csv"))
+                if rows:
+                    out[(_fraction(fdir), init)][int(rdir[3:])] = {
+                        r["case"]: float(r["dice_mean"]) for r in rows
+                    }
+    return dict(out)
+
+
+def _matrix(cell: dict) -> tuple[np.ndarray, list[int], list[str]]:
+    """(replicates × cases) of a cell, cases in a fixed order."""
+    reps = sorted(cell)
+    cases = sorted(next(iter(cell.values())))
+    return np.array([[cell[r][c] for c in cases] for r in reps]), reps, cases
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "_").replace(":", "_").replace("-", "")
+
+
+def _capped(run_raw: str) -> bool | None:
+    """Whether a run stopped at its epoch cap (not early-stopped); ``None`` without its raw files."""
+    cfg_path = os.path.join(run_raw, "config.json")
+    hist = _jsonl(os.path.join(run_raw, "metrics.jsonl"))
+    if not os.path.isfile(cfg_path) or not hist:
+        return None
+    with open(cfg_path) as f:
+        train = json.load(f).get("train") or {}
+    best = min(range(len(hist)), key=lambda i: (hist[i]["val_loss"], i))
+    early = (len(hist) - 1 - best) >= train.get("early_stopping_patience", math.inf)
+    return not early and len(hist) >= train.get("max_epochs", math.inf)
+
+
+def _pilot_runs(raw: str, prereg: dict) -> list[str]:
+    runs = [os.path.join(raw, "sources", s) for s in prereg["pilot_sources"]]
+    root = os.path.join(raw, "runs")
+    if os.path.isdir(root):
+        for fdir in sorted(os.listdir(root)):
+            for rdir in sorted(os.listdir(os.path.join(root, fdir))):
+                runs.append(os.path.join(root, fdir, rdir, "no_transfer"))
+    return runs
+
+
+def gates(raw: str, prereg: dict) -> dict:
+    """The pilot's gates (``prereg["gates"]``) from the raw results: each with its number, the
+    threshold and whether it is met."""
+    g = prereg["gates"]
+    sources = {r["source"]: r for r in _csv(os.path.join(raw, "sources.csv"))}
+    c = cells(raw)
+    out = []
+    dice = {s: float(sources[s]["dice_mean"]) if s in sources else math.nan for s in g["G1"]["sources"]}
+    out.append(
+        {
+            "gate": "G1",
+            "what": g["G1"]["what"],
+            "value": dice,
+            "threshold": g["G1"]["min_dice"],
+            "met": all(v >= g["G1"]["min_dice"] for v in dice.values()),
+        }
+    )
+
+    def mean_of(fraction: str, init: str) -> float:
+        cell = c.get((float(fraction), init))
+        return float(_matrix(cell)[0].mean()) if cell else math.nan
+
+    hi, lo = mean_of(g["G2"]["high"], "no_transfer"), mean_of(g["G2"]["low"], "no_transfer")
+    out.append(
+        {
+            "gate": "G2",
+            "what": g["G2"]["what"],
+            "value": {"high": hi, "low": lo, "gap": hi - lo},
+            "threshold": g["G2"]["min_gap"],
+            "met": hi - lo >= g["G2"]["min_gap"],
+        }
+    )
+    nt, thr = mean_of(g["G3"]["fraction"], "no_transfer"), mean_of(g["G3"]["fraction"], "threshold")
+    out.append(
+        {
+            "gate": "G3",
+            "what": g["G3"]["what"],
+            "value": {"no_transfer": nt, "threshold": thr, "gap": nt - thr},
+            "threshold": g["G3"]["min_gap"],
+            "met": nt - thr >= g["G3"]["min_gap"],
+        }
+    )
+    capped = [_capped(r) for r in _pilot_runs(raw, prereg)]
+    known = [x for x in capped if x is not None]
+    share = sum(known) / len(known) if known else math.nan
+    out.append(
+        {
+            "gate": "G4",
+            "what": g["G4"]["what"],
+            "value": {"capped": int(sum(known)), "runs": len(known), "share": share},
+            "threshold": g["G4"]["max_capped"],
+            "met": bool(known) and share < g["G4"]["max_capped"],
+        }
+    )
+    return {"gates": out, "all_met": all(x["met"] for x in out)}
+
+
+def _commit_of(path: Path) -> str:
+    try:
+        return (
+            subprocess.run(
+                ["git", "log", "-1", "--format=%h %ci", "--", str(path)],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or "not committed"
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git)"
+
+
+def _machine() -> str:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{model or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+
+
+def _fmt(v) -> str:
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{v:.3f}"
+    return str(v)
+
+
+def write_report(out: str, prereg: dict) -> str:
+    """``out/report.md`` from ``out/raw/``; returns its path."""
+    raw = os.path.join(out, "raw")
+    from timm_jax.experiments.benchmark import PREREG
+
+    g = gates(raw, prereg)
+    wall = (
+        json.load(open(os.path.join(raw, "wall_time.json")))
+        if os.path.isfile(os.path.join(raw, "wall_time.json"))
+        else {}
+    )
+    lines = [
+        "# Does T-IMM help? The benchmark",
+        "",
+        "Written by `python -m timm_jax.experiments.benchmark` from the raw files in `raw/` "
+        "(`timm_jax/experiments/benchmark_report.py`); nothing here is typed by hand.",
+        "",
+        "- Pre-registration: `docs/benchmark/preregistration.json`, last changed in commit "
+        f"{_commit_of(PREREG)} (a copy of what ran is `raw/preregistration.json`).",
+        f"- Machine: {_machine()}.",
+        "- Wall time: "
+        + (
+            ", ".join(
+                f"{k} {sum(x['seconds'] for x in v) / 3600:.2f} h in {len(v)} invocation(s)"
+                for k, v in wall.items()
+            )
+            or "none yet"
+        )
+        + ".",
+        "- **The images are synthetic** (generator "
+        f"{prereg['data']['generator']}, built on real Desikan–Killiany anatomy): these numbers say "
+        "nothing about real MRI.",
+        "",
+        "## Gates (the pilot: sources, no transfer and the threshold baseline only)",
+        "",
+        markdown_table(
+            [
+                {
+                    "gate": x["gate"],
+                    "what": x["what"],
+                    "measured": _fmt(x["value"]),
+                    "threshold": _fmt(x["threshold"]),
+                    "met": "yes" if x["met"] else "**no**",
+                }
+                for x in g["gates"]
+            ],
+            ["gate", "what", "measured", "threshold", "met"],
+        ),
+        "",
+    ]
+    if not g["all_met"]:
+        failed = [x["gate"] for x in g["gates"] if not x["met"]]
+        lines += [
+            f"**Gate(s) {', '.join(failed)} not met: on this benchmark no claim about the transfer "
+            "methods is made** (pre-registered rule). Tables of transfer cells below, if any, are "
+            "descriptive only.",
+            "",
+        ]
+    lines += _sources_section(raw)
+    lines += _cells_section(raw, prereg, claims=g["all_met"])
+    path = os.path.join(out, "report.md")
+    with atomic_write(path) as f:
+        f.write("\n".join(lines).rstrip() + "\n")
+    return path
+
+
+def _sources_section(raw: str) -> list[str]:
+    rows = _csv(os.path.join(raw, "sources.csv"))
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return [
+        "## Sources (test Dice on their own tasks, per class)",
+        "",
+        markdown_table(
+            [{k: v if k in ("source", "task") or not v else _fmt(float(v)) for k, v in r.items()} for r in rows],
+            cols,
+        ),
+        "",
+    ]
+
+
+def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
+    c = cells(raw)
+    if not c:
+        return []
+    fractions = sorted({f for f, _ in c})
+    inits = [
+        *prereg["initialisations"],
+        *prereg["all_hcp"]["sources"],
+        *prereg["variants"]["settings"],
+        "threshold",
+    ]
+    table = []
+    for name in inits:
+        row = {"initialisation": name}
+        for f in fractions:
+            cell = c.get((f, _slug(name)))
+            if cell:
+                m = _matrix(cell)[0].mean(axis=1)
+                row[f"{f:.0%}"] = f"{m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} (n={len(m)})"
+            else:
+                row[f"{f:.0%}"] = ""
+        if any(v for k, v in row.items() if k != "initialisation"):
+            table.append(row)
+    lines = [
+        "## Table 2: test Dice (mean of ET, TC, WT), mean ± sd over replicates",
+        "",
+        markdown_table(table, ["initialisation", *[f"{f:.0%}" for f in fractions]]),
+        "",
+    ]
+    st = prereg["statistics"]
+    comp = []
+    for claim in prereg["verdicts"]["claims"]:
+        for fs in claim["fractions"]:
+            a, b = c.get((float(fs), _slug(claim["a"]))), c.get((float(fs), _slug(claim["b"])))
+            if not a or not b:
+                continue
+            ma, reps_a, cases = _matrix(a)
+            mb, reps_b, _ = _matrix(b)
+            lo, hi, _ = stats.hierarchical_bootstrap(
+                ma, mb, n_boot=st["n_boot"], level=st["level"], seed=st["seed"]
+            )
+            per_rep = [
+                f"{ma[reps_a.index(r)].mean() - mb[reps_b.index(r)].mean():+.3f}"
+                for r in reps_a
+                if r in reps_b
+            ]
+            word = stats.verdict(lo, hi) if claims else "no claim (gate failed)"
+            comp.append(
+                {
+                    "claim": claim["claim"],
+                    "fraction": f"{float(fs):.0%}",
+                    "difference": f"{ma.mean() - mb.mean():+.3f}",
+                    "95 % interval": f"[{lo:+.3f}, {hi:+.3f}]",
+                    "per replicate": " ".join(per_rep),
+                    "verdict": word,
+                    "_half": (hi - lo) / 2,
+                }
+            )
+    if comp:
+        res = defaultdict(list)
+        for x in comp:
+            res[x["fraction"]].append(x.pop("_half"))
+        lines += [
+            "## Pre-registered comparisons",
+            "",
+            "Hierarchical bootstrap: replicates resampled per arm, test cases resampled paired. "
+            + "Smallest difference this design resolves (median half-width of the intervals): "
+            + ", ".join(f"{k} {np.median(v):.3f}" for k, v in res.items())
+            + ".",
+            "",
+            markdown_table(
+                comp, ["claim", "fraction", "difference", "95 % interval", "per replicate", "verdict"]
+            ),
+            "",
+        ]
+    return lines
