@@ -256,6 +256,10 @@ def write_report(out: str, prereg: dict) -> str:
     return path
 
 
+def _cell(key: str, value: str) -> str:
+    return value if key in ("source", "task") or not value else _fmt(float(value))
+
+
 def _sources_section(raw: str) -> list[str]:
     rows = _csv(os.path.join(raw, "sources.csv"))
     if not rows:
@@ -265,7 +269,10 @@ def _sources_section(raw: str) -> list[str]:
         "## Sources (test Dice on their own tasks, per class)",
         "",
         markdown_table(
-            [{k: v if k in ("source", "task") or not v else _fmt(float(v)) for k, v in r.items()} for r in rows],
+            [
+                {k: v if k in ("source", "task") or not v else _fmt(float(v)) for k, v in r.items()}
+                for r in rows
+            ],
             cols,
         ),
         "",
