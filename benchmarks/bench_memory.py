@@ -17,7 +17,12 @@ read-only memory maps) — and the same ``--batches`` training batches are drawn
 
 and the batches' checksum, which must be the same for both modes.
 
-Usage: python benchmarks/bench_memory.py [--sizes 20,200] [--batches 40] [--workdir DIR]
+With ``--train``, each child instead runs a tiny ``train_model`` (base 2, depth 2, 16³ patches, one
+epoch of a few steps, validation of its 20 % validation cases) on the first N cases, as
+``train.py`` would (memory-mapped cases), and reports its peak resident set (VmHWM, absolute: the
+JIT's own memory is the same for every N).
+
+Usage: python benchmarks/bench_memory.py [--sizes 20,200] [--batches 40] [--workdir DIR] [--train]
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ def child(args) -> None:
     from timm_jax.data.spec import DataSpec, resolve
 
     spec = DataSpec(data_dir=args.data, layout="brats", cache_dir=args.cache)
+    if args.mode == "train":
+        train_child(args, spec)
+        return
     data = resolve(spec)
     # warm-up, so that the baseline holds every import and grain's own buffers: one tiny case
     tiny = np.ones((args.patch,) * 3 + (4,), np.float32)
@@ -158,6 +166,30 @@ def child(args) -> None:
     )
 
 
+def train_child(args, spec) -> None:
+    """A tiny train_model over the first ``args.n`` cases (a splits file keeps it to them)."""
+    from timm_jax.config import ModelConfig, TrainConfig
+    from timm_jax.data.splits import make_splits, save_splits
+    from timm_jax.workflows.train import train_model
+
+    work = Path(args.cache).parent / f"train{args.n}"
+    ids = [f"case{i:04d}" for i in range(args.n)]
+    splits = save_splits(work / "splits.json", make_splits(ids, 0, 0.2, 0.2))
+    t = time.perf_counter()
+    train_model(
+        spec.replace(splits_file=str(splits)),
+        ModelConfig(base_filters=2, depth=2, conv_impl="depth2d"),
+        TrainConfig(patch_shape=(16, 16, 16), batch_size=2, steps_per_epoch=4, max_epochs=1),
+        str(work / "run"),
+    )
+    end = status()
+    print(
+        json.dumps(
+            {"n": args.n, "mode": "train", "hwm_mb": end["VmHWM"] / 1024, "train_s": time.perf_counter() - t}
+        )
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="20,200", help="numbers of cases, comma-separated")
@@ -169,6 +201,7 @@ def main() -> None:
         "--workers", type=int, default=0, help="grain worker processes (their memory is not counted)"
     )
     p.add_argument("--workdir", default="", help="where the data and cache go (default: a temporary folder)")
+    p.add_argument("--train", action="store_true", help="measure a tiny train_model run instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", default="memory", help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, default=0, help=argparse.SUPPRESS)
@@ -186,7 +219,7 @@ def main() -> None:
         make_data(data, max(sizes), shape, cache)
         rows = []
         for n in sizes:
-            for mode in ("memory", "mmap"):
+            for mode in ("train",) if args.train else ("memory", "mmap"):
                 cmd = [
                     sys.executable,
                     __file__,
@@ -206,6 +239,11 @@ def main() -> None:
                     sys.exit(f"child failed ({' '.join(cmd)}):\n{res.stderr[-3000:]}")
                 rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
                 print(json.dumps(rows[-1]), file=sys.stderr)
+    if args.train:
+        print("\n| cases | peak RSS (VmHWM) of a tiny train_model, MB | s |\n|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['n']} | {r['hwm_mb']:.0f} | {r['train_s']:.1f} |")
+        return
     print(
         f"\n{args.batches} batches of {args.batch_size} x {args.patch}^3 x 4, cases of {shape} x 4 "
         f"(float32 image + int32 labels), grain workers {args.workers}\n"

@@ -336,3 +336,33 @@ def test_huge_and_tiny_fishers_do_not_overflow_or_vanish():
         ]
         assert min(abs(x) for x in fd) > 0  # a gradient that could be wrong (≈ 0.3 at 1e38, ≈ 3e-23 at 1e-30)
         np.testing.assert_allclose(g, fd, rtol=1e-4, err_msg=f"F={f}")
+
+
+def test_fisher_normalised_per_layer_matches_numpy():
+    """Each layer's Fisher (its leaves together) scaled to unit mean; an all-zero layer untouched."""
+    from timm_jax.core.merge import normalise_fisher_per_layer
+
+    rng = np.random.default_rng(0)
+    fisher = {
+        "conv_a": {
+            "kernel": rng.random((3, 3, 3, 2, 4)).astype(np.float32) * 50,
+            "bias": rng.random(4) * 1e-3,
+        },
+        "conv_b": {"kernel": np.zeros((1, 1, 1, 4, 2), np.float32), "bias": np.zeros(2, np.float32)},
+    }
+    got = normalise_fisher_per_layer(fisher)
+    a = np.concatenate([fisher["conv_a"]["kernel"].ravel(), fisher["conv_a"]["bias"].ravel()]).astype(
+        np.float64
+    )
+    for leaf in ("kernel", "bias"):
+        np.testing.assert_allclose(got["conv_a"][leaf], fisher["conv_a"][leaf] / a.mean(), rtol=1e-5)
+        np.testing.assert_array_equal(got["conv_b"][leaf], fisher["conv_b"][leaf])
+    both = np.concatenate([np.ravel(got["conv_a"]["kernel"]), np.ravel(got["conv_a"]["bias"])])
+    assert abs(both.mean() - 1.0) < 1e-5
+    # a source 20x larger everywhere weighs the same after normalisation: mode-IMM then mixes by
+    # the ratios and the Fishers' relative shapes only
+    big = jax.tree_util.tree_map(lambda x: 20 * np.asarray(x), fisher)
+    for x, y in zip(
+        jax.tree_util.tree_leaves(normalise_fisher_per_layer(big)), jax.tree_util.tree_leaves(got)
+    ):
+        np.testing.assert_allclose(x, y, rtol=1e-5)

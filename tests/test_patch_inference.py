@@ -189,3 +189,13 @@ def _csv(path):
 def _dice(p, t):
     denom = p.sum() + t.sum()
     return 1.0 if denom == 0 else 2.0 * (p & t).sum() / denom
+
+
+def test_a_patch_larger_than_every_volume_is_one_warning(env, log, tmp_path):
+    """--patch 48³ on 24×32×24 volumes: legitimate (whole-volume training), said once."""
+    big = SCHED.replace(patch_shape=(48, 48, 48), max_epochs=1, steps_per_epoch=1)
+    train_model(env.spec, NET, big, str(tmp_path / "big"))
+    warnings = [
+        r.getMessage() for r in log.records if r.levelname == "WARNING" and "--patch" in r.getMessage()
+    ]
+    assert len(warnings) == 1 and "larger than every training volume along axis 0,1,2" in warnings[0]

@@ -142,9 +142,71 @@ def slug(name: str) -> str:
     return name.lower().replace(" ", "_").replace(":", "_").replace("-", "")
 
 
-def _spec(lay: Layout, task: str, fraction: float = 1.0, data_seed: int = 0):
+#: the paper's tasks on the 14 HCP classes: task -> (class ids, parcellation groups it trains on)
+PAPER_TASKS = {
+    "task1": (tuple(range(1, 8)), ("task1",)),
+    "task2": (tuple(range(8, 15)), ("task2",)),
+    "hcp_1_14": (tuple(range(1, 15)), ("task1", "task2")),
+    "hcp_1_7": (tuple(range(1, 8)), ("task1", "task2")),
+    "hcp_8_14": (tuple(range(8, 15)), ("task1", "task2")),
+}
+
+
+def user_data(lay: Layout, cfg: dict) -> None:
+    """Your own data in place of the generated set (``prereg["user_data"]``, from the command's
+    ``--parcellation_dir`` ... flags): the parcellation subjects (FreeSurfer or the parcellation
+    layout, with a label map to the paper's 14 classes) in two disjoint groups for tasks 1 and 2
+    and a shared test group, and a tumour data set (BraTS, MSD or nnU-Net) with its train / val /
+    test split. Writes the split file of every task into ``DIR/splits/``."""
+    from timm_jax.errors import ConfigError
+
+    os.makedirs(os.path.join(lay.out, "splits"), exist_ok=True)
+    try:
+        with open(cfg["parcellation_splits"]) as f:
+            groups = json.load(f)
+        with open(cfg["tumour_splits"]) as f:
+            tumour = json.load(f)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"--parcellation_splits / --tumour_splits: {type(e).__name__}: {e}") from None
+    for name in ("task1", "task2"):
+        if not (isinstance(groups.get(name), dict) and groups[name].get("train") and groups[name].get("val")):
+            raise ConfigError(
+                f"{cfg['parcellation_splits']}: needs {name}: {{train: [...], val: [...]}} (and test: [...])"
+            )
+    if not groups.get("test") or not all(tumour.get(k) for k in ("train", "val", "test")):
+        raise ConfigError("the splits need a parcellation test group and tumour train / val / test lists")
+    for task, (_, use) in PAPER_TASKS.items():
+        split = {
+            "train": sorted({c for g in use for c in groups[g]["train"]}),
+            "val": sorted({c for g in use for c in groups[g]["val"]}),
+            "test": list(groups["test"]),
+        }
+        write_json(os.path.join(lay.out, "splits", f"{task}.json"), split)
+    write_json(
+        os.path.join(lay.out, "splits", "task3.json"), {k: list(tumour[k]) for k in ("train", "val", "test")}
+    )
+
+
+def _spec(lay: Layout, task: str, fraction: float = 1.0, data_seed: int = 0, user: dict | None = None):
     from timm_jax.config import DataSpec
 
+    if user:  # your own data: the task's labels and split file
+        splits = os.path.join(lay.out, "splits", f"{task}.json")
+        if task == "task3":
+            return DataSpec(
+                data_dir=user["tumour_dir"],
+                layout=user["tumour_layout"],
+                splits_file=splits,
+                fraction=fraction,
+                split_seed=data_seed,
+            )
+        return DataSpec(
+            data_dir=user["parcellation_dir"],
+            layout=user["parcellation_layout"],
+            label_map=user.get("label_map", ""),
+            labels=PAPER_TASKS[task][0],
+            splits_file=splits,
+        )
     layout = "brats" if task == "task3" else "parcellation"
     return DataSpec(
         data_dir=os.path.join(lay.data, layout),
@@ -190,7 +252,9 @@ def _prepare(lay: Layout, prereg: dict) -> None:
 
     os.makedirs(lay.raw, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", os.path.join(lay.out, ".jax_cache"))
-    if not os.path.isfile(os.path.join(lay.data, "manifest.json")):
+    if prereg.get("user_data"):
+        user_data(lay, prereg["user_data"])
+    elif not os.path.isfile(os.path.join(lay.data, "manifest.json")):
         d = prereg["data"]
         _log.info(
             "== building the benchmark data set (generator %s, seed %d) in %s",
@@ -228,7 +292,7 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
     committed = {r["source"]: r for r in _read_csv(os.path.join(lay.raw, "sources.csv"))}
     for name in names:
         task, init_from = prereg["sources"][name]["task"], prereg["sources"][name].get("from", "")
-        spec = _spec(lay, task)
+        spec = _spec(lay, task, user=prereg.get("user_data"))
         run = lay.source(name)
         if not finished(run):
             _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
@@ -270,7 +334,7 @@ def run_pilot(out: str, prereg: dict) -> dict:
     train_sources(lay, prereg, prereg["pilot_sources"])
     for f, r in _cells(prereg):
         data_seed, train_seed = replicate_seeds(prereg, r)
-        spec = _spec(lay, "task3", f, data_seed)
+        spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
         run = lay.cell(f, r, "no transfer")
         _log.info("== pilot: %s replicate %d: no transfer (%d training cases)", f"{f:.0%}", r, n)
@@ -319,14 +383,14 @@ def run_grid(out: str, prereg: dict, *, after_failed_gates: bool = False) -> Non
     _prepare(lay, prereg)
     t0 = time.time()
     extra_at = prereg["all_hcp"]["fraction"]
-    sources = train_sources(lay, prereg, [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()])
-    del sources
+    train_sources(lay, prereg, [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()])
+    fisher_diagnostics(lay, prereg)
     fuse = FuseConfig(**prereg["fuse"])
     no_hd95 = EvalConfig(hd95=False)
     m1, m2 = lay.source("m1"), lay.source("m2")
     for f, r in _cells(prereg):
         data_seed, train_seed = replicate_seeds(prereg, r)
-        spec = _spec(lay, "task3", f, data_seed)
+        spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
         extra = {k: lay.source(v) for k, v in prereg["all_hcp"]["sources"].items()} if f == extra_at else {}
         inits = initialisations(m1, m2, fuse, extra)
@@ -363,6 +427,57 @@ def run_grid(out: str, prereg: dict, *, after_failed_gates: bool = False) -> Non
             evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
         export_run(lay.source(name), os.path.join(lay.raw, "sources", name))
     _add_time(lay, "grid", time.time() - t0)
+
+
+def fisher_diagnostics(lay: Layout, prereg: dict) -> list[dict]:
+    """``raw/fisher_diagnostics.csv``: per transferable layer of M1 and M2, M1's share of the Fisher
+    mass, the median over the layer's elements of M1's share F1 / (F1 + F2), and where mode-IMM
+    with equal ratios puts the fused weights between the sources (median over elements of
+    (θ − θ2) / (θ1 − θ2)), with the Fishers as they are and normalised per layer."""
+    import numpy as np
+
+    from timm_jax.core.merge import normalise_fisher_per_layer
+    from timm_jax.core.partition import default_is_transferable, to_flat_dict
+    from timm_jax.nn.unet import layer_order
+    from timm_jax.runs.fisher_cache import source_fisher
+    from timm_jax.runs.models import load_model
+
+    path = os.path.join(lay.raw, "fisher_diagnostics.csv")
+    if os.path.isfile(path):
+        return _read_csv(path)
+    per = prereg["fuse"]["fisher_patches"]
+    theta = [to_flat_dict(load_model(lay.source(n), kinds=("train",)).params) for n in ("m1", "m2")]
+    raw_f = [source_fisher(lay.source(n), patches_per_case=per) for n in ("m1", "m2")]
+    fishers = {"as they are": [to_flat_dict(f) for f in raw_f]}
+    fishers["per layer"] = [to_flat_dict(normalise_fisher_per_layer(f)) for f in raw_f]
+    layers = layer_order(
+        sorted({k.split("/")[0] for k in theta[0] if default_is_transferable(tuple(k.split("/")))})
+    )
+    rows = []
+    for layer in layers:
+        keys = [k for k in theta[0] if k.split("/")[0] == layer]
+
+        def cat(trees, keys=keys):
+            return [np.concatenate([np.ravel(np.asarray(t[k], np.float64)) for k in keys]) for t in trees]
+
+        t1, t2 = cat(theta)
+        f1, f2 = cat(fishers["as they are"])
+        both = f1 + f2
+        row = {
+            "layer": layer,
+            "M1 mass share": float(f1.sum() / both.sum()) if both.sum() > 0 else float("nan"),
+            "M1 median element share": float(np.median(f1[both > 0] / both[both > 0]))
+            if (both > 0).any()
+            else float("nan"),
+        }
+        apart = np.abs(t1 - t2) > 1e-8
+        for name, (g1, g2) in ((k, cat(v)) for k, v in fishers.items()):
+            fused = (g1 * t1 + g2 * t2) / (g1 + g2 + 1e-8)
+            pos = (fused[apart] - t2[apart]) / (t1[apart] - t2[apart])
+            row[f"fused position ({name})"] = float(np.median(pos)) if pos.size else float("nan")
+        rows.append(row)
+    _write_csv(path, rows)
+    return rows
 
 
 def _cells(prereg: dict):
@@ -408,6 +523,21 @@ def _write_csv(path: str, rows: list[dict], *, merge_on: str = "", old: list[dic
 
 def main() -> None:
     prereg = load_prereg(FLAGS.prereg, quick=FLAGS.quick)
+    if FLAGS.parcellation_dir or FLAGS.tumour_dir:
+        from timm_jax.errors import ConfigError
+
+        need = [
+            "parcellation_dir",
+            "parcellation_layout",
+            "parcellation_splits",
+            "tumour_dir",
+            "tumour_layout",
+        ]
+        need.append("tumour_splits")
+        missing = [f"--{n}" for n in need if not FLAGS[n].value]
+        if missing:
+            raise ConfigError(f"your own data needs {', '.join(missing)} as well")
+        prereg["user_data"] = {n: FLAGS[n].value for n in [*need, "label_map"]}
     if FLAGS.stage == "pilot":
         run_pilot(FLAGS.out, prereg)
     elif FLAGS.stage == "grid":

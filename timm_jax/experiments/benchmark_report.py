@@ -250,6 +250,9 @@ def write_report(out: str, prereg: dict) -> str:
         ]
     lines += _sources_section(raw)
     lines += _cells_section(raw, prereg, claims=g["all_met"])
+    lines += (
+        _table3(raw) + _table4(raw) + _convergence(raw) + _fisher_section(raw) + _figures(out, raw, prereg)
+    )
     path = os.path.join(out, "report.md")
     with atomic_write(path) as f:
         f.write("\n".join(lines).rstrip() + "\n")
@@ -355,3 +358,265 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
             "",
         ]
     return lines
+
+
+def _fused_raw(raw: str) -> dict:
+    """``{(fraction, init slug): {replicate: raw dir of its fusion}}``."""
+    out: dict = defaultdict(dict)
+    root = os.path.join(raw, "runs")
+    for fdir in sorted(os.listdir(root)) if os.path.isdir(root) else []:
+        for rdir in sorted(os.listdir(os.path.join(root, fdir))):
+            for name in sorted(os.listdir(os.path.join(root, fdir, rdir))):
+                if name.endswith("_fused"):
+                    out[(_fraction(fdir), name[: -len("_fused")])][int(rdir[3:])] = os.path.join(
+                        root, fdir, rdir, name
+                    )
+    return dict(out)
+
+
+def _best(hist: list[dict]) -> tuple[int, float]:
+    """(epochs run, validation Dice of the best epoch) of a run's curve."""
+    if not hist:
+        return 0, math.nan
+    best = min(hist, key=lambda h: (h["val_loss"], h["epoch"]))
+    return len(hist), float(best.get("val_dice_mean", math.nan))
+
+
+def _mean_sd(xs) -> str:
+    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return ""
+    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+
+
+def _table3(raw: str) -> list[str]:
+    """T-IMM's two stages per fraction: epochs and best validation Dice (paper Table 3)."""
+    fused = _fused_raw(raw)
+    rows = []
+    for (f, init), reps in sorted(fused.items()):
+        if init != "timm":
+            continue
+        ad = [_best(_jsonl(os.path.join(d, "adaption_metrics.jsonl"))) for d in reps.values()]
+        ft = [
+            _best(
+                _jsonl(
+                    os.path.join(raw, "runs", f"f{round(f * 100):03d}", f"rep{r}", "timm", "metrics.jsonl")
+                )
+            )
+            for r in reps
+        ]
+        rows.append(
+            {
+                "fraction": f"{f:.0%}",
+                "replicates": len(reps),
+                "adaption epochs": _mean_sd([float(e) for e, _ in ad]),
+                "adaption val Dice": _mean_sd([d for _, d in ad]),
+                "fine-tuning epochs": _mean_sd([float(e) for e, _ in ft if e]),
+                "fine-tuning val Dice": _mean_sd([d for e, d in ft if e]),
+            }
+        )
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return ["## Table 3: T-IMM's stages (mean ± sd over replicates)", "", markdown_table(rows, cols), ""]
+
+
+def _forgetting_value(path: str, task: str) -> float:
+    if not os.path.isfile(path):
+        return math.nan
+    with open(path) as f:
+        v = json.load(f).get(task)
+    return float(v["mean"]) if isinstance(v, dict) else math.nan
+
+
+def _table4(raw: str) -> list[str]:
+    """Forgetting (paper Table 4): the transferable weights of each model with M1's task-specific
+    leaves on task 1's test cases and M2's on task 2's. IMM and mean-IMM are one model whatever
+    the replicate (their fused transferable weights do not depend on it): counted once."""
+    rows = []
+    for name in ("m1", "m2"):
+        path = os.path.join(raw, "sources", name, "forgetting.json")
+        if os.path.isfile(path):
+            rows.append(
+                {
+                    "weights": name.upper(),
+                    "models": 1,
+                    "task 1 (M1 heads)": _forgetting_value(path, "m1"),
+                    "task 2 (M2 heads)": _forgetting_value(path, "m2"),
+                }
+            )
+    fused = _fused_raw(raw)
+    for init, label in (("imm", "IMM"), ("meanimm", "mean-IMM"), ("timm", "T-IMM (after adaption)")):
+        paths = []
+        for (_, name), reps in sorted(fused.items()):
+            if name != init:
+                continue
+            chosen = list(reps.values())[:1] if init in ("imm", "meanimm") else list(reps.values())
+            paths += [os.path.join(d, "forgetting.json") for d in chosen]
+        if init in ("imm", "meanimm"):
+            paths = paths[:1]
+        if paths:
+            t1 = [_forgetting_value(p, "m1") for p in paths]
+            t2 = [_forgetting_value(p, "m2") for p in paths]
+            rows.append(
+                {
+                    "weights": label,
+                    "models": len(paths),
+                    "task 1 (M1 heads)": _mean_sd(t1),
+                    "task 2 (M2 heads)": _mean_sd(t2),
+                }
+            )
+    if not rows:
+        return []
+    cols = ["weights", "models", "task 1 (M1 heads)", "task 2 (M2 heads)"]
+    return [
+        "## Table 4: forgetting (mean test Dice; ± sd over the fused models)",
+        "",
+        markdown_table(rows, cols),
+        "",
+    ]
+
+
+def _convergence(raw: str) -> list[str]:
+    runs = []
+    root = os.path.join(raw, "runs")
+    for dirpath, _, files in os.walk(root):
+        if "metrics.jsonl" in files and "config.json" in files:
+            runs.append(dirpath)
+    for name in (
+        os.listdir(os.path.join(raw, "sources")) if os.path.isdir(os.path.join(raw, "sources")) else []
+    ):
+        runs.append(os.path.join(raw, "sources", name))
+    capped = [r for r in runs if _capped(r)]
+    if not runs:
+        return []
+    lines = [
+        "## Convergence",
+        "",
+        f"{len(capped)} of {len(runs)} runs stopped at their step cap (the others early-stopped on the "
+        "validation loss)"
+        + (": " + ", ".join(os.path.relpath(r, raw) for r in capped) if capped else "")
+        + ".",
+        "",
+    ]
+    return lines
+
+
+def _fisher_section(raw: str) -> list[str]:
+    rows = _csv(os.path.join(raw, "fisher_diagnostics.csv"))
+    if not rows:
+        return []
+    cols = list(rows[0])
+    return [
+        "## Fisher diagnostics (M1 vs M2, per transferable layer)",
+        "",
+        "Share of M1 in the layer's Fisher mass, the median over the layer's elements of M1's share "
+        "F₁ / (F₁ + F₂), and where the IMM-fused weights lie between the sources (median over elements "
+        "of (θ − θ₂) / (θ₁ − θ₂): 1 = M1's weight, 0 = M2's), with the Fishers as they are and normalised "
+        "per layer (`--fisher_normalisation=layer`).",
+        "",
+        markdown_table(
+            [{k: v if k == "layer" else _fmt(float(v)) for k, v in r.items()} for r in rows], cols
+        ),
+        "",
+    ]
+
+
+def _figures(out: str, raw: str, prereg: dict) -> list[str]:
+    """The learning curve of every initialisation, the per-case differences of T-IMM (Fig. 4) and
+    the learned ratios (Fig. 5), as PNGs in ``out/figures``."""
+    from matplotlib.figure import Figure
+
+    c = cells(raw)
+    if not c:
+        return []
+    fig_dir = os.path.join(out, "figures")
+    lines = ["## Figures", ""]
+    fractions = sorted({f for f, _ in c})
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for name in [*prereg["initialisations"], "threshold"]:
+        xs, ys, es = [], [], []
+        for f in fractions:
+            cell = c.get((f, _slug(name)))
+            if cell:
+                m = _matrix(cell)[0].mean(axis=1)
+                xs.append(f * 100)
+                ys.append(m.mean())
+                es.append(m.std(ddof=1) if len(m) > 1 else 0)
+        if xs:
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("% of the tumour pool")
+    ax.set_ylabel("test Dice (mean ± sd over replicates)")
+    ax.legend(fontsize=7)
+    _save(fig, os.path.join(fig_dir, "learning_curve.png"))
+    lines += [
+        "![learning curves](figures/learning_curve.png)",
+        "",
+        "*Test Dice against the data fraction.*",
+        "",
+    ]
+    others = [n for n in prereg["initialisations"] if n != "T-IMM"]
+    diffs = {}
+    for f in fractions:
+        t = c.get((f, "timm"))
+        if not t:
+            continue
+        mt = _matrix(t)[0].mean(axis=0)
+        for n in others:
+            o = c.get((f, _slug(n)))
+            if o:
+                diffs[f"{f:.0%} vs {n}"] = mt - _matrix(o)[0].mean(axis=0)
+    if diffs:
+        fig = Figure(figsize=(max(6, 0.6 * len(diffs)), 4))
+        ax = fig.subplots()
+        ax.boxplot(list(diffs.values()), labels=list(diffs), showfliers=False)
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_ylabel("T-IMM − other, per test case (replicate means)")
+        ax.tick_params(axis="x", labelrotation=60, labelsize=7)
+        _save(fig, os.path.join(fig_dir, "per_case_differences.png"))
+        lines += [
+            "![per-case differences](figures/per_case_differences.png)",
+            "",
+            "*Per test case, T-IMM's Dice minus each other initialisation's (averaged over replicates; "
+            "cf. paper Fig. 4).*",
+            "",
+        ]
+    ratios = defaultdict(list)
+    for (f, init), reps in _fused_raw(raw).items():
+        if init != "timm":
+            continue
+        for d in reps.values():
+            p = os.path.join(d, "mixing_ratios.json")
+            if os.path.isfile(p):
+                with open(p) as fh:
+                    r = json.load(fh)["ratios"]
+                ratios[f].append({k: v[0] for k, v in r.items()})
+    if ratios:
+        fig = Figure(figsize=(6, 6))
+        ax = fig.subplots()
+        for f, runs in sorted(ratios.items()):
+            layers = list(runs[0])
+            m = np.array([[run[k] for k in layers] for run in runs])
+            ax.errorbar(
+                m.mean(0), np.arange(len(layers)), xerr=m.std(0), marker="o", capsize=2, label=f"{f:.0%}"
+            )
+        ax.set_yticks(np.arange(len(layers)), layers, fontsize=6)
+        ax.invert_yaxis()
+        ax.axvline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("learned ratio of M1 (M2: 1 − it), mean ± sd over replicates")
+        ax.legend(fontsize=7)
+        _save(fig, os.path.join(fig_dir, "mixing_ratios.png"))
+        lines += [
+            "![mixing ratios](figures/mixing_ratios.png)",
+            "",
+            "*T-IMM's learned ratios per layer (cf. paper Fig. 5).*",
+            "",
+        ]
+    return lines
+
+
+def _save(fig, path: str) -> None:
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")

@@ -73,6 +73,21 @@ def _check_init_architecture(init_from: str, model_cfg: ModelConfig, params, met
     return params, meta
 
 
+def _warn_if_patch_exceeds(patch, cases) -> None:
+    """One warning when the patch is larger than every training volume along an axis: every
+    training patch is then zero-padded there (legitimate — whole-volume training — but worth a line)."""
+    largest = [max(c.image.shape[a] for c in cases) for a in range(3)]
+    over = [a for a in range(3) if patch[a] > largest[a]]
+    if over:
+        _log.warning(
+            "[train] --patch %s is larger than every training volume along axis %s (largest %s): "
+            "every training patch is zero-padded there; predictions use the same padding",
+            "x".join(map(str, patch)),
+            ",".join(map(str, over)),
+            "x".join(map(str, largest)),
+        )
+
+
 def train_model(
     spec: DataSpec,
     model_cfg: ModelConfig,
@@ -123,6 +138,7 @@ def train_model(
         )
         train_cases = data.load(data.train_ids, mmap=True)  # memory-mapped: data larger than RAM
         val_cases = data.load(data.val_ids, mmap=True)
+        _warn_if_patch_exceeds(patch, train_cases)
         init_rng, state_rng = jax.random.split(jax.random.PRNGKey(train_cfg.seed))
         params = init_params(model, init_rng, (1, *patch, model_cfg.in_channels))
         if init == "transfer":

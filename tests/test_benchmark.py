@@ -1,0 +1,166 @@
+"""The benchmark: its schedule rules, its gates against hand-made raw results, your own data's
+specs, and a quick version of the whole pipeline (pilot, grid after failed gates, report)."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from timm_jax.experiments import benchmark
+from timm_jax.experiments.benchmark_report import gates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_committed_preregistration_reads_and_its_quick_version_replaces_whole_tables():
+    prereg = benchmark.load_prereg()
+    assert prereg["fractions"] == {"0.04": 5, "0.08": 5, "1.0": 3}
+    assert set(prereg["initialisations"]) >= {"no transfer", "M1", "M2", "IMM", "mean-IMM", "T-IMM"}
+    quick = benchmark.load_prereg(quick=True)
+    assert quick["fractions"] == {"0.5": 2, "1.0": 1}  # replaced, not merged with the full grid's
+    assert list(quick["variants"]["settings"]) == ["T-IMM Fisher per layer"]
+    assert quick["training"]["learning_rate"] == prereg["training"]["learning_rate"]  # merged
+
+
+def test_an_epoch_is_a_pass_over_the_cases_and_patience_is_in_steps():
+    prereg = benchmark.load_prereg()
+    t = prereg["training"]
+    for n in (8, 16, 215):
+        cfg = benchmark.schedule(prereg, n, seed=7)
+        assert cfg.steps_per_epoch == -(-n * t["patches_per_case"] // t["batch_size"])
+        assert cfg.plateau_patience * cfg.steps_per_epoch >= t["plateau_steps"]
+        assert cfg.early_stopping_patience * cfg.steps_per_epoch >= t["stop_steps"]
+        assert cfg.max_epochs * cfg.steps_per_epoch >= t["cap_steps"] and cfg.seed == 7
+        assert cfg.early_stopping_patience > cfg.plateau_patience >= 1
+    assert benchmark.replicate_seeds(prereg, 3) == (3, prereg["replicates"]["train_seed_base"] + 3)
+
+
+def _raw_run(d: Path, cases: dict, epochs: int, max_epochs: int, best: int, patience: int = 5):
+    d.mkdir(parents=True)
+    with open(d / "per_case.csv", "w") as f:
+        f.write("case,dice_mean\n" + "".join(f"{c},{v}\n" for c, v in cases.items()))
+    (d / "config.json").write_text(
+        json.dumps({"train": {"max_epochs": max_epochs, "early_stopping_patience": patience}})
+    )
+    hist = [
+        {"epoch": e + 1, "val_loss": 1.0 - 0.1 * min(e, best), "val_dice_mean": 0.5} for e in range(epochs)
+    ]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in hist))
+
+
+def test_gates_from_raw_results(tmp_path):
+    prereg = benchmark.load_prereg()
+    raw = tmp_path / "raw"
+    (raw / "sources").mkdir(parents=True)
+    (raw / "sources.csv").write_text("source,task,dice_mean\nm1,task1,0.85\nm2,task2,0.79\n")
+    for name, epochs in (("m1", 40), ("m2", 20)):
+        _raw_run(raw / "sources" / name, {"a": 0.8}, epochs, max_epochs=40, best=epochs - 1)  # m1 capped
+    cases = [f"c{i}" for i in range(4)]
+    for r in range(5):
+        _raw_run(
+            raw / "runs" / "f004" / f"rep{r}" / "no_transfer",
+            dict.fromkeys(cases, 0.50 + 0.01 * r),
+            30,
+            100,
+            20,
+        )
+        _raw_run(raw / "runs" / "f004" / f"rep{r}" / "threshold", dict.fromkeys(cases, 0.2), 1, 1, 0)
+    for r in range(3):
+        _raw_run(raw / "runs" / "f100" / f"rep{r}" / "no_transfer", dict.fromkeys(cases, 0.70), 30, 100, 20)
+        _raw_run(raw / "runs" / "f100" / f"rep{r}" / "threshold", dict.fromkeys(cases, 0.65), 1, 1, 0)
+    g = {x["gate"]: x for x in gates(str(raw), prereg)["gates"]}
+    assert g["G1"]["value"] == {"m1": 0.85, "m2": 0.79} and not g["G1"]["met"]
+    assert g["G2"]["value"]["gap"] == pytest.approx(0.70 - 0.52) and g["G2"]["met"]
+    assert g["G3"]["value"]["gap"] == pytest.approx(0.05) and not g["G3"]["met"]
+    # 2 sources + 8 no-transfer runs; m1 ran into its cap (40 of 40 epochs, still improving)
+    assert g["G4"]["value"] == {"capped": 1, "runs": 10, "share": 0.1} and not g["G4"]["met"]
+
+
+def test_your_own_data_gives_each_task_its_labels_and_split(tmp_path):
+    from timm_jax.data.spec import resolve
+    from timm_jax.data.writers import write_brats_case, write_freesurfer_subject
+
+    rng = np.random.default_rng(0)
+    subjects, tumours = tmp_path / "subjects", tmp_path / "brats"
+    aseg = np.zeros((16, 16, 16), np.int32)
+    aseg[2:8, 2:8, 2:8], aseg[8:14, 8:14, 8:14], aseg[2:6, 10:14, 2:6] = 3, 2, 10  # cortex, WM, thalamus
+    for s in range(6):
+        write_freesurfer_subject(subjects, f"sub{s}", rng.random((16, 16, 16)).astype(np.float32) + 1, aseg)
+    seg = np.zeros((16, 16, 16), np.int32)
+    seg[4:9, 4:9, 4:9] = 2
+    seg[5:7, 5:7, 5:7] = 4
+    for c in range(5):
+        write_brats_case(
+            tumours, f"BraTS2021_{c:05d}", rng.random((16, 16, 16, 4)).astype(np.float32) + 1, seg
+        )
+    groups = {"task1": {"train": ["sub0"], "val": ["sub1"]}, "task2": {"train": ["sub2"], "val": ["sub3"]}}
+    groups["test"] = ["sub4", "sub5"]
+    (tmp_path / "groups.json").write_text(json.dumps(groups))
+    split = {"train": ["BraTS2021_00000", "BraTS2021_00001"], "val": ["BraTS2021_00002"]}
+    split["test"] = ["BraTS2021_00003", "BraTS2021_00004"]
+    (tmp_path / "tumour.json").write_text(json.dumps(split))
+    user = {
+        "parcellation_dir": str(subjects),
+        "parcellation_layout": "freesurfer",
+        "label_map": "paper14",
+        "parcellation_splits": str(tmp_path / "groups.json"),
+        "tumour_dir": str(tumours),
+        "tumour_layout": "brats",
+        "tumour_splits": str(tmp_path / "tumour.json"),
+    }
+    lay = benchmark.Layout(str(tmp_path / "out"))
+    benchmark.user_data(lay, user)
+    t1 = resolve(benchmark._spec(lay, "task1", user=user))
+    assert t1.train_ids == ["sub0"] and t1.val_ids == ["sub1"] and t1.splits["test"] == ["sub4", "sub5"]
+    assert list(t1.task.label_ids) == list(range(1, 8))
+    both = resolve(benchmark._spec(lay, "hcp_8_14", user=user))
+    assert both.train_ids == ["sub0", "sub2"] and list(both.task.label_ids) == list(range(8, 15))
+    t3 = resolve(benchmark._spec(lay, "task3", 1.0, 0, user=user))
+    assert t3.train_ids == split["train"] and t3.task.channel_names == ("WT", "TC", "ET")
+    os.remove(tmp_path / "groups.json")
+    from timm_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="parcellation_splits"):
+        benchmark.user_data(lay, user)
+
+
+@pytest.mark.e2e
+def test_quick_benchmark_pilot_grid_and_report(tmp_path):
+    """The whole pipeline at a tiny scale: the pilot refuses nothing but records failed gates, the
+    grid then runs only with --after_failed_gates, and the report says that no claim is made."""
+    from timm_jax.errors import ConfigError
+
+    prereg = benchmark.load_prereg(quick=True)
+    out = str(tmp_path / "bench")
+    result = benchmark.run_pilot(out, prereg)
+    assert {g["gate"] for g in result["gates"]} == {"G1", "G2", "G3", "G4"}
+    raw = Path(out) / "raw"
+    assert (raw / "sources.csv").is_file() and (raw / "gates.json").is_file()
+    for r in range(2):
+        assert (raw / "runs" / "f050" / f"rep{r}" / "no_transfer" / "per_case.csv").is_file()
+        assert (raw / "runs" / "f050" / f"rep{r}" / "threshold" / "summary.json").is_file()
+        assert (raw / "runs" / "f050" / f"rep{r}" / "no_transfer" / "metrics.jsonl").is_file()
+    assert not list(Path(out, "runs").rglob("*_fused"))  # the pilot runs no transfer cell
+    if not result["all_met"]:
+        with pytest.raises(ConfigError, match="--after_failed_gates"):
+            benchmark.run_grid(out, prereg)
+    benchmark.run_grid(out, prereg, after_failed_gates=True)
+    for init in ("m1", "m2", "imm", "meanimm", "timm", "allhcp_1_7", "timm_fisher_per_layer"):
+        assert (raw / "runs" / "f050" / "rep0" / init / "per_case.csv").is_file(), init
+    assert (raw / "runs" / "f050" / "rep0" / "timm_fused" / "adaption_metrics.jsonl").is_file()
+    assert (raw / "fisher_diagnostics.csv").is_file()
+    assert not list(raw.rglob("checkpoints"))  # raw results only
+    from timm_jax.experiments.benchmark_report import write_report
+
+    text = Path(write_report(out, prereg)).read_text()
+    for part in ("## Gates", "## Table 2", "## Pre-registered comparisons", "## Table 3", "## Table 4"):
+        assert part in text, part
+    assert "## Fisher diagnostics" in text and "per replicate" in text
+    if not result["all_met"]:
+        assert "no claim about the transfer methods is made" in text and "no claim (gate failed)" in text
+    # a second grid invocation reuses everything
+    before = sorted(str(p) for p in raw.rglob("*"))
+    benchmark.run_grid(out, prereg, after_failed_gates=True)
+    assert sorted(str(p) for p in raw.rglob("*")) == before
