@@ -11,7 +11,7 @@ OUT    ?= demo_out
 REPRO  ?= reproduce_out
 SEEDS  ?= 3
 
-.PHONY: demo test test-fast test-all reliability env bench clean reproduce
+.PHONY: demo test test-fast test-all reliability env bench clean reproduce benchmark
 
 env: $(VENV)/.installed
 
@@ -45,6 +45,13 @@ demo: env
 
 reproduce: env
 	$(PY) -m timm_jax.experiments.reproduce --out=$(REPRO) --seeds=$(SEEDS)
+
+# the benchmark of docs/benchmark/preregistration.json: the pilot (gates), then the grid (hours of CPU;
+# resumable), then the report in $(BENCH)/report.md
+BENCH  ?= benchmark_out
+benchmark: env
+	$(PY) -m timm_jax.experiments.benchmark --out=$(BENCH) --stage=pilot
+	$(PY) -m timm_jax.experiments.benchmark --out=$(BENCH) --stage=grid
 
 bench: env
 	$(PY) benchmarks/bench_merge.py
