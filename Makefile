@@ -2,16 +2,14 @@
 # `make test` runs the test suite (`make test-fast` leaves out the subprocess end-to-end runs,
 # `make test-all` adds the slow crash matrix, `make reliability`
 # records it in docs/reliability.md). Both create the virtual environment on first use.
-# `make reproduce` runs the paper's experiment grid with 3 seeds (about 100 min on 2 cores;
-# resumable) and writes $(REPRO)/report.md.
+# `make benchmark` runs the pre-registered benchmark (pilot, then grid; hours of CPU; resumable) and
+# writes $(BENCH)/report.md.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= demo_out
-REPRO  ?= reproduce_out
-SEEDS  ?= 3
 
-.PHONY: demo test test-fast test-all reliability env bench clean reproduce benchmark
+.PHONY: demo test test-fast test-all reliability env bench clean benchmark
 
 env: $(VENV)/.installed
 
@@ -42,9 +40,6 @@ reliability: env
 
 demo: env
 	$(PY) -m timm_jax.experiments.demo --out=$(OUT)
-
-reproduce: env
-	$(PY) -m timm_jax.experiments.reproduce --out=$(REPRO) --seeds=$(SEEDS)
 
 # the benchmark of docs/benchmark/preregistration.json: the pilot (gates), then the grid (hours of CPU;
 # resumable), then the report in $(BENCH)/report.md

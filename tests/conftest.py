@@ -17,3 +17,17 @@ if not flags.FLAGS.is_parsed():
 # orbax leaves a failed asyncio task behind when a corrupt checkpoint is read (the tests assert
 # the CheckpointError it raises); without this its "never retrieved" traceback is logged at exit
 logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def log(caplog):
+    """caplog on the package logger (INFO), also if a script's setup_logging turned propagation off."""
+    logger = logging.getLogger("timm_jax")
+    propagate = logger.propagate
+    logger.propagate = True
+    caplog.set_level("INFO", logger="timm_jax")
+    yield caplog
+    logger.propagate = propagate

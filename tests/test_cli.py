@@ -398,3 +398,26 @@ def test_progress_bars_on_a_terminal_plain_lines_otherwise(env):
     assert p.returncode == 0
     both = p.stdout + p.stderr
     assert "epoch 1/1" in both and "\r" not in both and "step/s" not in both and "s/step" not in both
+
+
+def test_help_groups_the_flags_and_config_relaunches_a_run(env):
+    """--help lists the script's own flags by concern; --config=<run>/config.json re-creates a run's
+    flags (it resumes the same run, and a flag given beside it overrides a recorded one)."""
+    tmp, _ = env
+    out = run(env, "train.py", "--help").stdout
+    for group in ("Data:", "Network:", "Training:", "Devices and processes:", "Relaunch:", "This script:"):
+        assert group in out, group
+    assert out.index("--workdir") > out.index("This script:") > out.index("--patch")
+    assert "--helpfull" in out and "--flagfile" in out
+    work = tmp / "relaunch"
+    run(env, "train.py", *parc(tmp, "task1"), *NET, *SCHED, f"--workdir={work}")
+    again = run(env, "train.py", f"--config={work}/config.json")
+    assert "relaunching with the settings of" in again.stdout and "run already finished" in again.stdout
+    longer = run(env, "train.py", f"--config={work}", "--max_epochs=3", check=False)
+    assert longer.returncode == 2 and "another configuration" in longer.stderr  # max_epochs is keyed
+    bad = run(env, "train.py", f"--config={tmp}/nowhere.json", check=False)
+    assert (
+        bad.returncode == 2
+        and bad.stderr.startswith("error: --config=")
+        and len(bad.stderr.splitlines()) == 1
+    )

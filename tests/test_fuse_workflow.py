@@ -82,17 +82,6 @@ def target(env, sources):
     return SimpleNamespace(cfg=cfg, fresh=fresh, part=fusion_partition(fresh, sources))
 
 
-@pytest.fixture
-def log(caplog):
-    """caplog on the package logger, also if a script's setup_logging turned propagation off."""
-    logger = logging.getLogger("timm_jax")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level("INFO", logger="timm_jax")
-    yield caplog
-    logger.propagate = propagate
-
-
 def fake_run(path, kind: str, model: ModelConfig) -> str:
     meta = make_meta(kind, model=model, data={"data_dir": "nowhere"})
     with RunDir.create(str(path), meta) as run:

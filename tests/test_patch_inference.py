@@ -6,7 +6,6 @@ different function (instance norm sees the statistics of the padded volume, not 
 """
 
 import json
-import logging
 import os
 from types import SimpleNamespace
 
@@ -44,16 +43,6 @@ def env(tmp_path_factory):
     run = str(tmp / "runs" / "t3")
     train_model(spec, NET, SCHED, run)
     return SimpleNamespace(tmp=tmp, spec=spec, run=run)
-
-
-@pytest.fixture
-def log(caplog):
-    logger = logging.getLogger("timm_jax")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level("INFO", logger="timm_jax")
-    yield caplog
-    logger.propagate = propagate
 
 
 def test_evaluation_predicts_with_sliding_windows_at_the_training_patch(env, tmp_path):

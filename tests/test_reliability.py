@@ -115,12 +115,6 @@ def stop_after(n):
 
 
 @pytest.fixture
-def log(caplog):
-    caplog.set_level(logging.INFO, logger="timm_jax")
-    return caplog
-
-
-@pytest.fixture
 def fault_env(monkeypatch):
     """Set TIMM_JAX_FAULT for this test with fresh visit counts."""
     monkeypatch.setattr(faults, "_hits", {})

@@ -74,17 +74,6 @@ def write(path, m, steps=(1,), value=1.0) -> None:
             run.save(s, {"params": params(value * s)}, {**m, "run": {"epoch": s}}, best=s == steps[0])
 
 
-@pytest.fixture
-def log(caplog):
-    """caplog on the package logger, also if a script's setup_logging turned propagation off."""
-    logger = logging.getLogger("timm_jax")
-    propagate = logger.propagate
-    logger.propagate = True
-    caplog.set_level("INFO", logger="timm_jax")
-    yield caplog
-    logger.propagate = propagate
-
-
 # ---------------------------------------------------------------------------- metadata
 
 

@@ -20,6 +20,11 @@ rules. The file is committed before any transfer cell runs; the report states it
   the report then makes no transfer claim.
 * ``--stage=report`` — ``DIR/report.md`` from the raw files (:mod:`.benchmark_report`).
 
+**The paper on your data**: ``--parcellation_dir`` (FreeSurfer subjects or the parcellation layout,
+``--label_map=paper14``) with ``--parcellation_splits`` (two disjoint groups for tasks 1 and 2 and a
+shared test group) and ``--tumour_dir`` (BraTS, MSD or nnU-Net) with ``--tumour_splits`` replace
+the generated data set; everything else is as pre-registered.
+
 A replicate ``r`` of a fraction has its own training subset (data seed ``r``: the nested fraction of
 the pool, :func:`timm_jax.data.splits.fraction_split`) and its own training seed (``train_seed_base
 + r``: initialisation, patch sampling, dropout), so both variances are in the numbers. The sources
@@ -36,7 +41,6 @@ evaluations are reused).
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -48,6 +52,8 @@ from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
+from timm_jax.workflows.report import read_csv as _read_csv
+from timm_jax.workflows.report import write_csv
 
 __all__ = ["load_prereg", "replicate_seeds", "run_grid", "run_pilot", "schedule"]
 
@@ -499,26 +505,13 @@ def _add_time(lay: Layout, stage: str, seconds: float) -> None:
     write_json(path, state)
 
 
-def _read_csv(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _write_csv(path: str, rows: list[dict], *, merge_on: str = "", old: list[dict] = ()) -> None:
+    """``rows`` (merged over ``old`` by the key ``merge_on``) as a CSV."""
     if merge_on:
         keep = {r[merge_on]: r for r in old}
         keep.update({r[merge_on]: r for r in rows})
         rows = list(keep.values())
-    cols: list[str] = []
-    for r in rows:
-        cols += [k for k in r if k not in cols]
-    with atomic_write(path, newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_csv(path, rows)
 
 
 def main() -> None:
@@ -556,6 +549,23 @@ def define_flags() -> None:
     flags.DEFINE_bool("quick", False, "Apply the file's `quick` overrides: a tiny version for the tests.")
     flags.DEFINE_bool(
         "after_failed_gates", False, "Run the grid although a gate failed (no transfer claim is made)."
+    )
+    # the paper on your data: parcellation subjects (HCP / FreeSurfer) and a tumour data set
+    flags.DEFINE_string("parcellation_dir", "", "Your parcellation subjects (instead of the generated set).")
+    flags.DEFINE_enum("parcellation_layout", "freesurfer", ["freesurfer", "parcellation"], "Their layout.")
+    flags.DEFINE_string(
+        "label_map", "paper14", "Label map to the paper's 14 classes (paper14 or a JSON file)."
+    )
+    flags.DEFINE_string(
+        "parcellation_splits",
+        "",
+        'JSON {"task1": {"train": [...], "val": [...]}, "task2": {...}, "test": [...]}: two disjoint '
+        "groups of subjects and a shared test group (paper Table 1).",
+    )
+    flags.DEFINE_string("tumour_dir", "", "Your tumour data set (BraTS, MSD or nnU-Net layout).")
+    flags.DEFINE_enum("tumour_layout", "brats", ["brats", "msd", "nnunet"], "Its layout.")
+    flags.DEFINE_string(
+        "tumour_splits", "", 'JSON {"train": [...], "val": [...], "test": [...]} of the tumour pool.'
     )
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -24,17 +23,11 @@ import numpy as np
 from timm_jax.atomic import atomic_write
 from timm_jax.experiments import stats
 from timm_jax.workflows.report import markdown_table
+from timm_jax.workflows.report import read_csv as _csv
 
 __all__ = ["cells", "gates", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _csv(path: str) -> list[dict]:
-    if not os.path.isfile(path):
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -571,7 +564,8 @@ def _figures(out: str, raw: str, prereg: dict) -> list[str]:
     if diffs:
         fig = Figure(figsize=(max(6, 0.6 * len(diffs)), 4))
         ax = fig.subplots()
-        ax.boxplot(list(diffs.values()), labels=list(diffs), showfliers=False)
+        ax.boxplot(list(diffs.values()), showfliers=False)
+        ax.set_xticks(range(1, len(diffs) + 1), list(diffs))
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_ylabel("T-IMM − other, per test case (replicate means)")
         ax.tick_params(axis="x", labelrotation=60, labelsize=7)

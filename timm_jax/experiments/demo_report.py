@@ -93,7 +93,7 @@ def write_demo_report(
         "How to read it: T-IMM's adaption stage is extra training on the task-3 cases (mixing logits and "
         "task-specific leaves, through the merge) before its fine-tuning, so T-IMM sees more task-3 "
         "steps than the other rows — as in the paper's protocol. This is a single seed: differences of a "
-        "few Dice points are within run-to-run noise at this scale; `make reproduce` compares the "
+        "few Dice points are within run-to-run noise at this scale; `make benchmark` compares the "
         "initialisations over seeds with confidence intervals."
     )
     adaption = timm_meta.get("adaption") or {}

@@ -9,10 +9,9 @@ print(table())"`` prints them side by side).
 * ``full`` — ``make demo``: one seed at 8 %, about 12 minutes on a 2-core CPU.
 * ``smoke`` — a minutes-long check of the demo pipeline on a tiny data set (the tests;
   ``python -m timm_jax.experiments.demo_data --small``).
-* ``repro`` — ``make reproduce``: the paper's grid on the demo benchmark (sources and every
-  task-3 run stopped early on the validation loss), sized for ≤ 100 minutes on 2 CPU cores.
-* ``repro_quick`` — ``--quick``: the same grid on coarse volumes with a tiny network and two
-  epochs per stage, for the tests.
+* ``repro`` — the scale of the superseded reproduction (``docs/reproduce/``), kept so that its
+  runs stay readable; the benchmark's own settings are in ``docs/benchmark/preregistration.json``.
+* ``repro_quick`` — its tiny version.
 * ``paper`` — the paper's network (base 16, depth 5), 96×128×96 patches at 1.5 mm with batch 1,
   Adam 5e-4, plateau 10 / stop 50; for a GPU.
 

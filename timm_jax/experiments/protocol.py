@@ -2,7 +2,7 @@
 
 A *cell* is one initialisation of the target task (no transfer, a source, a fusion of sources),
 fine-tuned on the target's training cases and evaluated on its test cases — the unit that
-``make demo``, ``make reproduce`` and the benchmark repeat over fractions, seeds and
+``make demo`` and the benchmark (:mod:`.benchmark`) repeat over fractions, seeds and
 initialisations. :func:`run_cell` runs one, reusing whatever of it finished before (the fusion, the
 fine-tuning, the evaluation), so an interrupted experiment continues where it stopped.
 """

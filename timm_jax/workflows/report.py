@@ -31,6 +31,8 @@ from timm_jax.atomic import atomic_write
 
 __all__ = [
     "markdown_table",
+    "read_csv",
+    "write_csv",
     "plot_mixing_ratios",
     "plot_per_case",
     "plot_prediction",
@@ -336,3 +338,28 @@ def prediction_slice(image: Any, truth: Any, pred: Any) -> np.ndarray:
         return out
 
     return np.concatenate([grey, overlay(truth), overlay(pred)], axis=1)
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows of a CSV file as dicts (``[]`` if the file does not exist)."""
+    import csv
+
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as a CSV file (the union of their keys as columns, in first-seen order; floats with
+    6 decimals), written atomically."""
+    import csv
+
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with atomic_write(path, newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
