@@ -19,7 +19,7 @@ def test_the_committed_preregistration_reads_and_its_quick_version_replaces_whol
     assert prereg["fractions"] == {"0.04": 5, "0.08": 5, "1.0": 3}
     assert set(prereg["initialisations"]) >= {"no transfer", "M1", "M2", "IMM", "mean-IMM", "T-IMM"}
     quick = benchmark.load_prereg(quick=True)
-    assert quick["fractions"] == {"0.5": 2, "1.0": 1}  # replaced, not merged with the full grid's
+    assert quick["fractions"] == {"0.5": 1, "1.0": 1}  # replaced, not merged with the full grid's
     assert list(quick["variants"]["settings"]) == ["T-IMM Fisher per layer"]
     assert quick["training"]["learning_rate"] == prereg["training"]["learning_rate"]  # merged
 
@@ -138,10 +138,10 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     assert {g["gate"] for g in result["gates"]} == {"G1", "G2", "G3", "G4"}
     raw = Path(out) / "raw"
     assert (raw / "sources.csv").is_file() and (raw / "gates.json").is_file()
-    for r in range(2):
-        assert (raw / "runs" / "f050" / f"rep{r}" / "no_transfer" / "per_case.csv").is_file()
-        assert (raw / "runs" / "f050" / f"rep{r}" / "threshold" / "summary.json").is_file()
-        assert (raw / "runs" / "f050" / f"rep{r}" / "no_transfer" / "metrics.jsonl").is_file()
+    for f in ("f050", "f100"):
+        assert (raw / "runs" / f / "rep0" / "no_transfer" / "per_case.csv").is_file()
+        assert (raw / "runs" / f / "rep0" / "threshold" / "summary.json").is_file()
+        assert (raw / "runs" / f / "rep0" / "no_transfer" / "metrics.jsonl").is_file()
     assert not list(Path(out, "runs").rglob("*_fused"))  # the pilot runs no transfer cell
     if not result["all_met"]:
         with pytest.raises(ConfigError, match="--after_failed_gates"):

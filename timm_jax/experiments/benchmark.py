@@ -64,9 +64,42 @@ PREREG = ROOT / "docs" / "benchmark" / "preregistration.json"
 
 
 # ------------------------------------------------------------------ the pre-registration
+#: ``--quick``: the pre-registration's settings shrunk to a tiny version of every code path, for the
+#: tests (not a result; not part of the pre-registration)
+QUICK = {
+    "data": {
+        "spacing": 6.0,
+        "counts": {
+            "n_parc_task1": 3,
+            "n_parc_task2": 3,
+            "n_parc_val": 1,
+            "n_parc_test": 2,
+            "n_brats_train": 4,
+            "n_brats_val": 2,
+            "n_brats_test": 2,
+        },
+    },
+    "model": {"base_filters": 2, "depth": 2},
+    "training": {
+        "patch_shape": [16, 16, 16],
+        "batch_size": 1,
+        "patches_per_case": 1,
+        "plateau_steps": 2,
+        "stop_steps": 4,
+        "cap_steps": 6,
+    },
+    "fuse": {"fisher_patches": 1},
+    "fractions": {"0.5": 1, "1.0": 1},
+    "all_hcp": {"fraction": 0.5, "sources": {"All-HCP 1:7": "hcp_1_7"}},
+    "variants": {"fraction": 0.5, "settings": {"T-IMM Fisher per layer": {"fisher_normalisation": "layer"}}},
+    "gates": {"G2": {"high": "1.0", "low": "0.5"}, "G3": {"fraction": "1.0"}},
+    "verdicts": {"claims": [{"claim": "T-IMM > M1", "a": "T-IMM", "b": "M1", "fractions": ["0.5"]}]},
+}
+
+
 def load_prereg(path: str | os.PathLike = PREREG, *, quick: bool = False) -> dict:
-    """The pre-registration (JSON); ``quick`` applies its ``quick`` overrides (a tiny version for
-    the tests: the same code paths, not a result)."""
+    """The pre-registration (JSON); ``quick`` applies :data:`QUICK` (a tiny version for the tests:
+    the same code paths, not a result)."""
     from timm_jax.errors import ConfigError
 
     try:
@@ -79,7 +112,7 @@ def load_prereg(path: str | os.PathLike = PREREG, *, quick: bool = False) -> dic
     if prereg.get("format") != "timm_jax.benchmark.prereg":
         raise ConfigError(f"--prereg={path} is not a benchmark pre-registration (no format field)")
     if quick:
-        prereg = _merge(prereg, prereg.get("quick", {}))
+        prereg = _merge(prereg, QUICK)
     return prereg
 
 
@@ -546,7 +579,7 @@ def define_flags() -> None:
         "stage", "report", ["pilot", "grid", "report"], "What to run (the report is always written)."
     )
     flags.DEFINE_string("prereg", str(PREREG), "The pre-registration file.")
-    flags.DEFINE_bool("quick", False, "Apply the file's `quick` overrides: a tiny version for the tests.")
+    flags.DEFINE_bool("quick", False, "A tiny version of every code path (QUICK), for the tests.")
     flags.DEFINE_bool(
         "after_failed_gates", False, "Run the grid although a gate failed (no transfer claim is made)."
     )
