@@ -421,7 +421,7 @@ def test_a_dead_process_lock_is_taken_over(tmp_path, log):
     _lock(tmp_path, dead.pid)
     with RunDir.create(str(tmp_path), META):
         held = json.loads((tmp_path / LOCK_FILE).read_text())
-        assert held == {"pid": os.getpid(), "host": socket.gethostname()}
+        assert held == {"pid": os.getpid(), "host": socket.gethostname(), "purpose": "run"}
         with pytest.raises(RunLockedError, match="already open for writing in this process"):
             RunDir.create(str(tmp_path), META)
     assert f"took over the lock left by process {dead.pid}" in log.text
