@@ -67,6 +67,21 @@ hand).
 - `RunDir.create` takes `<run>/run.lock`: a live holder is refused with one line, a dead
   holder's lock (same host) is taken over with a warning. In a multi-process run process 0 takes
   it and broadcasts the outcome, so every process stops with the same line.
+- Every file is written by `timm_jax/atomic.py` (temporary file beside it, fsync, rename); pairs
+  are ordered so that a kill between them leaves no mismatch (an evaluation's `summary.json` is
+  removed first and written last). A read-only run directory or output folder, or a path of the
+  wrong kind (a folder where a file goes, a file where a folder goes), is one line
+  (`NotWritableError`), nothing written — `tests/test_run_holes.py` runs `train.py` and
+  `evaluate.py` on a read-only run.
+- A fusion holds its `--out` lock from its first check to its last file, so a second fusion into
+  it is refused before it loads a Fisher; computing a source's Fisher cache holds that source's
+  lock (a source being trained is refused; a second process wanting the same cache waits for the
+  first and reads its cache). `--source=m1,m1` and `--forgetting` of one run twice are refused;
+  sources whose folders share a name get distinct names (`a/m1,b/m1` → `a_m1`, `b_m1`).
+- The compiled CPU kernels are loaded from `$TIMM_JAX_CACHE` (default `~/.cache/timm_jax`) into
+  every training process; a cache folder or library that is writable by the group or others, owned
+  by another user, or a symbolic link is refused with one line (`KernelCacheError`), as ssh refuses
+  such key files: fix its permissions, remove it, or point `TIMM_JAX_CACHE` at a folder of your own.
 - Every training step's loss is checked: a non-finite one stops the run naming the epoch and
   step, and the parameters are checked before each checkpoint (a non-finite gradient on the last
   step of an epoch is caught before it is saved); `--skip_nonfinite_steps` skips such steps
@@ -74,9 +89,8 @@ hand).
 
 ## Known gaps (not fixed, not covered by a row below)
 
-- A kill between writing and renaming a cache file (Fisher, preprocessed data) leaves an orphan
-  `*.tmp.npz` beside it: nothing is lost and the next run rewrites the cache, but nothing deletes
-  the orphan.
+- A kill between writing and renaming a file leaves an orphan `.tmp-<pid>-<random>-<name>` beside
+  it: nothing is lost and the next run rewrites the file, but nothing deletes the orphan.
 - A damaged *best* checkpoint found when training resumes is set aside and written again from the
   latest checkpoint of the same step; when that step is no longer kept (only the two newest are),
   the run has no best checkpoint until an epoch improves, and readers use the latest meanwhile.
