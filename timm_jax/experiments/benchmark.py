@@ -338,7 +338,7 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
             train_model(
                 spec,
                 _model(prereg),
-                schedule(prereg, _n_train(spec), 0, "sources"),
+                schedule(prereg, _n_train(spec), 0),
                 run,
                 init="transfer" if init_from else "random",
                 init_from=lay.source(init_from) if init_from else "",
