@@ -407,7 +407,7 @@ def test_help_groups_the_flags_and_config_relaunches_a_run(env):
     out = run(env, "train.py", "--help").stdout
     for group in ("Data:", "Network:", "Training:", "Devices and processes:", "Relaunch:", "This script:"):
         assert group in out, group
-    assert out.index("--workdir") > out.index("This script:") > out.index("--patch")
+    assert out.index("  --workdir:") > out.index("This script:") > out.index("  --patch:")
     assert "--helpfull" in out and "--flagfile" in out
     work = tmp / "relaunch"
     run(env, "train.py", *parc(tmp, "task1"), *NET, *SCHED, f"--workdir={work}")

@@ -300,7 +300,12 @@ def test_new_fuse_settings_keep_old_run_keys_at_their_defaults():
     }  # a FuseConfig before issue 13
     meta = lambda fuse: make_meta("fused", model={"depth": 3}, data={"d": 1}, fuse=fuse)  # noqa: E731
     now = json.loads(json.dumps(FuseConfig().to_dict()))
-    assert set(now) - set(old) == {"adaption_objective", "task_specific_from", "fisher_patches"}
+    assert set(now) - set(old) == {
+        "adaption_objective",
+        "task_specific_from",
+        "fisher_patches",
+        "fisher_normalisation",
+    }
     new = {k: v for k, v in now.items() if k != "fisher_patches"}  # issue 13's settings
     assert meta(new)["run_key"] == meta(old)["run_key"]
     # the Fisher's examples changed from whole volumes to patches (fisher_patches, keyed): a fusion
@@ -311,6 +316,7 @@ def test_new_fuse_settings_keep_old_run_keys_at_their_defaults():
         {"task_specific_from": 0},
         {"fisher": "adam"},
         {"granularity": "channel"},
+        {"fisher_normalisation": "layer"},
     ):
         assert meta({**new, **change})["run_key"] != meta(old)["run_key"], change
     assert run_key(meta(new)) == meta(new)["run_key"]

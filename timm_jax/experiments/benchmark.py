@@ -46,12 +46,12 @@ import logging
 import math
 import os
 import time
-from pathlib import Path
 
 from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
+from timm_jax.experiments.benchmark_report import PREREG, gates, write_report
 from timm_jax.workflows.report import read_csv as _read_csv
 from timm_jax.workflows.report import write_csv
 
@@ -59,8 +59,6 @@ __all__ = ["load_prereg", "replicate_seeds", "run_grid", "run_pilot", "schedule"
 
 _log = logging.getLogger("timm_jax.experiments.benchmark")
 FLAGS = flags.FLAGS
-ROOT = Path(__file__).resolve().parents[2]
-PREREG = ROOT / "docs" / "benchmark" / "preregistration.json"
 
 
 # ------------------------------------------------------------------ the pre-registration
@@ -226,7 +224,7 @@ def user_data(lay: Layout, cfg: dict) -> None:
     )
 
 
-def _spec(lay: Layout, task: str, fraction: float = 1.0, data_seed: int = 0, user: dict | None = None):
+def _spec(lay: Layout, task: str, fraction: float, data_seed: int = 0, user: dict | None = None):
     from timm_jax.config import DataSpec
 
     if user:  # your own data: the task's labels and split file
@@ -331,7 +329,7 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
     committed = {r["source"]: r for r in _read_csv(os.path.join(lay.raw, "sources.csv"))}
     for name in names:
         task, init_from = prereg["sources"][name]["task"], prereg["sources"][name].get("from", "")
-        spec = _spec(lay, task, user=prereg.get("user_data"))
+        spec = _spec(lay, task, 1.0, user=prereg.get("user_data"))  # a source: all its task's cases
         run = lay.source(name)
         if not finished(run):
             _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
@@ -390,7 +388,6 @@ def run_pilot(out: str, prereg: dict) -> dict:
         if not os.path.isfile(os.path.join(base, "summary.json")):
             run_baseline(spec, out=base)
     _add_time(lay, "pilot", time.time() - t0)
-    from timm_jax.experiments.benchmark_report import gates
 
     result = gates(lay.raw, prereg)
     write_json(os.path.join(lay.raw, "gates.json"), result)
@@ -568,8 +565,6 @@ def main() -> None:
         run_pilot(FLAGS.out, prereg)
     elif FLAGS.stage == "grid":
         run_grid(FLAGS.out, prereg, after_failed_gates=FLAGS.after_failed_gates)
-    from timm_jax.experiments.benchmark_report import write_report
-
     _log.info("report: %s", write_report(FLAGS.out, prereg))
 
 

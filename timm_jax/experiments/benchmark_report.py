@@ -28,6 +28,8 @@ from timm_jax.workflows.report import read_csv as _csv
 __all__ = ["cells", "gates", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[2]
+#: the committed pre-registration (the report cites its commit; the benchmark reads it by default)
+PREREG = ROOT / "docs" / "benchmark" / "preregistration.json"
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -186,8 +188,6 @@ def _fmt(v) -> str:
 def write_report(out: str, prereg: dict) -> str:
     """``out/report.md`` from ``out/raw/``; returns its path."""
     raw = os.path.join(out, "raw")
-    from timm_jax.experiments.benchmark import PREREG
-
     g = gates(raw, prereg)
     wall = (
         json.load(open(os.path.join(raw, "wall_time.json")))
