@@ -112,10 +112,10 @@ def test_your_own_data_gives_each_task_its_labels_and_split(tmp_path):
     }
     lay = benchmark.Layout(str(tmp_path / "out"))
     benchmark.user_data(lay, user)
-    t1 = resolve(benchmark._spec(lay, "task1", user=user))
+    t1 = resolve(benchmark._spec(lay, "task1", 1.0, user=user))
     assert t1.train_ids == ["sub0"] and t1.val_ids == ["sub1"] and t1.splits["test"] == ["sub4", "sub5"]
     assert list(t1.task.label_ids) == list(range(1, 8))
-    both = resolve(benchmark._spec(lay, "hcp_8_14", user=user))
+    both = resolve(benchmark._spec(lay, "hcp_8_14", 1.0, user=user))
     assert both.train_ids == ["sub0", "sub2"] and list(both.task.label_ids) == list(range(8, 15))
     t3 = resolve(benchmark._spec(lay, "task3", 1.0, 0, user=user))
     assert t3.train_ids == split["train"] and t3.task.channel_names == ("WT", "TC", "ET")
