@@ -8,6 +8,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 OUT    ?= demo_out
+# test workers (pytest-xdist): one per core, at most 4; each test module runs whole on one worker so
+# that its fixtures (small trained runs) are built once
+JOBS   ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+XDIST   = -n $(JOBS) --dist loadfile
 
 .PHONY: demo test test-fast test-all reliability env bench clean benchmark
 
@@ -20,15 +24,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(XDIST) tests
 
 # the loop to run while working: unit and in-process tests, no script run in a subprocess
 test-fast: env
-	$(PY) -m pytest -q -m "not slow and not e2e" tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not e2e" tests
 
 # everything, the slow crash-consistency matrix included (pyproject's addopts deselect `slow`)
 test-all: env
-	$(PY) -m pytest -q -m "" tests
+	$(PY) -m pytest -q $(XDIST) -m "" tests
 
 # run the reliability tests and regenerate docs/reliability.md from what they recorded
 reliability: env

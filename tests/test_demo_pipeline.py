@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_pipeline_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = str(ROOT)
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as conftest.py does in-process: faster compiles
     out = tmp_path / "demo"
     p = subprocess.run(
         [sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],

@@ -155,7 +155,6 @@ LAYOUTS = {
 def base(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("layouts")
     env = script_env(tmp, ROOT)
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as conftest.py does in-process: compiles 2-3x faster
     return tmp, env
 
 

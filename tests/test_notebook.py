@@ -17,6 +17,7 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "fusion_
 def test_fusion_api_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.delenv("TIMM_JAX_NOTEBOOK_RUNS", raising=False)
     monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device in the kernel, as for a user
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # as conftest.py in-process: faster compiles
     nb = nbformat.read(NOTEBOOK, as_version=4)
     t0 = time.time()
     NotebookClient(

@@ -70,6 +70,7 @@ def test_adaption_gradient_through_merge_matches_finite_difference():
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, jnp.float64), t)  # noqa: E731
         src, fis, task = cast(sources), cast(fishers), cast(ps[0].task_specific)
 
+        @jax.jit
         def loss(logits):
             params = fused_params(src, fis, logits, task, granularity="global")
             out = model.apply({"params": params}, jnp.asarray(x, jnp.float64))
