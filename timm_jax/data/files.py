@@ -84,6 +84,14 @@ def is_case_dir(path: Path) -> bool:
     return path.is_dir() and not path.name.startswith((".", "_"))
 
 
+def is_file(path: Path) -> bool:
+    """``path.is_file()`` that is False, not an error, for names the OS refuses (too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def list_dir(folder: Path) -> list[Path]:
     try:
         return list(folder.iterdir())

@@ -46,6 +46,7 @@ from timm_jax.data.files import (
     ImageSource,
     Problem,
     is_case_dir,
+    is_file,
     list_dir,
 )
 from timm_jax.data.files import (
@@ -711,9 +712,9 @@ def load_files(
         order = tuple(range(len(mods))) if volumes is None else tuple(int(v) for v in volumes)
         what = f"the {len(mods)} modalities {', '.join(mods)}"
         n = max(order) + 1 if volumes is not None else len(mods)
-        images = (ImageSource(files[0] if _is_file(files[0]) else None, files[0], mods, order, n, what),)
+        images = (ImageSource(files[0] if is_file(files[0]) else None, files[0], mods, order, n, what),)
     elif len(files) == len(mods):
-        images = tuple(ImageSource(f if _is_file(f) else None, f, (m,)) for f, m in zip(files, mods))
+        images = tuple(ImageSource(f if is_file(f) else None, f, (m,)) for f, m in zip(files, mods))
     else:
         raise DataError(
             f"case {case_id}: {len(files)} file(s) for the {len(mods)} modalities {', '.join(mods)}"
@@ -726,13 +727,6 @@ def load_files(
     if problems:
         raise DataError(problems)
     return case
-
-
-def _is_file(path: Path) -> bool:
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, *, dtype: Any = None) -> Path:

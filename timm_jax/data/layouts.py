@@ -47,6 +47,7 @@ from timm_jax.data.files import (
     ImageSource,
     Problem,
     is_case_dir,
+    is_file,
     list_dir,
 )
 
@@ -223,14 +224,6 @@ def _find(folder: Path, stem: str, names: set[str] | None = None) -> Path | None
         if (stem + ext in names) if names is not None else p.is_file():
             return p
     return None
-
-
-def _is_file(path: Path) -> bool:
-    """``path.is_file()`` that is False, not an error, for names the OS refuses (too long, ...)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
 
 
 def _decimal(text: str) -> bool:
@@ -489,7 +482,7 @@ class _Json:
         return _fail(self.path, f"{where} {message}" if where else message)
 
     def load(self) -> dict:
-        if not _is_file(self.path):
+        if not is_file(self.path):
             raise _fail(self.path, "missing file (the data set's dataset.json)")
         try:
             raw = json.loads(self.path.read_bytes().decode("utf-8"))
@@ -695,7 +688,7 @@ def _msd_plan(root: Path, info: DatasetInfo, case_id: str):
     order = tuple(info.files["channels"])
     n = len(info.files["modality"])
     source = ImageSource(
-        img if _is_file(img) else None,
+        img if is_file(img) else None,
         img,
         info.modalities,
         volumes=order,
@@ -705,7 +698,7 @@ def _msd_plan(root: Path, info: DatasetInfo, case_id: str):
     if entry["label"] is None:
         return CasePlan(case_id, img.parent, (source,), None, None), []
     lab = Path(entry["label"])
-    return CasePlan(case_id, img.parent, (source,), lab if _is_file(lab) else None, lab), []
+    return CasePlan(case_id, img.parent, (source,), lab if is_file(lab) else None, lab), []
 
 
 _NNUNET_ENDINGS = (".nii.gz", ".nii", ".mgz", ".mgh")

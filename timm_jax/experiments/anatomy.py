@@ -64,6 +64,28 @@ class _Anatomy:
     extent: np.ndarray  # mm
 
 
+def _anatomy(donor: str, source: str, tissue: np.ndarray, affine: np.ndarray) -> _Anatomy:
+    """A donor's tissue map with the world box of its non-zero voxels (centre and extent, mm)."""
+    nz = tissue > 0
+    lo, hi = np.empty(3), np.empty(3)
+    for axis in range(3):
+        hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != axis)))
+        lo[axis], hi[axis] = hit[0], hit[-1]
+    corners = np.array(
+        [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
+    )
+    world = corners @ affine.T
+    w_lo, w_hi = world[:, :3].min(0), world[:, :3].max(0)
+    return _Anatomy(
+        donor=donor,
+        source=source,
+        tissue=np.ascontiguousarray(tissue.astype(np.uint8)),
+        inv_affine=np.linalg.inv(affine),
+        centre=(w_lo + w_hi) / 2,
+        extent=(w_hi - w_lo) + 1.0,
+    )
+
+
 def _pool2(mask: np.ndarray) -> np.ndarray:
     s = tuple(slice(0, (n // 2) * 2) for n in mask.shape)
     m = mask[s]

