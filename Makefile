@@ -56,4 +56,4 @@ bench: env
 	$(PY) benchmarks/bench_merge.py
 
 clean:
-	rm -rf $(VENV) $(OUT)
+	rm -rf $(VENV) $(OUT) .cache/jax-tests
