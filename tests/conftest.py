@@ -6,15 +6,17 @@ import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from _demo import FAST_COMPILE_ENV, FAST_XLA_FLAGS  # imports neither jax nor the package
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=4 {FAST_XLA_FLAGS}")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+for _k, _v in FAST_COMPILE_ENV.items():
+    os.environ.setdefault(_k, _v)
 
 import logging  # noqa: E402
 
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
-
-jax.config.update("jax_disable_most_optimizations", True)
 
 
 def _jax_cache_dir() -> str:

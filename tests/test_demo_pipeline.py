@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _demo import FAST_COMPILE_ENV, FAST_XLA_FLAGS
 
 pytestmark = pytest.mark.e2e  # scripts in subprocesses: left out by `make test-fast`
 
@@ -14,8 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_pipeline_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = str(ROOT)
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"  # as conftest.py does in-process: faster compiles
+    env.update(FAST_COMPILE_ENV, XLA_FLAGS=FAST_XLA_FLAGS, PYTHONPATH=str(ROOT))  # as in-process
     out = tmp_path / "demo"
     p = subprocess.run(
         [sys.executable, "-m", "timm_jax.experiments.demo", f"--out={out}", "--scale=smoke"],

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _demo import FAST_COMPILE_ENV, FAST_XLA_FLAGS
 
 nbformat = pytest.importorskip("nbformat", reason="the notebook test needs the 'test' extra")
 from nbclient import NotebookClient  # noqa: E402
@@ -16,8 +17,9 @@ NOTEBOOK = Path(__file__).resolve().parents[1] / "docs" / "notebooks" / "fusion_
 
 def test_fusion_api_notebook_executes(tmp_path, monkeypatch):
     monkeypatch.delenv("TIMM_JAX_NOTEBOOK_RUNS", raising=False)
-    monkeypatch.delenv("XLA_FLAGS", raising=False)  # one device in the kernel, as for a user
-    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # as conftest.py in-process: faster compiles
+    monkeypatch.setenv("XLA_FLAGS", FAST_XLA_FLAGS)  # one device in the kernel, as for a user
+    for k, v in FAST_COMPILE_ENV.items():  # as in-process: faster compiles
+        monkeypatch.setenv(k, v)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     t0 = time.time()
     NotebookClient(
