@@ -5,6 +5,7 @@ import logging
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 
@@ -304,6 +305,26 @@ def test_latest_and_best(tmp_path):
     got, got_meta = load_run(str(tmp_path))
     assert got_meta["run"] == {"epoch": 4}
     assert_tree_equal(got, params(4.0))
+
+
+def test_load_params_reads_only_the_params_of_a_full_state(tmp_path):
+    """A training state (params, optimiser moments, step): load_params gives the params exactly as
+    a full restore does, without reading the rest; a state without params is one clear error."""
+    m, p = meta(), params(2.0)
+    state = {"params": p, "opt_state": {"mu": params(3.0), "count": np.int32(5)}, "step": np.int64(9)}
+    with RunDir.create(str(tmp_path / "a"), m) as run:
+        run.save(1, state, m, best=True)
+    with RunDir.open(str(tmp_path / "a")) as run:
+        full, _ = run.restore(None, "best")
+        got, got_meta = run.load_params()
+    assert got_meta == m
+    assert_tree_equal(got, p)
+    assert_tree_equal(got, jax.tree_util.tree_map(np.asarray, full["params"]))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(got))
+    with RunDir.create(str(tmp_path / "b"), m) as run:
+        run.save(1, {"weights": p}, m)
+    with RunDir.open(str(tmp_path / "b")) as run, pytest.raises(CheckpointError, match="holds no 'params'"):
+        run.load_params()
 
 
 def test_corrupt_checkpoint(tmp_path):

@@ -138,6 +138,34 @@ class CheckpointStore:
             ) from e
         return out.state, meta
 
+    def restore_params(self, which: str = "latest", step: int | None = None) -> tuple[PyTree, dict]:
+        """``(params, meta)``: only the state's ``params`` subtree (not the optimiser's moments,
+        two thirds of an Adam checkpoint), read as it is stored onto this process's first device."""
+        step = self._step(which, step)
+        meta = self.read_meta(which, step)
+        where = Path(self.path(which, step)) / "state"
+        try:
+            stored = self._stored_structure(which, step)
+            if not hasattr(stored, "keys") or "params" not in stored.keys():
+                raise CheckpointError(f"checkpoint {where.parent} holds no 'params'")
+            item = {"params": stored["params"]}
+            args = ocp.args.PyTreeRestore(
+                item=item,
+                restore_args=jax.tree_util.tree_map(
+                    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item
+                ),
+                partial_restore=True,
+            )
+            with ocp.PyTreeCheckpointer() as checkpointer:
+                out = checkpointer.restore(where, args=args)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(
+                f"checkpoint {where.parent} could not be read (corrupt or of another structure): {brief(e)}"
+            ) from e
+        return out["params"], meta
+
     def _stored_structure(self, which: str, step: int) -> PyTree:
         """The checkpoint's own tree of shapes and dtypes, placed on this process's first device."""
         tree = ocp.StandardCheckpointHandler().metadata(Path(self.path(which, step)) / "state")

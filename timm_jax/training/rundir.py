@@ -297,11 +297,8 @@ class RunDir(RunPaths):
     def load_params(self, which: str | None = None) -> tuple[dict, dict]:
         """Model params (numpy) and meta of the ``best`` checkpoint (else ``latest``). The params
         structure is read from the checkpoint itself, so no model is needed."""
-        which = which or self.best_or_latest()
-        state, meta = self.restore(None, which)
-        if not isinstance(state, dict) or "params" not in state:
-            raise CheckpointError(f"checkpoint {self.path}/checkpoints/{which} holds no 'params'")
-        return jax.tree_util.tree_map(np.asarray, state["params"]), meta
+        params, meta = self._store.restore_params(which or self.best_or_latest())
+        return jax.tree_util.tree_map(np.asarray, params), meta
 
     def save(self, step: int, state: PyTree, meta: dict, *, best: bool = False) -> None:
         """Save ``latest`` (and ``best``, written first)."""
