@@ -125,46 +125,44 @@ class CheckpointStore:
         ShapeDtypeStructs, with the shardings to restore onto); ``None`` reads the structure
         stored in the checkpoint and restores every array onto this process's first device, so
         a checkpoint written on any number of devices can be read here."""
-        step = self._step(which, step)
-        meta = self.read_meta(which, step)
-        try:
+
+        def read(step: int) -> PyTree:
             abstract = self._stored_structure(which, step) if target is None else _abstract(target)
             restore = ocp.args.StandardRestore(abstract)
-            out = self._managers[which].restore(step, args=ocp.args.Composite(state=restore))
-        except Exception as e:
-            raise CheckpointError(
-                f"checkpoint {self.path(which, step)} could not be read (corrupt or of another "
-                f"structure): {brief(e)}"
-            ) from e
-        return out.state, meta
+            return self._managers[which].restore(step, args=ocp.args.Composite(state=restore)).state
+
+        return self._read(which, step, read)
 
     def restore_params(self, which: str = "latest", step: int | None = None) -> tuple[PyTree, dict]:
         """``(params, meta)``: only the state's ``params`` subtree (not the optimiser's moments,
         two thirds of an Adam checkpoint), read as it is stored onto this process's first device."""
-        step = self._step(which, step)
-        meta = self.read_meta(which, step)
-        where = Path(self.path(which, step)) / "state"
-        try:
+
+        def read(step: int) -> PyTree:
             stored = self._stored_structure(which, step)
             if not hasattr(stored, "keys") or "params" not in stored.keys():
-                raise CheckpointError(f"checkpoint {where.parent} holds no 'params'")
+                raise CheckpointError(f"checkpoint {self.path(which, step)} holds no 'params'")
             item = {"params": stored["params"]}
-            args = ocp.args.PyTreeRestore(
-                item=item,
-                restore_args=jax.tree_util.tree_map(
-                    lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item
-                ),
-                partial_restore=True,
-            )
+            restore_args = jax.tree_util.tree_map(lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding), item)
+            args = ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
             with ocp.PyTreeCheckpointer() as checkpointer:
-                out = checkpointer.restore(where, args=args)
+                return checkpointer.restore(Path(self.path(which, step)) / "state", args=args)["params"]
+
+        return self._read(which, step, read)
+
+    def _read(self, which: str, step: int | None, read) -> tuple[PyTree, dict]:
+        """``(read(step), meta)`` of a checkpoint; any failure of ``read`` is one CheckpointError
+        that names the checkpoint."""
+        step = self._step(which, step)
+        meta = self.read_meta(which, step)
+        try:
+            return read(step), meta
         except CheckpointError:
             raise
-        except Exception as e:
+        except Exception as e:  # orbax raises many types for damaged files
             raise CheckpointError(
-                f"checkpoint {where.parent} could not be read (corrupt or of another structure): {brief(e)}"
+                f"checkpoint {self.path(which, step)} could not be read (corrupt or of another "
+                f"structure): {brief(e)}"
             ) from e
-        return out["params"], meta
 
     def _stored_structure(self, which: str, step: int) -> PyTree:
         """The checkpoint's own tree of shapes and dtypes, placed on this process's first device."""
