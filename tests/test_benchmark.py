@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from timm_jax.experiments import benchmark
-from timm_jax.experiments.benchmark_report import gates
+from timm_jax.experiments.benchmark_report import gates, grid_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,12 +70,46 @@ def test_gates_from_raw_results(tmp_path):
     for r in range(3):
         _raw_run(raw / "runs" / "f100" / f"rep{r}" / "no_transfer", dict.fromkeys(cases, 0.70), 30, 100, 20)
         _raw_run(raw / "runs" / "f100" / f"rep{r}" / "threshold", dict.fromkeys(cases, 0.65), 1, 1, 0)
-    g = {x["gate"]: x for x in gates(str(raw), prereg)["gates"]}
-    assert g["G1"]["value"] == {"m1": 0.85, "m2": 0.79} and not g["G1"]["met"]
-    assert g["G2"]["value"]["gap"] == pytest.approx(0.70 - 0.52) and g["G2"]["met"]
-    assert g["G3"]["value"]["gap"] == pytest.approx(0.05) and not g["G3"]["met"]
-    # 2 sources + 8 no-transfer runs; m1 ran into its cap (40 of 40 epochs, still improving)
-    assert g["G4"]["value"] == {"capped": 1, "runs": 10, "share": 0.1} and not g["G4"]["met"]
+    for r in range(4):  # 8 % replicate 4 has not run: the gates are pending
+        _raw_run(raw / "runs" / "f008" / f"rep{r}" / "no_transfer", dict.fromkeys(cases, 0.6), 30, 100, 20)
+        _raw_run(raw / "runs" / "f008" / f"rep{r}" / "threshold", dict.fromkeys(cases, 0.2), 1, 1, 0)
+    pending = gates(str(raw), prereg)
+    assert not pending["complete"] and not pending["all_met"]
+    assert pending["pilot_runs"] == {"finished": 2 + 2 * 12, "planned": 2 + 2 * 13}
+    assert all(x["met"] is None for x in pending["gates"])
+    assert pending["gates"][1]["value"]["gap"] == pytest.approx(0.70 - 0.52)  # provisional number
+    _raw_run(raw / "runs" / "f008" / "rep4" / "no_transfer", dict.fromkeys(cases, 0.6), 30, 100, 20)
+    _raw_run(raw / "runs" / "f008" / "rep4" / "threshold", dict.fromkeys(cases, 0.2), 1, 1, 0)
+    result = gates(str(raw), prereg)
+    assert result["complete"] and not result["all_met"]
+    g = {x["gate"]: x for x in result["gates"]}
+    assert g["G1"]["value"] == {"m1": 0.85, "m2": 0.79} and g["G1"]["met"] is False
+    assert g["G2"]["value"]["gap"] == pytest.approx(0.70 - 0.52) and g["G2"]["met"] is True
+    assert g["G3"]["value"]["gap"] == pytest.approx(0.05) and g["G3"]["met"] is False
+    # 2 sources + 13 no-transfer runs; m1 ran into its cap (40 of 40 epochs, still improving)
+    assert g["G4"]["value"] == {"capped": 1, "runs": 15, "share": pytest.approx(1 / 15)}
+    assert g["G4"]["met"] is True
+
+
+def test_the_grid_runs_the_claims_first_and_every_planned_cell_once():
+    prereg = benchmark.load_prereg()
+    plan = grid_plan(prereg)
+    cells = [(f, r, n) for _, f, r, n in plan]
+    assert len(set(cells)) == len(cells)
+    main = [n for n in prereg["initialisations"] if n != "no transfer"]
+    expected = {(f, r, n) for f, k in (("0.04", 5), ("0.08", 5), ("1.0", 3)) for r in range(k) for n in main}
+    expected |= {
+        (0.08, r, n)
+        for r in range(5)
+        for n in [*prereg["all_hcp"]["sources"], *prereg["variants"]["settings"]]
+    }
+    assert set(cells) == {(float(f), r, n) for f, r, n in expected}
+    parts = [p for p, *_ in plan]
+    assert parts == sorted(parts, key=["claims", "other fractions", "All-HCP", "variants"].index)
+    claims = [(f, r) for p, f, r, _ in plan if p == "claims"]
+    assert {f for f, _ in claims} == {0.04, 0.08}
+    assert claims[: 2 * len(main)] == [(0.04, 0)] * len(main) + [(0.08, 0)] * len(main)  # replicate 0 first
+    assert [r for _, r in claims] == sorted(r for _, r in claims)
 
 
 def test_your_own_data_gives_each_task_its_labels_and_split(tmp_path):
@@ -146,7 +180,17 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     if not result["all_met"]:
         with pytest.raises(ConfigError, match="--after_failed_gates"):
             benchmark.run_grid(out, prereg)
-    benchmark.run_grid(out, prereg, after_failed_gates=True)
+    # the grid in two shards sharing the folder: they refuse to start before the shared sources
+    with pytest.raises(ConfigError, match="--stage=sources"):
+        benchmark.run_grid(out, prereg, after_failed_gates=True, shard=(1, 2))
+    benchmark.run_sources(out, prereg, after_failed_gates=True)
+    for k in (0, 1):
+        benchmark.run_grid(out, prereg, after_failed_gates=True, shard=(k, 2))
+    assert {p.name for p in raw.glob("wall_time*.json")} == {
+        "wall_time.json",
+        "wall_time_shard0of2.json",
+        "wall_time_shard1of2.json",
+    }
     for init in ("m1", "m2", "imm", "meanimm", "timm", "allhcp_1_7", "timm_fisher_per_layer"):
         assert (raw / "runs" / "f050" / "rep0" / init / "per_case.csv").is_file(), init
     assert (raw / "runs" / "f050" / "rep0" / "timm_fused" / "adaption_metrics.jsonl").is_file()
@@ -155,12 +199,35 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     from timm_jax.experiments.benchmark_report import write_report
 
     text = Path(write_report(out, prereg)).read_text()
-    for part in ("## Gates", "## Table 2", "## Pre-registered comparisons", "## Table 3", "## Table 4"):
+    for part in (
+        "## Gates",
+        "## Progress",
+        "## Table 2",
+        "## Pre-registered comparisons",
+        "## Table 3",
+        "## Table 4",
+    ):
         assert part in text, part
     assert "## Fisher diagnostics" in text and "per replicate" in text
     if not result["all_met"]:
         assert "no claim about the transfer methods is made" in text and "no claim (gate failed)" in text
-    # a second grid invocation reuses everything
+    # an unsharded invocation finds every cell of both shards and reuses it
     before = sorted(str(p) for p in raw.rglob("*"))
     benchmark.run_grid(out, prereg, after_failed_gates=True)
     assert sorted(str(p) for p in raw.rglob("*")) == before
+
+
+@pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])
+def test_a_bad_shard_names_the_flag(text):
+    from timm_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--shard="):
+        benchmark.parse_shard(text)
+
+
+def test_shards_split_the_plan_into_disjoint_parts_that_cover_it():
+    plan = grid_plan(benchmark.load_prereg())
+    shards = [plan[k::3] for k in range(3)]
+    assert sorted(sum(shards, [])) == sorted(plan)
+    assert all(s[0][0] == "claims" for s in shards)
+    assert benchmark.parse_shard("1/3") == (1, 3)

@@ -1,7 +1,7 @@
 """The benchmark that asks "does T-IMM help?": a pre-registered pilot with gates, then the grid.
 
-    python -m timm_jax.experiments.benchmark --out=DIR --stage=pilot|grid|report
-        [--prereg=docs/benchmark/preregistration.json] [--quick]
+    python -m timm_jax.experiments.benchmark --out=DIR --stage=pilot|sources|grid|report
+        [--prereg=docs/benchmark/preregistration.json] [--shard=K/N] [--quick]
 
 Everything it runs is fixed by the pre-registration file (``--prereg``; the repository's is
 ``docs/benchmark/preregistration.json``): the data generator and its seed, the network, the
@@ -15,10 +15,17 @@ rules. The file is committed before any transfer cell runs; the report states it
   transfer at 100 % beats the best global intensity threshold by a margin (not trivial), G4 few
   runs stop at their step cap (converged). ``raw/gates.json`` records them.
 * ``--stage=grid`` — the transfer cells (M1, M2, IMM, mean-IMM, T-IMM; at one fraction the
-  All-HCP sources and the variants), the forgetting evaluation. It refuses to start unless the
-  pilot's gates are recorded; if a gate failed it still runs only with ``--after_failed_gates``, and
-  the report then makes no transfer claim.
-* ``--stage=report`` — ``DIR/report.md`` from the raw files (:mod:`.benchmark_report`).
+  All-HCP sources and the variants), the forgetting evaluation, in the order of
+  :func:`.benchmark_report.grid_plan`: the cells the verdicts are about first, the All-HCP sources
+  trained only when their cells come. It refuses to start unless the pilot's gates are recorded;
+  if a gate failed it still runs only with ``--after_failed_gates``, and the report then makes no
+  transfer claim. ``--shard=K/N`` runs the plan's cells K, K + N, ... (N machines or GPUs, each
+  with the output folder, shared or copied; their ``raw/`` folders merge by copying, each cell
+  being its own folder); shards need the sources trained first, once:
+* ``--stage=sources`` — every source the grid uses (M1, M2, the All-HCP ones), once.
+* ``--stage=report`` — ``DIR/report.md`` from the raw files (:mod:`.benchmark_report`): the gates
+  (pending until the pilot has finished), every pilot run's state and the grid's progress, the
+  tables, comparisons and figures of whatever has finished.
 
 **The paper on your data**: ``--parcellation_dir`` (FreeSurfer subjects or the parcellation layout,
 ``--label_map=paper14``) with ``--parcellation_splits`` (two disjoint groups for tasks 1 and 2 and a
@@ -51,7 +58,7 @@ from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
-from timm_jax.experiments.benchmark_report import PREREG, gates, write_report
+from timm_jax.experiments.benchmark_report import PREREG, gates, grid_plan, run_dir, write_report
 from timm_jax.workflows.report import read_csv as _read_csv
 from timm_jax.workflows.report import write_csv
 
@@ -169,14 +176,10 @@ class Layout:
         return os.path.join(self.runs, "sources", name)
 
     def cell(self, fraction: float, r: int, init: str) -> str:
-        return os.path.join(self.runs, f"f{round(fraction * 100):03d}", f"rep{r}", slug(init))
+        return os.path.join(self.out, run_dir(fraction, r, init))
 
     def raw_cell(self, fraction: float, r: int, init: str) -> str:
-        return os.path.join(self.raw, "runs", f"f{round(fraction * 100):03d}", f"rep{r}", slug(init))
-
-
-def slug(name: str) -> str:
-    return name.lower().replace(" ", "_").replace(":", "_").replace("-", "")
+        return os.path.join(self.raw, run_dir(fraction, r, init))
 
 
 #: the paper's tasks on the 14 HCP classes: task -> (class ids, parcellation groups it trains on)
@@ -396,18 +399,31 @@ def run_pilot(out: str, prereg: dict) -> dict:
     return result
 
 
-def run_grid(out: str, prereg: dict, *, after_failed_gates: bool = False) -> None:
-    """The transfer cells of every fraction and replicate, the variants, and the forgetting."""
-    from timm_jax.config import EvalConfig, FuseConfig
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` → ``(K, N)`` with ``0 <= K < N`` (``--shard``)."""
     from timm_jax.errors import ConfigError
-    from timm_jax.experiments.protocol import Init, initialisations, run_cell
-    from timm_jax.workflows.evaluate import evaluate_forgetting
 
-    lay = Layout(out)
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise ConfigError(f"--shard={text!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 on two machines")
+    return k, n
+
+
+def _grid_sources(prereg: dict) -> list[str]:
+    return [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()]
+
+
+def _check_gates(lay: Layout, after_failed_gates: bool) -> None:
+    """Refuse the grid before the pilot's gates, or after a failed one unless told."""
+    from timm_jax.errors import ConfigError
+
     path = os.path.join(lay.raw, "gates.json")
     if not os.path.isfile(path):
         raise ConfigError(
-            f"no pilot in {out}: run --stage=pilot first (the gates decide whether the grid runs)"
+            f"no pilot in {lay.out}: run --stage=pilot first (the gates decide whether the grid runs)"
         )
     with open(path) as f:
         failed = [g["gate"] for g in json.load(f)["gates"] if not g["met"]]
@@ -416,53 +432,88 @@ def run_grid(out: str, prereg: dict, *, after_failed_gates: bool = False) -> Non
             f"gates {', '.join(failed)} were not met: the benchmark cannot answer the question; pass "
             "--after_failed_gates to run the grid anyway (the report then makes no transfer claim)"
         )
+
+
+def run_sources(out: str, prereg: dict, *, after_failed_gates: bool = False) -> list[dict]:
+    """Every source the grid uses (M1, M2 and the All-HCP ones), trained once: what the shards of
+    a grid (``run_grid(shard=...)``) share."""
+    lay = Layout(out)
+    _check_gates(lay, after_failed_gates)
+    _prepare(lay, prereg)
+    return train_sources(lay, prereg, _grid_sources(prereg))
+
+
+def run_grid(
+    out: str, prereg: dict, *, after_failed_gates: bool = False, shard: tuple[int, int] = (0, 1)
+) -> None:
+    """The transfer cells of every fraction and replicate, the variants, and the forgetting.
+    ``shard=(K, N)`` runs every N-th cell of the plan from the K-th (:func:`.grid_plan`'s order,
+    so each shard starts with the claims); the N shards together run the grid once."""
+    from timm_jax.config import EvalConfig, FuseConfig
+    from timm_jax.errors import ConfigError
+    from timm_jax.experiments.protocol import Init, finished, initialisations, run_cell
+    from timm_jax.workflows.evaluate import evaluate_forgetting
+
+    lay = Layout(out)
+    _check_gates(lay, after_failed_gates)
+    k, n_shards = shard
+    if n_shards > 1:
+        missing = [s for s in _grid_sources(prereg) if not finished(lay.source(s))]
+        if missing:
+            raise ConfigError(
+                f"--shard={k}/{n_shards}: the sources {', '.join(missing)} are not trained in {out}; "
+                "shards share the sources: run --stage=sources once first (then give each shard "
+                "this folder, shared or copied)"
+            )
     _prepare(lay, prereg)
     t0 = time.time()
-    extra_at = prereg["all_hcp"]["fraction"]
-    train_sources(lay, prereg, [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()])
+    train_sources(lay, prereg, prereg["pilot_sources"])
     fisher_diagnostics(lay, prereg)
     fuse = FuseConfig(**prereg["fuse"])
     no_hd95 = EvalConfig(hd95=False)
     m1, m2 = lay.source("m1"), lay.source("m2")
-    for f, r in _cells(prereg):
+    all_hcp = {k: lay.source(v) for k, v in prereg["all_hcp"]["sources"].items()}
+    inits = initialisations(m1, m2, fuse, all_hcp)
+    inits["mean-IMM"] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="imm", imm_mode="mean"))
+    for name, change in prereg["variants"]["settings"].items():
+        inits[name] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="timm", **change))
+    trained = set(prereg["pilot_sources"])
+    for part, f, r, name in grid_plan(prereg)[k::n_shards]:
+        source = prereg["all_hcp"]["sources"].get(name) if part == "All-HCP" else None
+        if source and source not in trained:
+            # an All-HCP source trains when its first cell comes (after the claims), in the shard
+            # that needs it
+            train_sources(lay, prereg, [source])
+            trained.add(source)
         data_seed, train_seed = replicate_seeds(prereg, r)
         spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
-        extra = {k: lay.source(v) for k, v in prereg["all_hcp"]["sources"].items()} if f == extra_at else {}
-        inits = initialisations(m1, m2, fuse, extra)
-        inits["mean-IMM"] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="imm", imm_mode="mean"))
-        inits = {k: v for k, v in inits.items() if k in prereg["initialisations"] or k in extra}
-        if f == prereg["variants"]["fraction"]:
-            for name, change in prereg["variants"]["settings"].items():
-                inits[name] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="timm", **change))
-        for name, init in inits.items():
-            if name == "no transfer":
-                continue  # the pilot's
-            run = lay.cell(f, r, name)
-            fused_dir = run + "_fused"
-            _log.info("== grid: %s replicate %d: %s", f"{f:.0%}", r, name)
-            run_cell(
-                init,
-                spec,
-                run,
-                model=_model(prereg),
-                target=schedule(prereg, n, train_seed),
-                adapt=schedule(prereg, n, train_seed, "adaption"),
-                fused_dir=fused_dir,
-                evaluation=no_hd95,
-            )
-            export_run(run, lay.raw_cell(f, r, name))
-            if init.init == "fused":
-                # forgetting of the fusion (IMM / mean-IMM: one model whatever the replicate; the
-                # report counts it once)
-                if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
-                    evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
-                export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
+        init = inits[name]
+        run = lay.cell(f, r, name)
+        fused_dir = run + "_fused"
+        _log.info("== grid (%s): %s replicate %d: %s", part, f"{f:.0%}", r, name)
+        run_cell(
+            init,
+            spec,
+            run,
+            model=_model(prereg),
+            target=schedule(prereg, n, train_seed),
+            adapt=schedule(prereg, n, train_seed, "adaption"),
+            fused_dir=fused_dir,
+            evaluation=no_hd95,
+        )
+        export_run(run, lay.raw_cell(f, r, name))
+        if init.init == "fused":
+            # forgetting of the fusion (IMM / mean-IMM: one model whatever the replicate; the
+            # report counts it once)
+            if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
+                evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
+            export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
     for name in ("m1", "m2"):
         if not os.path.isfile(os.path.join(lay.source(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
         export_run(lay.source(name), os.path.join(lay.raw, "sources", name))
-    _add_time(lay, "grid", time.time() - t0)
+    _add_time(lay, "grid", time.time() - t0, shard=shard)
 
 
 def fisher_diagnostics(lay: Layout, prereg: dict) -> list[dict]:
@@ -526,10 +577,13 @@ def _cells(prereg: dict):
                 yield f, r
 
 
-def _add_time(lay: Layout, stage: str, seconds: float) -> None:
-    path = os.path.join(lay.raw, "wall_time.json")
+def _add_time(lay: Layout, stage: str, seconds: float, shard: tuple[int, int] = (0, 1)) -> None:
+    """Append a stage's wall time to ``raw/wall_time.json`` (a shard's: its own file, so that
+    shards sharing a folder do not write one file)."""
+    name = "wall_time.json" if shard[1] == 1 else f"wall_time_shard{shard[0]}of{shard[1]}.json"
+    path = os.path.join(lay.raw, name)
     state = json.load(open(path)) if os.path.isfile(path) else {}
-    state.setdefault(stage, []).append(
+    state.setdefault(stage if shard[1] == 1 else f"{stage} shard {shard[0]}/{shard[1]}", []).append(
         {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
     )
     write_json(path, state)
@@ -563,20 +617,34 @@ def main() -> None:
         prereg["user_data"] = {n: FLAGS[n].value for n in [*need, "label_map"]}
     if FLAGS.stage == "pilot":
         run_pilot(FLAGS.out, prereg)
+    elif FLAGS.stage == "sources":
+        run_sources(FLAGS.out, prereg, after_failed_gates=FLAGS.after_failed_gates)
     elif FLAGS.stage == "grid":
-        run_grid(FLAGS.out, prereg, after_failed_gates=FLAGS.after_failed_gates)
+        run_grid(
+            FLAGS.out, prereg, after_failed_gates=FLAGS.after_failed_gates, shard=parse_shard(FLAGS.shard)
+        )
     _log.info("report: %s", write_report(FLAGS.out, prereg))
 
 
 def define_flags() -> None:
     flags.DEFINE_string("out", "benchmark_out", "Output directory (data, runs, raw results, report).")
     flags.DEFINE_enum(
-        "stage", "report", ["pilot", "grid", "report"], "What to run (the report is always written)."
+        "stage",
+        "report",
+        ["pilot", "sources", "grid", "report"],
+        "What to run (the report is always written); `sources`: every source of the grid, once, "
+        "before its shards (--shard).",
     )
     flags.DEFINE_string("prereg", str(PREREG), "The pre-registration file.")
     flags.DEFINE_bool("quick", False, "A tiny version of every code path (QUICK), for the tests.")
     flags.DEFINE_bool(
         "after_failed_gates", False, "Run the grid although a gate failed (no transfer claim is made)."
+    )
+    flags.DEFINE_string(
+        "shard",
+        "0/1",
+        "K/N: run the grid's cells K, K+N, K+2N, ... of its plan (N machines or GPUs, one shard each, "
+        "each with a copy of the pilot's output; merge their raw/ folders afterwards).",
     )
     # the paper on your data: parcellation subjects (HCP / FreeSurfer) and a tumour data set
     flags.DEFINE_string("parcellation_dir", "", "Your parcellation subjects (instead of the generated set).")

@@ -25,7 +25,7 @@ from timm_jax.experiments import stats
 from timm_jax.workflows.report import markdown_table
 from timm_jax.workflows.report import read_csv as _csv
 
-__all__ = ["cells", "gates", "write_report"]
+__all__ = ["cells", "gates", "grid_plan", "pilot_plan", "run_dir", "slug", "write_report"]
 
 ROOT = Path(__file__).resolve().parents[2]
 #: the committed pre-registration (the report cites its commit; the benchmark reads it by default)
@@ -67,7 +67,8 @@ def _matrix(cell: dict) -> tuple[np.ndarray, list[int], list[str]]:
     return np.array([[cell[r][c] for c in cases] for r in reps]), reps, cases
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """An initialisation's folder name (``"All-HCP 1:7"`` → ``allhcp_1_7``)."""
     return name.lower().replace(" ", "_").replace(":", "_").replace("-", "")
 
 
@@ -84,20 +85,65 @@ def _capped(run_raw: str) -> bool | None:
     return not early and len(hist) >= train.get("max_epochs", math.inf)
 
 
+def run_dir(fraction: float, r: int, init: str) -> str:
+    """A cell's raw folder relative to ``raw/`` (``runs/f004/rep0/no_transfer``)."""
+    return os.path.join("runs", f"f{round(fraction * 100):03d}", f"rep{r}", slug(init))
+
+
+def pilot_plan(prereg: dict) -> list[str]:
+    """Every raw folder the pilot writes, relative to ``raw/``: its sources, then each
+    replicate's no-transfer run and threshold baseline."""
+    plan = [os.path.join("sources", s) for s in prereg["pilot_sources"]]
+    for f, n in prereg["fractions"].items():
+        for r in range(int(n)):
+            plan += [run_dir(float(f), r, "no transfer"), run_dir(float(f), r, "threshold")]
+    return plan
+
+
+def grid_plan(prereg: dict) -> list[tuple[str, float, int, str]]:
+    """The grid's transfer cells ``(part, fraction, replicate, initialisation)`` in the order they
+    run: the claim set first (the fractions the verdicts are about, every initialisation but no
+    transfer, which is the pilot's), then the other fractions, then the All-HCP transfers and the
+    variants. Within a part replicate 0 of every fraction runs first, then replicate 1, ... — so
+    that an interrupted grid has the claims partly answered rather than a side table complete."""
+    reps = {float(f): int(n) for f, n in prereg["fractions"].items()}
+    claimed = sorted({float(f) for c in prereg["verdicts"]["claims"] for f in c["fractions"]} & set(reps))
+    main = [n for n in prereg["initialisations"] if n != "no transfer"]
+    parts = [
+        ("claims", claimed, main),
+        ("other fractions", [f for f in sorted(reps) if f not in claimed], main),
+        ("All-HCP", [float(prereg["all_hcp"]["fraction"])], list(prereg["all_hcp"]["sources"])),
+        ("variants", [float(prereg["variants"]["fraction"])], list(prereg["variants"]["settings"])),
+    ]
+    plan = []
+    for part, fractions, names in parts:
+        fractions = [f for f in fractions if f in reps]
+        for r in range(max((reps[f] for f in fractions), default=0)):
+            plan += [(part, f, r, n) for f in fractions if r < reps[f] for n in names]
+    return plan
+
+
+def _finished(raw: str, rel: str) -> bool:
+    return os.path.isfile(os.path.join(raw, rel, "per_case.csv"))
+
+
 def _pilot_runs(raw: str, prereg: dict) -> list[str]:
-    runs = [os.path.join(raw, "sources", s) for s in prereg["pilot_sources"]]
-    root = os.path.join(raw, "runs")
-    if os.path.isdir(root):
-        for fdir in sorted(os.listdir(root)):
-            for rdir in sorted(os.listdir(os.path.join(root, fdir))):
-                runs.append(os.path.join(root, fdir, rdir, "no_transfer"))
-    return runs
+    """The pilot's finished training runs (its sources and no-transfer cells)."""
+    return [
+        os.path.join(raw, rel)
+        for rel in pilot_plan(prereg)
+        if not rel.endswith("threshold") and _finished(raw, rel)
+    ]
 
 
 def gates(raw: str, prereg: dict) -> dict:
     """The pilot's gates (``prereg["gates"]``) from the raw results: each with its number, the
-    threshold and whether it is met."""
+    threshold and whether it is met. Until every pilot run has finished (``complete`` false) the
+    numbers are provisional and each gate's ``met`` is ``None`` (pending)."""
     g = prereg["gates"]
+    plan = pilot_plan(prereg)
+    done = sum(_finished(raw, rel) for rel in plan)
+    complete = done == len(plan) and os.path.isfile(os.path.join(raw, "sources.csv"))
     sources = {r["source"]: r for r in _csv(os.path.join(raw, "sources.csv"))}
     c = cells(raw)
     out = []
@@ -148,7 +194,15 @@ def gates(raw: str, prereg: dict) -> dict:
             "met": bool(known) and share < g["G4"]["max_capped"],
         }
     )
-    return {"gates": out, "all_met": all(x["met"] for x in out)}
+    if not complete:
+        for x in out:
+            x["met"] = None
+    return {
+        "gates": out,
+        "all_met": complete and all(x["met"] for x in out),
+        "complete": complete,
+        "pilot_runs": {"finished": done, "planned": len(plan)},
+    }
 
 
 def _commit_of(path: Path) -> str:
@@ -189,11 +243,11 @@ def write_report(out: str, prereg: dict) -> str:
     """``out/report.md`` from ``out/raw/``; returns its path."""
     raw = os.path.join(out, "raw")
     g = gates(raw, prereg)
-    wall = (
-        json.load(open(os.path.join(raw, "wall_time.json")))
-        if os.path.isfile(os.path.join(raw, "wall_time.json"))
-        else {}
-    )
+    wall: dict = {}  # raw/wall_time.json and a sharded grid's wall_time_shard*.json
+    for name in sorted(os.listdir(raw)) if os.path.isdir(raw) else []:
+        if name.startswith("wall_time") and name.endswith(".json"):
+            with open(os.path.join(raw, name)) as f:
+                wall |= json.load(f)
     lines = [
         "# Does T-IMM help? The benchmark",
         "",
@@ -225,7 +279,7 @@ def write_report(out: str, prereg: dict) -> str:
                     "what": x["what"],
                     "measured": _fmt(x["value"]),
                     "threshold": _fmt(x["threshold"]),
-                    "met": "yes" if x["met"] else "**no**",
+                    "met": "pending" if x["met"] is None else "yes" if x["met"] else "**no**",
                 }
                 for x in g["gates"]
             ],
@@ -233,7 +287,15 @@ def write_report(out: str, prereg: dict) -> str:
         ),
         "",
     ]
-    if not g["all_met"]:
+    if not g["complete"]:
+        n = g["pilot_runs"]
+        lines += [
+            f"**The pilot has finished {n['finished']} of its {n['planned']} runs: the gates are "
+            "pending and their numbers provisional (from the replicates finished so far).** No transfer "
+            "claim is made before they are decided.",
+            "",
+        ]
+    elif not g["all_met"]:
         failed = [x["gate"] for x in g["gates"] if not x["met"]]
         lines += [
             f"**Gate(s) {', '.join(failed)} not met: on this benchmark no claim about the transfer "
@@ -241,6 +303,7 @@ def write_report(out: str, prereg: dict) -> str:
             "descriptive only.",
             "",
         ]
+    lines += _progress(raw, prereg)
     lines += _sources_section(raw)
     lines += _cells_section(raw, prereg, claims=g["all_met"])
     lines += (
@@ -252,8 +315,47 @@ def write_report(out: str, prereg: dict) -> str:
     return path
 
 
-def _cell(key: str, value: str) -> str:
-    return value if key in ("source", "task") or not value else _fmt(float(value))
+def _progress(raw: str, prereg: dict) -> list[str]:
+    """Each pilot run's state (epochs, steps, how it stopped, test Dice; a replicate's threshold
+    baseline beside its no-transfer run) and the grid's cells finished per part."""
+
+    def dice(rel: str) -> str:
+        rows = _csv(os.path.join(raw, rel, "per_case.csv"))
+        return f"{np.mean([float(r['dice_mean']) for r in rows]):.3f} ({len(rows)} cases)" if rows else ""
+
+    rows = []
+    for rel in pilot_plan(prereg):
+        if rel.endswith("threshold"):
+            rows[-1]["threshold test Dice"] = dice(rel) or "to run"
+            continue
+        d = os.path.join(raw, rel)
+        hist = _jsonl(os.path.join(d, "metrics.jsonl"))
+        row = {"run": f"[{rel}](raw/{rel})", "epochs": "to run", "steps": "", "stopped": ""}
+        if _finished(raw, rel) and hist:
+            capped = _capped(d)
+            row |= {
+                "epochs": str(len(hist)),
+                "steps": str(hist[-1].get("step", "")),
+                "stopped": "" if capped is None else "at the cap" if capped else "early stopping",
+            }
+        rows.append(row | {"test Dice": dice(rel) if _finished(raw, rel) else "", "threshold test Dice": ""})
+    counts: dict = defaultdict(lambda: [0, 0])
+    for part, f, r, name in grid_plan(prereg):
+        counts[part][1] += 1
+        counts[part][0] += _finished(raw, run_dir(f, r, name))
+    return [
+        "## Progress",
+        "",
+        "The pilot's runs: the sources, then each fraction's replicates (no transfer, with the "
+        "threshold baseline fitted on the same training cases):",
+        "",
+        markdown_table(rows, ["run", "epochs", "steps", "stopped", "test Dice", "threshold test Dice"]),
+        "",
+        "The grid's transfer cells finished: "
+        + ", ".join(f"{part} {done} of {n}" for part, (done, n) in counts.items())
+        + ".",
+        "",
+    ]
 
 
 def _sources_section(raw: str) -> list[str]:
@@ -290,7 +392,7 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
     for name in inits:
         row = {"initialisation": name}
         for f in fractions:
-            cell = c.get((f, _slug(name)))
+            cell = c.get((f, slug(name)))
             if cell:
                 m = _matrix(cell)[0].mean(axis=1)
                 row[f"{f:.0%}"] = f"{m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} (n={len(m)})"
@@ -308,7 +410,7 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
     comp = []
     for claim in prereg["verdicts"]["claims"]:
         for fs in claim["fractions"]:
-            a, b = c.get((float(fs), _slug(claim["a"]))), c.get((float(fs), _slug(claim["b"])))
+            a, b = c.get((float(fs), slug(claim["a"]))), c.get((float(fs), slug(claim["b"])))
             if not a or not b:
                 continue
             ma, reps_a, cases = _matrix(a)
@@ -531,7 +633,7 @@ def _figures(out: str, raw: str, prereg: dict) -> list[str]:
     for name in [*prereg["initialisations"], "threshold"]:
         xs, ys, es = [], [], []
         for f in fractions:
-            cell = c.get((f, _slug(name)))
+            cell = c.get((f, slug(name)))
             if cell:
                 m = _matrix(cell)[0].mean(axis=1)
                 xs.append(f * 100)
@@ -558,7 +660,7 @@ def _figures(out: str, raw: str, prereg: dict) -> list[str]:
             continue
         mt = _matrix(t)[0].mean(axis=0)
         for n in others:
-            o = c.get((f, _slug(n)))
+            o = c.get((f, slug(n)))
             if o:
                 diffs[f"{f:.0%} vs {n}"] = mt - _matrix(o)[0].mean(axis=0)
     if diffs:
