@@ -306,7 +306,8 @@ def test_the_files_of_one_case_give_the_folder_s_result_and_a_wrong_order_is_ref
 
 def test_refusals_before_anything_is_written_and_unreadable_cases_are_skipped(base, tmp_path):
     """In-process: modalities of another data set, a missing modality file, existing outputs; a
-    damaged case is skipped (one line at the end naming it) and the others are written."""
+    damaged case is skipped (one line at the end naming it) and the others are written; a damaged
+    label file does not matter (predict does not read labels)."""
     import shutil
 
     from timm_jax.data.io import DataError
@@ -328,6 +329,8 @@ def test_refusals_before_anything_is_written_and_unreadable_cases_are_skipped(ba
     copy = tmp_path / "parc"
     shutil.copytree(parc, copy)
     (copy / "subj1" / "t2.nii.gz").write_bytes(b"not a nifti")
+    labels = next((copy / "subj2").glob("labels.*"))
+    labels.write_bytes(b"not a nifti")  # a label file is not read: subj2 is still predicted
     with pytest.raises(DataError) as e:
         predict(str(parc_run), [str(copy)], str(out))
     assert "\n" not in str(e.value) and "1 of 3 case(s) could not be read" in str(e.value)

@@ -450,6 +450,7 @@ def inspect_case(
     layout: str | Layout,
     *,
     require_labels: bool = True,
+    read_labels: bool = True,
     info=None,
     label_map: str | None = None,
 ) -> tuple[Case | None, list[Problem]]:
@@ -467,6 +468,9 @@ def inspect_case(
         return None, list(err.problems)
     if plan is None:
         return None, problems
+    if not read_labels:
+        plan = dataclasses.replace(plan, labels=None)
+        require_labels = False
     return _read_case(plan, info, require_labels)
 
 
@@ -661,6 +665,7 @@ def load_case(
     layout: str | Layout,
     *,
     require_labels: bool = True,
+    read_labels: bool = True,
     info=None,
     label_map: str | None = None,
 ) -> Case:
@@ -671,6 +676,8 @@ def load_case(
       case_id: one of :func:`list_cases`.
       layout: one of :data:`LAYOUT_NAMES` (or a :class:`Layout`).
       require_labels: if False, a missing label file gives ``labels=None`` (inference).
+      read_labels: if False, the label file is not read even when it is there (``labels=None``;
+        the images' grid is the case's: prediction).
       info: the data set's :func:`dataset_info` (looked up when not given).
       label_map: ``freesurfer`` / ``parcellation``: ``"paper14"`` or a JSON label map (when no
         ``info`` is given).
@@ -679,7 +686,13 @@ def load_case(
       DataError: listing every problem found, each with the file concerned.
     """
     case, problems = inspect_case(
-        root, case_id, layout, require_labels=require_labels, info=info, label_map=label_map
+        root,
+        case_id,
+        layout,
+        require_labels=require_labels,
+        read_labels=read_labels,
+        info=info,
+        label_map=label_map,
     )
     if problems:
         raise DataError(problems)

@@ -1,7 +1,8 @@
 """Segment unlabelled scans with a trained run or a model bundle: what ``predict.py`` calls.
 
-The input is a data folder in any supported layout (labels not needed) or the files of one case,
-one per modality in the model's modality order (or one 4-D file holding them). Each case is
+The input is a data folder in any supported layout (its label files, if any, are not read) or the
+files of one case, one per modality in the model's modality order (or one 4-D file holding them).
+Each case is
 preprocessed with the *run's* settings (normalisation, spacing), predicted exactly as
 ``evaluate.py`` predicts (:func:`timm_jax.workflows.evaluate.run_predictor`: sliding windows at the
 training patch), mapped back onto the input's voxel grid
@@ -186,7 +187,7 @@ def _load(inp: _Input, cid: str, modalities: Sequence[str], pre) -> object:
     if inp.files:
         case = load_files(inp.files, modalities, case_id=cid, volumes=inp.volumes)
     else:
-        case = load_case(inp.root, cid, inp.layout, require_labels=False, info=inp.info)
+        case = load_case(inp.root, cid, inp.layout, read_labels=False, info=inp.info)
     return preprocess_case(case, pre)
 
 
