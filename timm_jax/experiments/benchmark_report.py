@@ -330,13 +330,19 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             continue
         d = os.path.join(raw, rel)
         hist = _jsonl(os.path.join(d, "metrics.jsonl"))
-        row = {"run": f"[{rel}](raw/{rel})", "epochs": "to run", "steps": "", "stopped": ""}
+        row = {"run": rel, "epochs": "to run", "steps": "", "stopped": "", "hours": ""}
+        if _finished(raw, rel):
+            row["run"] = f"[{rel}](raw/{rel})"
         if _finished(raw, rel) and hist:
             capped = _capped(d)
             row |= {
                 "epochs": str(len(hist)),
                 "steps": str(hist[-1].get("step", "")),
                 "stopped": "" if capped is None else "at the cap" if capped else "early stopping",
+                # robust to a run paused mid-epoch (that epoch's time counts the pause)
+                "hours": f"{np.median([h['epoch_s'] for h in hist]) * len(hist) / 3600:.2f}"
+                if all("epoch_s" in h for h in hist)
+                else "",
             }
         rows.append(row | {"test Dice": dice(rel) if _finished(raw, rel) else "", "threshold test Dice": ""})
     counts: dict = defaultdict(lambda: [0, 0])
@@ -347,9 +353,12 @@ def _progress(raw: str, prereg: dict) -> list[str]:
         "## Progress",
         "",
         "The pilot's runs: the sources, then each fraction's replicates (no transfer, with the "
-        "threshold baseline fitted on the same training cases):",
+        "threshold baseline fitted on the same training cases); hours: the median epoch time × "
+        "epochs (training and validation; without the test evaluation):",
         "",
-        markdown_table(rows, ["run", "epochs", "steps", "stopped", "test Dice", "threshold test Dice"]),
+        markdown_table(
+            rows, ["run", "epochs", "steps", "stopped", "hours", "test Dice", "threshold test Dice"]
+        ),
         "",
         "The grid's transfer cells finished: "
         + ", ".join(f"{part} {done} of {n}" for part, (done, n) in counts.items())
