@@ -472,7 +472,7 @@ def run_grid(
     fuse = FuseConfig(**prereg["fuse"])
     no_hd95 = EvalConfig(hd95=False)
     m1, m2 = lay.source("m1"), lay.source("m2")
-    all_hcp = {k: lay.source(v) for k, v in prereg["all_hcp"]["sources"].items()}
+    all_hcp = {label: lay.source(s) for label, s in prereg["all_hcp"]["sources"].items()}
     inits = initialisations(m1, m2, fuse, all_hcp)
     inits["mean-IMM"] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="imm", imm_mode="mean"))
     for name, change in prereg["variants"]["settings"].items():
