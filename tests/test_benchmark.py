@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from timm_jax.experiments import benchmark
-from timm_jax.experiments.benchmark_report import gates, grid_plan
+from timm_jax.experiments.benchmark_report import design_resolution, gates, grid_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -89,6 +89,11 @@ def test_gates_from_raw_results(tmp_path):
     # 2 sources + 13 no-transfer runs; m1 ran into its cap (40 of 40 epochs, still improving)
     assert g["G4"]["value"] == {"capped": 1, "runs": 15, "share": pytest.approx(1 / 15)}
     assert g["G4"]["met"] is True
+    # what the grid can resolve: 0 where the replicates agree, else from their spread (4 %: 0.50-0.54)
+    res = design_resolution(str(raw), prereg)
+    assert set(res) == {0.04, 0.08, 1.0} and res[0.08] == (5, pytest.approx(0.0, abs=1e-12))
+    assert res[1.0] == (3, pytest.approx(0.0, abs=1e-12))
+    assert res[0.04][0] == 5 and 0.005 < res[0.04][1] < 0.04
 
 
 def test_the_grid_runs_the_claims_first_and_every_planned_cell_once():

@@ -304,6 +304,7 @@ def write_report(out: str, prereg: dict) -> str:
             "",
         ]
     lines += _progress(raw, prereg)
+    lines += _design_resolution(raw, prereg, complete=g["complete"])
     lines += _sources_section(raw)
     lines += _cells_section(raw, prereg, claims=g["all_met"])
     lines += (
@@ -362,6 +363,41 @@ def _progress(raw: str, prereg: dict) -> list[str]:
         "",
         "The grid's transfer cells finished: "
         + ", ".join(f"{part} {done} of {n}" for part, (done, n) in counts.items())
+        + ".",
+        "",
+    ]
+
+
+def design_resolution(raw: str, prereg: dict) -> dict[float, tuple[int, float]]:
+    """Per fraction with ≥ 2 no-transfer replicates: ``(replicates, half-width)`` of the
+    pre-registered interval of no transfer against itself — an arm with no-transfer's spread over
+    replicates and cases compared with a copy of it (a true difference of 0). A transfer effect
+    much smaller than the half-width cannot be resolved by the grid, before any transfer cell runs."""
+    st = prereg["statistics"]
+    out = {}
+    for (f, init), cell in sorted(cells(raw).items()):
+        if init == "no_transfer" and len(cell) >= 2:
+            m = _matrix(cell)[0]
+            lo, hi, _ = stats.hierarchical_bootstrap(
+                m, m, n_boot=st["n_boot"], level=st["level"], seed=st["seed"]
+            )
+            out[f] = (len(cell), (hi - lo) / 2)
+    return out
+
+
+def _design_resolution(raw: str, prereg: dict, *, complete: bool) -> list[str]:
+    res = design_resolution(raw, prereg)
+    if not res:
+        return []
+    return [
+        "## What the grid can resolve (from the pilot)",
+        "",
+        "Half-width of the pre-registered interval of no transfer against a copy of itself (replicates "
+        "resampled per arm, cases paired): if a transfer arm varies between replicates and cases as "
+        "no transfer does, a difference much smaller than this cannot be told from 0"
+        + ("" if complete else " (provisional: from the replicates finished so far)")
+        + ": "
+        + ", ".join(f"{f:.0%} ±{h:.3f} ({n} replicates)" for f, (n, h) in res.items())
         + ".",
         "",
     ]
