@@ -359,7 +359,10 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
                 f"{prereg['sources_tolerance']}): not the same source; the grid cannot continue on it"
             )
         rows.append(row)
-    _write_csv(os.path.join(lay.raw, "sources.csv"), rows, merge_on="source", old=list(committed.values()))
+        # after each source, so that an interrupted stage keeps the rows of those it finished
+        _write_csv(
+            os.path.join(lay.raw, "sources.csv"), rows, merge_on="source", old=list(committed.values())
+        )
     return rows
 
 
