@@ -14,13 +14,22 @@ from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
 
 cli.define_flags(EvalConfig, group="Evaluation")
 cli.define_flags(DeviceConfig, group="Devices and processes")
-flags.DEFINE_string("run", None, "Run directory (train.py workdir or fuse.py output).")
+flags.DEFINE_string(
+    "run",
+    None,
+    "Run directory (train.py workdir or fuse.py output) or model bundle (needs --out, --data_dir).",
+)
 flags.DEFINE_string("out", "", "Output directory (default <run>/eval_<split>, or <run>/forgetting).")
-flags.DEFINE_string("data_dir", "", "Override the run's data directory (e.g. data moved).")
+flags.DEFINE_string(
+    "data_dir",
+    "",
+    "Override the run's data directory (e.g. data moved; a bundle's: required); with --forgetting, "
+    "every source's.",
+)
 flags.DEFINE_list(
     "forgetting",
     [],
-    "Source runs: evaluate the run's transferable params with each "
+    "Source runs or bundles: evaluate the run's transferable params with each "
     "source's task-specific leaves on that source's task (paper Table 4).",
 )
 FLAGS = flags.FLAGS
@@ -32,7 +41,9 @@ def main():
     cfg = cli.from_flags(EvalConfig)
     devices = cli.from_flags(DeviceConfig)
     if FLAGS.forgetting:
-        evaluate_forgetting(FLAGS.run, FLAGS.forgetting, cfg, out_dir=FLAGS.out, devices=devices)
+        evaluate_forgetting(
+            FLAGS.run, FLAGS.forgetting, cfg, out_dir=FLAGS.out, data_dir=FLAGS.data_dir, devices=devices
+        )
     else:
         evaluate_model(FLAGS.run, cfg, out_dir=FLAGS.out, data_dir=FLAGS.data_dir, devices=devices)
 

@@ -376,3 +376,35 @@ def test_predict_with_a_bundle_equals_predict_with_its_run(env):
     np.testing.assert_array_equal(np.asarray(sa.dataobj), np.asarray(sb.dataobj))
     np.testing.assert_array_equal(sa.affine, sb.affine)
     assert sb.shape == nib.load(files[0]).shape
+
+
+def test_evaluate_and_forgetting_of_bundles_equal_those_of_their_runs(env):
+    """evaluate.py --run=BUNDLE and --forgetting=BUNDLES: the same per-case Dice as the runs give,
+    given --data_dir (a bundle holds no data) and --out (nothing is written into a bundle)."""
+    from timm_jax.config import EvalConfig
+    from timm_jax.workflows.evaluate import evaluate_forgetting, evaluate_model
+
+    cfg = EvalConfig(hd95=False, split="train")  # the tiny data set's task 1 has no test split
+    data = str(env.tmp / "data" / "parcellation")
+    out = env.tmp / "eval"
+    before = sorted(os.listdir(env.b1))
+    with pytest.raises(ConfigError, match="is a model bundle, which is not written into: give --out"):
+        evaluate_model(env.b1, cfg, data_dir=data)
+    with pytest.raises(ConfigError, match="holds no data: give --data_dir"):
+        evaluate_model(env.b1, cfg, out_dir=str(out / "x"))
+    run = evaluate_model(env.m1, cfg, out_dir=str(out / "run"))
+    bundle = evaluate_model(env.b1, cfg, out_dir=str(out / "bundle"), data_dir=data)
+    assert bundle["metrics"] == run["metrics"] and bundle["n_cases"] == run["n_cases"]
+    with pytest.raises(ConfigError, match="--forgetting=.* holds no data: give --data_dir"):
+        evaluate_forgetting(env.m2, [env.b1, env.b2], cfg, out_dir=str(out / "y"))
+    with pytest.raises(ConfigError, match="--run=.* give --out"):
+        evaluate_forgetting(env.b2, [env.b1, env.b2], cfg, data_dir=data)
+    f_run = evaluate_forgetting(env.m2, [env.m1, env.m2], cfg, out_dir=str(out / "f_run"))
+    f_bundle = evaluate_forgetting(
+        env.b2, [env.b1, env.b2], cfg, out_dir=str(out / "f_bundle"), data_dir=data
+    )
+    assert list(f_bundle) == list(f_run) == ["m1", "m2"]
+    for name in f_run:
+        assert f_bundle[name]["metrics"] == f_run[name]["metrics"], name
+    assert sorted(os.listdir(env.b1)) == before  # nothing written into the bundle
+    open_bundle(env.b1)  # still verifies

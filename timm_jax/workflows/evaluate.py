@@ -14,6 +14,7 @@ from timm_jax.core.partition import join, select_like, split
 from timm_jax.data.spec import DataSpec, resolve
 from timm_jax.errors import CheckpointError, ConfigError
 from timm_jax.progress import bar
+from timm_jax.runs.bundle import is_bundle
 from timm_jax.runs.models import load_model, short_names, training_patch
 from timm_jax.training.events import Events
 from timm_jax.training.inference import make_predictor
@@ -25,7 +26,7 @@ from timm_jax.training.metrics import (
     write_results,
 )
 from timm_jax.training.parallel import DataParallel
-from timm_jax.training.rundir import RunDir, RunPaths, load_run
+from timm_jax.training.rundir import RunPaths
 from timm_jax.workflows.report import prediction_slice
 
 __all__ = ["evaluate_forgetting", "evaluate_model"]
@@ -63,7 +64,7 @@ def evaluate_model(
     spec_override: DataSpec | None = None,
     devices: DeviceConfig | None = None,
 ) -> dict:
-    """Evaluation of a run's best checkpoint on one split of its task.
+    """Evaluation of a run's best checkpoint (or of a model bundle) on one split of its task.
 
     Writes ``<out_dir>/per_case.csv`` and ``summary.json`` (and ``predictions/*.nii.gz``);
     returns the summary. Each volume is predicted with Gaussian-weighted sliding windows
@@ -71,15 +72,21 @@ def evaluate_model(
     when given — the prediction function validation uses. ``params_override`` evaluates other
     parameters of the same architecture, ``spec_override`` other data. ``devices``: the mesh
     (``None``: one device); sliding windows are then predicted one per device per call, and in
-    a multi-process run only process 0 writes files.
+    a multi-process run only process 0 writes files. A bundle holds no data and is not written
+    into: it needs ``data_dir`` (or ``spec_override``) and ``out_dir``.
     """
     dp = DataParallel.setup(devices)
+    _bundle_needs(
+        run_dir, out_dir=out_dir, data_dir=data_dir or (spec_override.data_dir if spec_override else "")
+    )
     run_dir, model, model_cfg, params, meta = load_model(run_dir)
     if params_override is not None:
         params = params_override
-    spec = spec_override or DataSpec.from_dict(meta["data"])
-    if data_dir:
-        spec = spec.replace(data_dir=data_dir)
+    new_dir = {"data_dir": data_dir} if data_dir else {}
+    if spec_override is not None:
+        spec = spec_override.replace(**new_dir)
+    else:  # a bundle records no data folder: from_dict needs it given
+        spec = DataSpec.from_dict({**meta["data"], **new_dir})
     data = resolve(spec)
     if not data.splits.get(cfg.split):
         raise ConfigError(f"--split={cfg.split} has no cases (have {sorted(data.splits)})")
@@ -177,34 +184,58 @@ def evaluate_model(
     return summary
 
 
+def _bundle_needs(path: str, role: str = "--run", *, out_dir: str | None = None, data_dir: str | None = None):
+    """Refuse a model bundle given without what it needs: ``out_dir`` (nothing is written into a
+    bundle) and ``data_dir`` (it holds no data); a ``None`` argument is not checked."""
+    if not is_bundle(path):
+        return
+    if out_dir is not None and not out_dir:
+        raise ConfigError(f"{role}={path} is a model bundle, which is not written into: give --out")
+    if data_dir is not None and not data_dir:
+        raise ConfigError(
+            f"{role}={path} is a model bundle, which holds no data: give --data_dir (the folder of its "
+            "task's cases, in the layout the bundle records)"
+        )
+
+
 def evaluate_forgetting(
     run_dir: str,
     source_dirs: Sequence[str],
     cfg: EvalConfig = EvalConfig(),
     *,
     out_dir: str = "",
+    data_dir: str = "",
     devices: DeviceConfig | None = None,
 ) -> dict:
     """Paper Table 4: how well a fused or fine-tuned model still solves the source tasks.
 
-    For each source run, the run's transferable leaves are combined with the *source's*
-    task-specific leaves (norms, heads, shape-mismatched leaves) and evaluated on the source's
-    own split. Writes ``<out_dir>/<source>/`` per source and ``forgetting.json``.
+    For each source run (or bundle), the run's transferable leaves are combined with the
+    *source's* task-specific leaves (norms, heads, shape-mismatched leaves) and evaluated on the
+    source's own split. Writes ``<out_dir>/<source>/`` per source and ``forgetting.json``.
+    ``data_dir`` replaces every source's data folder (the sources' tasks share one folder, as the
+    paper's HCP tasks do); a bundle source needs it, a bundle ``run_dir`` needs ``out_dir``.
     """
     real = [os.path.realpath(s) for s in source_dirs]
     if len(set(real)) != len(real):
         raise ConfigError(f"--forgetting names one source run twice: {list(source_dirs)}")
-    with RunDir.open(run_dir, ("train", "fused")) as run:
-        params, _ = run.load_params()
+    _bundle_needs(run_dir, out_dir=out_dir)
+    for src in source_dirs:
+        _bundle_needs(src, "--forgetting", data_dir=data_dir)
+    params = load_model(run_dir).params
     root = out_dir or RunPaths(run_dir).forgetting_dir()
     results = {}
     for src, name in zip(source_dirs, short_names(source_dirs)):  # a/m1, b/m1 -> a_m1, b_m1
-        src_params, _ = load_run(src, ("train",))
+        src_params = load_model(src, ("train",)).params
         part = split(src_params, reference=params)
         combo = join(select_like(params, part.transferable), part.task_specific)
         _log.info("[forgetting] %s with the task-specific leaves of %s", run_dir, src)
         results[name] = evaluate_model(
-            src, cfg, params_override=combo, out_dir=os.path.join(root, name), devices=devices
+            src,
+            cfg,
+            params_override=combo,
+            out_dir=os.path.join(root, name),
+            data_dir=data_dir,
+            devices=devices,
         )
     if DataParallel.setup(devices).is_main:
         write_json(
