@@ -156,6 +156,11 @@ OTHER_MEANING = {
     ("timm_jax/experiments/stats.py", "hierarchical_indices", "seed"): "the bootstrap's resampling seed",
     ("timm_jax/experiments/stats.py", "hierarchical_bootstrap", "seed"): "the bootstrap's resampling seed",
     ("timm_jax/workflows/evaluate.py", "evaluate_model", "data_dir"): "'' = no override of the run's data",
+    (
+        "timm_jax/workflows/evaluate.py",
+        "evaluate_forgetting",
+        "data_dir",
+    ): "'' = no override of the sources' data",
     ("timm_jax/workflows/predict.py", "predict", "layout"): "'' = the run's own layout",
 }
 
