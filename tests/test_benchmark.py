@@ -220,6 +220,21 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     before = sorted(str(p) for p in raw.rglob("*"))
     benchmark.run_grid(out, prereg, after_failed_gates=True)
     assert sorted(str(p) for p in raw.rglob("*")) == before
+    # another machine with only the committed raw results: the pilot trains nothing, the grid
+    # rebuilds only the sources its fusions need (checked against raw/sources.csv) and skips
+    # every committed cell
+    import shutil
+
+    out2 = tmp_path / "elsewhere"
+    shutil.copytree(raw, out2 / "raw")
+    gates_before = json.loads((raw / "gates.json").read_text())
+    assert json.loads(json.dumps(benchmark.run_pilot(str(out2), prereg))) == gates_before
+    assert not (out2 / "runs").exists()
+    benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
+    assert [p.name for p in (out2 / "runs").iterdir()] == ["sources"]
+    assert sorted(p.name for p in (out2 / "runs" / "sources").iterdir()) == ["m1", "m2"]
+    rel = sorted(str(p.relative_to(raw)) for p in raw.rglob("*"))
+    assert sorted(str(p.relative_to(out2 / "raw")) for p in (out2 / "raw").rglob("*")) == rel
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])

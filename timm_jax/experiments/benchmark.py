@@ -320,9 +320,17 @@ def _model(prereg: dict):
     return ModelConfig(**prereg["model"])
 
 
-def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
+def _exported(raw_dir: str) -> bool:
+    """Whether a run's raw results are in ``raw/`` (finished here, or committed from elsewhere)."""
+    return os.path.isfile(os.path.join(raw_dir, "summary.json"))
+
+
+def train_sources(lay: Layout, prereg: dict, names, *, checkpoints: bool = True) -> list[dict]:
     """Train (or reuse) the named sources once, evaluate them on their test cases, and record
-    ``raw/sources.csv``; a source rebuilt on another machine is checked against the committed Dice."""
+    ``raw/sources.csv``; a source rebuilt on another machine is checked against the committed Dice.
+
+    ``checkpoints=False`` (the pilot, which needs only the sources' results): a source whose raw
+    results are committed is not rebuilt."""
     from timm_jax.config import EvalConfig
     from timm_jax.experiments.protocol import evaluated, finished
     from timm_jax.workflows.evaluate import evaluate_model
@@ -334,6 +342,12 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
         task, init_from = prereg["sources"][name]["task"], prereg["sources"][name].get("from", "")
         spec = _spec(lay, task, 1.0, user=prereg.get("user_data"))  # a source: all its task's cases
         run = lay.source(name)
+        old = committed.get(name)
+        if not checkpoints and old is not None and not finished(run):
+            if _exported(os.path.join(lay.raw, "sources", name)):
+                _log.info("== source %s: its committed raw results are reused", name)
+                rows.append(old)
+                continue
         if not finished(run):
             _log.info("== source %s: %s%s", name, task, f" from {init_from}" if init_from else "")
             train_model(
@@ -349,7 +363,6 @@ def train_sources(lay: Layout, prereg: dict, names) -> list[dict]:
         m = summary["metrics"]
         row = {"source": name, "task": task, "dice_mean": m["dice_mean"]["mean"]}
         row |= {k[5:]: v["mean"] for k, v in m.items() if k.startswith("dice_") and k != "dice_mean"}
-        old = committed.get(name)
         if old is not None and abs(float(old["dice_mean"]) - row["dice_mean"]) > prereg["sources_tolerance"]:
             from timm_jax.errors import CheckpointError
 
@@ -374,8 +387,11 @@ def run_pilot(out: str, prereg: dict) -> dict:
     lay = Layout(out)
     _prepare(lay, prereg)
     t0 = time.time()
-    train_sources(lay, prereg, prereg["pilot_sources"])
+    train_sources(lay, prereg, prereg["pilot_sources"], checkpoints=False)
     for f, r in _cells(prereg):
+        base = lay.raw_cell(f, r, "threshold")
+        if _exported(lay.raw_cell(f, r, "no transfer")) and _exported(base):
+            continue  # finished (here, or on another machine and committed)
         data_seed, train_seed = replicate_seeds(prereg, r)
         spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
@@ -390,7 +406,6 @@ def run_pilot(out: str, prereg: dict) -> dict:
             adapt=schedule(prereg, n, train_seed, "adaption"),
         )
         export_run(run, lay.raw_cell(f, r, "no transfer"))
-        base = lay.raw_cell(f, r, "threshold")
         if not os.path.isfile(os.path.join(base, "summary.json")):
             run_baseline(spec, out=base)
     _add_time(lay, "pilot", time.time() - t0)
@@ -482,6 +497,12 @@ def run_grid(
         inits[name] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="timm", **change))
     trained = set(prereg["pilot_sources"])
     for part, f, r, name in grid_plan(prereg)[k::n_shards]:
+        init = inits[name]
+        done = _exported(lay.raw_cell(f, r, name))
+        if done and init.init == "fused":
+            done = os.path.isfile(os.path.join(lay.raw_cell(f, r, name + " fused"), "forgetting.json"))
+        if done:
+            continue  # finished (here, or on another machine and committed)
         source = prereg["all_hcp"]["sources"].get(name) if part == "All-HCP" else None
         if source and source not in trained:
             # an All-HCP source trains when its first cell comes (after the claims), in the shard
@@ -491,7 +512,6 @@ def run_grid(
         data_seed, train_seed = replicate_seeds(prereg, r)
         spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
-        init = inits[name]
         run = lay.cell(f, r, name)
         fused_dir = run + "_fused"
         _log.info("== grid (%s): %s replicate %d: %s", part, f"{f:.0%}", r, name)
@@ -513,6 +533,8 @@ def run_grid(
                 evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
             export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
     for name in ("m1", "m2"):
+        if os.path.isfile(os.path.join(lay.raw, "sources", name, "forgetting.json")):
+            continue
         if not os.path.isfile(os.path.join(lay.source(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
         export_run(lay.source(name), os.path.join(lay.raw, "sources", name))
