@@ -230,11 +230,32 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     gates_before = json.loads((raw / "gates.json").read_text())
     assert json.loads(json.dumps(benchmark.run_pilot(str(out2), prereg))) == gates_before
     assert not (out2 / "runs").exists()
+    # M1 rebuilt there differs from the committed one within the tolerance (faked: the committed
+    # Dice moved by 0.005): its results go to raw/rebuilds/, the committed ones stay
+    csv = (out2 / "raw" / "sources.csv").read_text().splitlines()
+    fields = csv[1].split(",")  # source,task,dice_mean,...
+    assert fields[0] == "m1"
+    m1_dice = float(fields[2])
+    csv[1] = ",".join([*fields[:2], f"{m1_dice + 0.005:.6f}", *fields[3:]])
+    (out2 / "raw" / "sources.csv").write_text("\n".join(csv) + "\n")
+    sources_before = {p: p.read_bytes() for p in (out2 / "raw" / "sources").rglob("*") if p.is_file()}
     benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
     assert [p.name for p in (out2 / "runs").iterdir()] == ["sources"]
     assert sorted(p.name for p in (out2 / "runs" / "sources").iterdir()) == ["m1", "m2"]
+    assert (out2 / "raw" / "sources.csv").read_text().splitlines() == csv
+    assert {p: p.read_bytes() for p in (out2 / "raw" / "sources").rglob("*") if p.is_file()} == sources_before
+    rebuilt = out2 / "raw" / "rebuilds" / f"m1_{m1_dice:.6f}"
+    assert (rebuilt / "summary.json").is_file() and (rebuilt / "metrics.jsonl").is_file()
     rel = sorted(str(p.relative_to(raw)) for p in raw.rglob("*"))
-    assert sorted(str(p.relative_to(out2 / "raw")) for p in (out2 / "raw").rglob("*")) == rel
+    rel2 = sorted(str(p.relative_to(out2 / "raw")) for p in (out2 / "raw").rglob("*"))
+    assert [p for p in rel2 if not p.startswith("rebuilds")] == rel
+    # beyond the tolerance the grid refuses to continue on the rebuilt source
+    csv[1] = ",".join([*fields[:2], f"{m1_dice + 0.05:.6f}", *fields[3:]])
+    (out2 / "raw" / "sources.csv").write_text("\n".join(csv) + "\n")
+    from timm_jax.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="source m1 was rebuilt"):
+        benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])
