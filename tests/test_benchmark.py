@@ -196,6 +196,10 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
         "wall_time_shard0of2.json",
         "wall_time_shard1of2.json",
     }
+    from timm_jax.experiments.benchmark_report import machine
+
+    for p in raw.glob("wall_time*.json"):  # each stage's time with the machine it ran on
+        assert all(x["machine"] == machine() for v in json.loads(p.read_text()).values() for x in v)
     for init in ("m1", "m2", "imm", "meanimm", "timm", "allhcp_1_7", "timm_fisher_per_layer"):
         assert (raw / "runs" / "f050" / "rep0" / init / "per_case.csv").is_file(), init
     assert (raw / "runs" / "f050" / "rep0" / "timm_fused" / "adaption_metrics.jsonl").is_file()
@@ -204,6 +208,7 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     from timm_jax.experiments.benchmark_report import write_report
 
     text = Path(write_report(out, prereg)).read_text()
+    assert f"- Machine: {machine()}." in text
     for part in (
         "## Gates",
         "## Progress",

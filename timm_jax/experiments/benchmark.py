@@ -58,7 +58,7 @@ from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
-from timm_jax.experiments.benchmark_report import PREREG, gates, grid_plan, run_dir, write_report
+from timm_jax.experiments.benchmark_report import PREREG, gates, grid_plan, machine, run_dir, write_report
 from timm_jax.workflows.report import read_csv as _read_csv
 from timm_jax.workflows.report import write_csv
 
@@ -620,13 +620,13 @@ def _cells(prereg: dict):
 
 
 def _add_time(lay: Layout, stage: str, seconds: float, shard: tuple[int, int] = (0, 1)) -> None:
-    """Append a stage's wall time to ``raw/wall_time.json`` (a shard's: its own file, so that
-    shards sharing a folder do not write one file)."""
+    """Append a stage's wall time and the machine it ran on to ``raw/wall_time.json`` (a shard's: its
+    own file, so that shards sharing a folder do not write one file)."""
     name = "wall_time.json" if shard[1] == 1 else f"wall_time_shard{shard[0]}of{shard[1]}.json"
     path = os.path.join(lay.raw, name)
     state = json.load(open(path)) if os.path.isfile(path) else {}
     state.setdefault(stage if shard[1] == 1 else f"{stage} shard {shard[0]}/{shard[1]}", []).append(
-        {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1)}
+        {"ended": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": round(seconds, 1), "machine": machine()}
     )
     write_json(path, state)
 

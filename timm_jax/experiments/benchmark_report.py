@@ -221,14 +221,21 @@ def _commit_of(path: Path) -> str:
         return "unknown (no git)"
 
 
-def _machine() -> str:
-    model = ""
+def machine() -> str:
+    """This machine in one line: CPU model, whether it has AVX-512 (XLA compiles for the host's
+    instruction set, so runs on machines that differ here differ in their last digits), CPUs."""
+    model, flags = "", set()
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+            for ln in f:
+                if ln.startswith("model name") and not model:
+                    model = ln.split(":", 1)[1].strip()
+                elif ln.startswith(("flags", "Features")) and not flags:
+                    flags = set(ln.split(":", 1)[1].split())
     except OSError:
         pass
-    return f"{model or platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    isa = ", AVX-512" if "avx512f" in flags else ", AVX2" if "avx2" in flags else ""
+    return f"{model or platform.machine()}{isa}, {os.cpu_count()} CPUs, {platform.system()}"
 
 
 def _fmt(v) -> str:
@@ -256,7 +263,12 @@ def write_report(out: str, prereg: dict) -> str:
         "",
         "- Pre-registration: `docs/benchmark/preregistration.json`, last changed in commit "
         f"{_commit_of(PREREG)} (a copy of what ran is `raw/preregistration.json`).",
-        f"- Machine: {_machine()}.",
+        "- Machine: "
+        + (
+            "; ".join(sorted({x["machine"] for v in wall.values() for x in v if "machine" in x}))
+            or f"not recorded with the wall times (this report was written on {machine()})"
+        )
+        + ".",
         "- Wall time: "
         + (
             ", ".join(
