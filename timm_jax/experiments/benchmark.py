@@ -58,7 +58,15 @@ from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
-from timm_jax.experiments.benchmark_report import PREREG, gates, grid_plan, machine, run_dir, write_report
+from timm_jax.experiments.benchmark_report import (
+    PREREG,
+    by_replicate,
+    gates,
+    grid_plan,
+    machine,
+    run_dir,
+    write_report,
+)
 from timm_jax.workflows.report import read_csv as _read_csv
 from timm_jax.workflows.report import write_csv
 
@@ -263,9 +271,10 @@ def _n_train(spec) -> int:
     return len(resolve(spec).train_ids)
 
 
-def export_run(run_dir: str, dest: str) -> None:
+def export_run(run_dir: str, dest: str, only: tuple[str, ...] = ()) -> None:
     """The committed raw results of one run: its per-case test Dice, per-epoch curves and
-    configuration (and an adaption stage's curves), never a checkpoint."""
+    configuration (and an adaption stage's curves), never a checkpoint; ``only``: just those
+    files (by their names in ``dest``)."""
     files = [
         ("eval_test/per_case.csv", "per_case.csv"),
         ("eval_test/summary.json", "summary.json"),
@@ -277,7 +286,7 @@ def export_run(run_dir: str, dest: str) -> None:
     ]
     for src, name in files:
         path = os.path.join(run_dir, src)
-        if os.path.isfile(path):
+        if os.path.isfile(path) and (not only or name in only):
             with open(path, "rb") as f:
                 data = f.read()
             with atomic_write(os.path.join(dest, name), "wb") as f:
@@ -420,7 +429,7 @@ def run_pilot(out: str, prereg: dict) -> dict:
             adapt=schedule(prereg, n, train_seed, "adaption"),
         )
         export_run(run, lay.raw_cell(f, r, "no transfer"))
-        if not os.path.isfile(os.path.join(base, "summary.json")):
+        if not _exported(base):
             run_baseline(spec, out=base)
     _add_time(lay, "pilot", time.time() - t0)
 
@@ -551,10 +560,7 @@ def run_grid(
             continue
         if not os.path.isfile(os.path.join(lay.source(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
-        with open(os.path.join(lay.source(name), "forgetting", "forgetting.json"), "rb") as f:
-            data = f.read()
-        with atomic_write(os.path.join(lay.raw, "sources", name, "forgetting.json"), "wb") as f:
-            f.write(data)
+        export_run(lay.source(name), os.path.join(lay.raw, "sources", name), only=("forgetting.json",))
     _add_time(lay, "grid", time.time() - t0, shard=shard)
 
 
@@ -609,14 +615,10 @@ def fisher_diagnostics(lay: Layout, prereg: dict) -> list[dict]:
     return rows
 
 
-def _cells(prereg: dict):
-    """``(fraction, replicate)`` in the order they run: every fraction's first replicate, then the
-    second, ... — so that an interrupted stage has all fractions partly done, not one fully."""
-    plan = [(float(f), int(n)) for f, n in prereg["fractions"].items()]
-    for r in range(max(n for _, n in plan)):
-        for f, n in plan:
-            if r < n:
-                yield f, r
+def _cells(prereg: dict) -> list[tuple[float, int]]:
+    """The pilot's ``(fraction, replicate)`` in the order they run (:func:`.by_replicate`)."""
+    reps = {float(f): int(n) for f, n in prereg["fractions"].items()}
+    return by_replicate(reps, list(reps))
 
 
 def _add_time(lay: Layout, stage: str, seconds: float, shard: tuple[int, int] = (0, 1)) -> None:

@@ -117,10 +117,17 @@ def grid_plan(prereg: dict) -> list[tuple[str, float, int, str]]:
     ]
     plan = []
     for part, fractions, names in parts:
-        fractions = [f for f in fractions if f in reps]
-        for r in range(max((reps[f] for f in fractions), default=0)):
-            plan += [(part, f, r, n) for f in fractions if r < reps[f] for n in names]
+        order = by_replicate(reps, [f for f in fractions if f in reps])
+        plan += [(part, f, r, n) for f, r in order for n in names]
     return plan
+
+
+def by_replicate(reps: dict[float, int], fractions: list[float]) -> list[tuple[float, int]]:
+    """``(fraction, replicate)`` for ``fractions`` (``reps``: each one's replicate count): every
+    fraction's replicate 0, then replicate 1, ... — so that an interrupted stage has every
+    fraction partly done rather than one fully."""
+    top = max((reps[f] for f in fractions), default=0)
+    return [(f, r) for r in range(top) for f in fractions if r < reps[f]]
 
 
 def _finished(raw: str, rel: str) -> bool:
