@@ -96,6 +96,29 @@ def test_gates_from_raw_results(tmp_path):
     assert res[0.04][0] == 5 and 0.005 < res[0.04][1] < 0.04
 
 
+def test_a_verdict_waits_for_every_pre_registered_replicate(tmp_path):
+    """With 1 of 5 M1 replicates the comparison is listed but its verdict is pending; with all 5
+    (and all 5 of no transfer) the pre-registered rule decides."""
+    from timm_jax.experiments.benchmark_report import _cells_section
+
+    prereg = benchmark.load_prereg()
+    raw = tmp_path / "raw"
+    cases = [f"c{i}" for i in range(4)]
+    for r in range(5):
+        values = {c: 0.50 + 0.01 * r + 0.01 * i for i, c in enumerate(cases)}
+        _raw_run(raw / "runs" / "f004" / f"rep{r}" / "no_transfer", values, 30, 100, 20)
+
+    def m1_row() -> str:
+        text = "\n".join(_cells_section(str(raw), prereg, claims=True))
+        return next(ln for ln in text.splitlines() if ln.startswith("| M1 > no transfer | 4%"))
+
+    _raw_run(raw / "runs" / "f004" / "rep0" / "m1", dict.fromkeys(cases, 0.30), 30, 100, 20)
+    assert m1_row().endswith("| pending (1 and 5 of 5 replicates) |")
+    for r in range(1, 5):
+        _raw_run(raw / "runs" / "f004" / f"rep{r}" / "m1", dict.fromkeys(cases, 0.30 + 0.01 * r), 30, 100, 20)
+    assert m1_row().endswith("| contradicted |")
+
+
 def test_the_grid_runs_the_claims_first_and_every_planned_cell_once():
     prereg = benchmark.load_prereg()
     plan = grid_plan(prereg)

@@ -487,7 +487,13 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
                 for r in reps_a
                 if r in reps_b
             ]
-            word = stats.verdict(lo, hi) if claims else "no claim (gate failed)"
+            planned = int(prereg["fractions"][fs])
+            if not claims:
+                word = "no claim (gate failed)"
+            elif min(len(reps_a), len(reps_b)) < planned:  # the rule is for the whole design
+                word = f"pending ({len(reps_a)} and {len(reps_b)} of {planned} replicates)"
+            else:
+                word = stats.verdict(lo, hi)
             comp.append(
                 {
                     "claim": claim["claim"],
@@ -507,6 +513,8 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
             "## Pre-registered comparisons",
             "",
             "Hierarchical bootstrap: replicates resampled per arm, test cases resampled paired. "
+            + "A verdict is given once both arms have every pre-registered replicate; until then it "
+            + "is pending and the interval provisional. "
             + "Smallest difference this design resolves (median half-width of the intervals): "
             + ", ".join(f"{k} {np.median(v):.3f}" for k, v in res.items())
             + ".",
