@@ -242,6 +242,13 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     ):
         assert part in text, part
     assert "## Fisher diagnostics" in text and "per replicate" in text
+    # the grid's progress lists each finished cell, a T-IMM cell with its adaption stage's epochs
+    timm = raw / "runs" / "f050" / "rep0" / "timm"
+    row = next(ln for ln in text.splitlines() if ln.startswith("| claims | [runs/f050/rep0/timm]"))
+    cols = [c.strip() for c in row.split("|")[1:-1]]
+    assert cols[2] == str(len((timm / "metrics.jsonl").read_text().splitlines()))
+    adaption = raw / "runs" / "f050" / "rep0" / "timm_fused" / "adaption_metrics.jsonl"
+    assert cols[6] == str(len(adaption.read_text().splitlines())) != "0"
     if not result["all_met"]:
         assert "no claim about the transfer methods is made" in text and "no claim (gate failed)" in text
     # an unsharded invocation finds every cell of both shards and reuses it

@@ -335,40 +335,54 @@ def write_report(out: str, prereg: dict) -> str:
     return path
 
 
+def _hours(hist: list[dict]) -> str:
+    """The median epoch time × epochs (robust to a run paused mid-epoch: that epoch's time counts
+    the pause)."""
+    if not hist or not all("epoch_s" in h for h in hist):
+        return ""
+    return f"{np.median([h['epoch_s'] for h in hist]) * len(hist) / 3600:.2f}"
+
+
+def _run_row(raw: str, rel: str) -> dict:
+    """One run's epochs, steps, how it stopped, hours and test Dice ("to run" if not finished)."""
+    d = os.path.join(raw, rel)
+    rows = _csv(os.path.join(d, "per_case.csv"))
+    if not _finished(raw, rel):
+        return {"run": rel, "epochs": "to run", "steps": "", "stopped": "", "hours": "", "test Dice": ""}
+    hist = _jsonl(os.path.join(d, "metrics.jsonl"))
+    capped = _capped(d)
+    return {
+        "run": f"[{rel}](raw/{rel})",
+        "epochs": str(len(hist)) if hist else "",
+        "steps": str(hist[-1].get("step", "")) if hist else "",
+        "stopped": "" if capped is None else "at the cap" if capped else "early stopping",
+        "hours": _hours(hist),
+        "test Dice": f"{np.mean([float(r['dice_mean']) for r in rows]):.3f} ({len(rows)} cases)",
+    }
+
+
 def _progress(raw: str, prereg: dict) -> list[str]:
     """Each pilot run's state (epochs, steps, how it stopped, test Dice; a replicate's threshold
-    baseline beside its no-transfer run) and the grid's cells finished per part."""
-
-    def dice(rel: str) -> str:
-        rows = _csv(os.path.join(raw, rel, "per_case.csv"))
-        return f"{np.mean([float(r['dice_mean']) for r in rows]):.3f} ({len(rows)} cases)" if rows else ""
-
+    baseline beside its no-transfer run), the grid's cells finished per part and each finished
+    cell's state (with its adaption stage, where it has one)."""
     rows = []
     for rel in pilot_plan(prereg):
         if rel.endswith("threshold"):
-            rows[-1]["threshold test Dice"] = dice(rel) or "to run"
+            rows[-1]["threshold test Dice"] = _run_row(raw, rel)["test Dice"] or "to run"
             continue
-        d = os.path.join(raw, rel)
-        hist = _jsonl(os.path.join(d, "metrics.jsonl"))
-        row = {"run": rel, "epochs": "to run", "steps": "", "stopped": "", "hours": ""}
-        if _finished(raw, rel):
-            row["run"] = f"[{rel}](raw/{rel})"
-        if _finished(raw, rel) and hist:
-            capped = _capped(d)
-            row |= {
-                "epochs": str(len(hist)),
-                "steps": str(hist[-1].get("step", "")),
-                "stopped": "" if capped is None else "at the cap" if capped else "early stopping",
-                # robust to a run paused mid-epoch (that epoch's time counts the pause)
-                "hours": f"{np.median([h['epoch_s'] for h in hist]) * len(hist) / 3600:.2f}"
-                if all("epoch_s" in h for h in hist)
-                else "",
-            }
-        rows.append(row | {"test Dice": dice(rel) if _finished(raw, rel) else "", "threshold test Dice": ""})
+        rows.append(_run_row(raw, rel) | {"threshold test Dice": ""})
     counts: dict = defaultdict(lambda: [0, 0])
+    grid_rows = []
     for part, f, r, name in grid_plan(prereg):
+        rel = run_dir(f, r, name)
         counts[part][1] += 1
-        counts[part][0] += _finished(raw, run_dir(f, r, name))
+        counts[part][0] += _finished(raw, rel)
+        if _finished(raw, rel):
+            # a T-IMM cell's adaption stage is its fusion's (``<cell>_fused``)
+            adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
+            row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
+            grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
+    cols = ["run", "epochs", "steps", "stopped", "hours"]
     return [
         "## Progress",
         "",
@@ -376,14 +390,23 @@ def _progress(raw: str, prereg: dict) -> list[str]:
         "threshold baseline fitted on the same training cases); hours: the median epoch time × "
         "epochs (training and validation; without the test evaluation):",
         "",
-        markdown_table(
-            rows, ["run", "epochs", "steps", "stopped", "hours", "test Dice", "threshold test Dice"]
-        ),
+        markdown_table(rows, [*cols, "test Dice", "threshold test Dice"]),
         "",
         "The grid's transfer cells finished: "
         + ", ".join(f"{part} {done} of {n}" for part, (done, n) in counts.items())
         + ".",
         "",
+        *(
+            [
+                "Each finished cell (hours as above; a T-IMM cell's adaption stage beside its "
+                "fine-tune; the Fishers and the test evaluation are not counted):",
+                "",
+                markdown_table(grid_rows, ["part", *cols, "adaption epochs", "adaption hours", "test Dice"]),
+                "",
+            ]
+            if grid_rows
+            else []
+        ),
     ]
 
 
