@@ -572,11 +572,11 @@ def _best(hist: list[dict]) -> tuple[int, float]:
     return len(hist), float(best.get("val_dice_mean", math.nan))
 
 
-def _mean_sd(xs) -> str:
+def _mean_sd(xs, digits: int = 3) -> str:
     xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
     if not xs:
         return ""
-    return f"{np.mean(xs):.3f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.3f}"
+    return f"{np.mean(xs):.{digits}f} ± {np.std(xs, ddof=1) if len(xs) > 1 else 0:.{digits}f}"
 
 
 def _table3(raw: str) -> list[str]:
@@ -599,9 +599,9 @@ def _table3(raw: str) -> list[str]:
             {
                 "fraction": f"{f:.0%}",
                 "replicates": len(reps),
-                "adaption epochs": _mean_sd([float(e) for e, _ in ad]),
+                "adaption epochs": _mean_sd([float(e) for e, _ in ad], digits=0),
                 "adaption val Dice": _mean_sd([d for _, d in ad]),
-                "fine-tuning epochs": _mean_sd([float(e) for e, _ in ft if e]),
+                "fine-tuning epochs": _mean_sd([float(e) for e, _ in ft if e], digits=0),
                 "fine-tuning val Dice": _mean_sd([d for e, d in ft if e]),
             }
         )
