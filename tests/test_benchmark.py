@@ -249,6 +249,18 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     assert cols[2] == str(len((timm / "metrics.jsonl").read_text().splitlines()))
     adaption = raw / "runs" / "f050" / "rep0" / "timm_fused" / "adaption_metrics.jsonl"
     assert cols[6] == str(len(adaption.read_text().splitlines())) != "0"
+    # each cell records what it started from: the machine, the code, the sources' test Dice as
+    # built here (equal to raw/sources.csv on the machine that built them first)
+    prov = json.loads((timm / "provenance.json").read_text())
+    committed = {
+        ln.split(",")[0]: float(ln.split(",")[2]) for ln in (raw / "sources.csv").read_text().splitlines()[1:]
+    }
+    assert prov["machine"] == machine() and prov["sources"] == pytest.approx(
+        {s: committed[s] for s in ("m1", "m2")}
+    )
+    allhcp = json.loads((raw / "runs" / "f050" / "rep0" / "allhcp_1_7" / "provenance.json").read_text())
+    assert set(allhcp["sources"]) == {"m1", "m2", prereg["all_hcp"]["sources"]["All-HCP 1:7"]}
+    assert cols[9] == "A" and f"- A: {machine()}, code " in text
     if not result["all_met"]:
         assert "no claim about the transfer methods is made" in text and "no claim (gate failed)" in text
     # an unsharded invocation finds every cell of both shards and reuses it

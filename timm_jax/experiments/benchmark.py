@@ -334,6 +334,23 @@ def _exported(raw_dir: str) -> bool:
     return os.path.isfile(os.path.join(raw_dir, "summary.json"))
 
 
+def provenance(lay: Layout, sources: list[str]) -> dict:
+    """What a grid cell ran on (``provenance.json`` beside its raw results): the machine, the code
+    and the test Dice of each source as built on this machine. Training is bit-identical only
+    between machines whose XLA emits the same code, so a grid continued elsewhere starts from
+    sources rebuilt there (accepted within the pre-registered ``sources_tolerance``); the report
+    groups the cells by what they started from."""
+    from timm_jax.experiments.protocol import evaluated
+    from timm_jax.runs.bundle_export import code_version
+
+    code = code_version()
+    return {
+        "machine": machine(),
+        "code": (code["git_commit"] or code["version"]) + ("+changes" if code["git_dirty"] else ""),
+        "sources": {s: round(evaluated(lay.source(s))["metrics"]["dice_mean"]["mean"], 6) for s in sources},
+    }
+
+
 def train_sources(lay: Layout, prereg: dict, names, *, checkpoints: bool = True) -> list[dict]:
     """Train (or reuse) the named sources once, evaluate them on their test cases, and record
     ``raw/sources.csv``; a source rebuilt on another machine is checked against the committed Dice.
@@ -549,6 +566,8 @@ def run_grid(
             evaluation=no_hd95,
         )
         export_run(run, lay.raw_cell(f, r, name))
+        used = ["m1", "m2", *([source] if source else [])]
+        write_json(os.path.join(lay.raw_cell(f, r, name), "provenance.json"), provenance(lay, used))
         if init.init == "fused":
             # forgetting of the fusion (IMM / mean-IMM: one model whatever the replicate; the
             # report counts it once)

@@ -346,9 +346,9 @@ def _hours(hist: list[dict]) -> str:
 def _run_row(raw: str, rel: str) -> dict:
     """One run's epochs, steps, how it stopped, hours and test Dice ("to run" if not finished)."""
     d = os.path.join(raw, rel)
-    rows = _csv(os.path.join(d, "per_case.csv"))
     if not _finished(raw, rel):
         return {"run": rel, "epochs": "to run", "steps": "", "stopped": "", "hours": "", "test Dice": ""}
+    rows = _csv(os.path.join(d, "per_case.csv"))
     hist = _jsonl(os.path.join(d, "metrics.jsonl"))
     capped = _capped(d)
     return {
@@ -359,6 +359,17 @@ def _run_row(raw: str, rel: str) -> dict:
         "hours": _hours(hist),
         "test Dice": f"{np.mean([float(r['dice_mean']) for r in rows]):.3f} ({len(rows)} cases)",
     }
+
+
+def _build(raw: str, rel: str) -> tuple | None:
+    """What a grid cell started from (its ``provenance.json``): ``(machine, code, sources,
+    note)``, ``None`` if not recorded."""
+    path = os.path.join(raw, rel, "provenance.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        p = json.load(f)
+    return p["machine"], p["code"], tuple(sorted(p["sources"].items())), p.get("note", "")
 
 
 def _progress(raw: str, prereg: dict) -> list[str]:
@@ -372,7 +383,7 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             continue
         rows.append(_run_row(raw, rel) | {"threshold test Dice": ""})
     counts: dict = defaultdict(lambda: [0, 0])
-    grid_rows = []
+    grid_rows, builds = [], {}
     for part, f, r, name in grid_plan(prereg):
         rel = run_dir(f, r, name)
         counts[part][1] += 1
@@ -381,7 +392,19 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             # a T-IMM cell's adaption stage is its fusion's (``<cell>_fused``)
             adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
             row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
+            row["built"] = builds.setdefault(_build(raw, rel), chr(ord("A") + len(builds)))
             grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
+    legend = [
+        f"- {letter}: "
+        + (
+            "not recorded"
+            if key is None
+            else f"{key[0]}, code {key[1][:7]}{'+changes' if key[1].endswith('+changes') else ''}, "
+            f"sources {', '.join(f'{n} {d:.4f}' for n, d in key[2])}" + (f" ({key[3]})" if key[3] else "")
+        )
+        + f": {sum(r['built'] == letter for r in grid_rows)} cell(s)"
+        for key, letter in builds.items()
+    ]
     cols = ["run", "epochs", "steps", "stopped", "hours"]
     return [
         "## Progress",
@@ -401,7 +424,18 @@ def _progress(raw: str, prereg: dict) -> list[str]:
                 "Each finished cell (hours as above; a T-IMM cell's adaption stage beside its "
                 "fine-tune; the Fishers and the test evaluation are not counted):",
                 "",
-                markdown_table(grid_rows, ["part", *cols, "adaption epochs", "adaption hours", "test Dice"]),
+                markdown_table(
+                    grid_rows, ["part", *cols, "adaption epochs", "adaption hours", "test Dice", "built"]
+                ),
+                "",
+                "Built: the machine, the code and the sources' test Dice each cell started from "
+                "(`provenance.json` beside its raw results). XLA's generated code differs between "
+                "machines, so a grid continued on another machine starts from sources rebuilt there, "
+                f"accepted within the pre-registered {prereg['sources_tolerance']} test Dice; the "
+                "replicates of one arm may then differ in their sources too, and the intervals' "
+                "replicate spread includes that:",
+                "",
+                *legend,
                 "",
             ]
             if grid_rows
