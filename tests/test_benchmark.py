@@ -319,3 +319,31 @@ def test_shards_split_the_plan_into_disjoint_parts_that_cover_it():
     assert sorted(sum(shards, [])) == sorted(plan)
     assert all(s[0][0] == "claims" for s in shards)
     assert benchmark.parse_shard("1/3") == (1, 3)
+
+
+def test_table4_counts_imm_once_per_source_build_and_timm_once_per_replicate(tmp_path):
+    """IMM's fused weights depend only on the sources: replicates on one build of the sources are
+    one model (counted once), a build on another machine is another; T-IMM's adapt per replicate."""
+    from timm_jax.experiments.benchmark_report import _table4
+
+    raw = tmp_path / "raw"
+    builds = {0: (0.80, 0.2), 1: (0.80, 0.2), 2: (0.70, 0.4)}  # rep 2 ran on other sources
+    for r, (m1, v) in builds.items():
+        for init in ("imm", "timm"):
+            cell = raw / "runs" / "f004" / f"rep{r}" / init
+            cell.mkdir(parents=True)
+            sources = {"m1": m1, "m2": 0.87}
+            (cell / "provenance.json").write_text(
+                json.dumps({"machine": "x", "code": "c", "sources": sources})
+            )
+            fused = cell.parent / f"{init}_fused"
+            fused.mkdir()
+            t1 = v + (0.01 * r if init == "timm" else 0.0)
+            (fused / "forgetting.json").write_text(json.dumps({"m1": {"mean": t1}, "m2": {"mean": 0.5}}))
+    text = "\n".join(_table4(str(raw)))
+    imm = next(ln for ln in text.splitlines() if ln.startswith("| IMM |"))
+    timm = next(ln for ln in text.splitlines() if ln.startswith("| T-IMM"))
+    assert imm.split("|")[2].strip() == "2"  # reps 0 and 1 share a build
+    assert imm.split("|")[3].strip().startswith(f"{np.mean([0.2, 0.4]):.3f}")
+    assert timm.split("|")[2].strip() == "3"
+    assert timm.split("|")[3].strip().startswith(f"{np.mean([0.2, 0.21, 0.42]):.3f}")

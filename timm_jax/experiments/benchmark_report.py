@@ -361,10 +361,10 @@ def _run_row(raw: str, rel: str) -> dict:
     }
 
 
-def _build(raw: str, rel: str) -> tuple | None:
-    """What a grid cell started from (its ``provenance.json``): ``(machine, code, sources,
-    note)``, ``None`` if not recorded."""
-    path = os.path.join(raw, rel, "provenance.json")
+def _build(cell: str) -> tuple | None:
+    """What the grid cell in folder ``cell`` started from (its ``provenance.json``): ``(machine,
+    code, sources, note)``, ``None`` if not recorded."""
+    path = os.path.join(cell, "provenance.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -392,7 +392,7 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             # a T-IMM cell's adaption stage is its fusion's (``<cell>_fused``)
             adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
             row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
-            row["built"] = builds.setdefault(_build(raw, rel), chr(ord("A") + len(builds)))
+            row["built"] = builds.setdefault(_build(os.path.join(raw, rel)), chr(ord("A") + len(builds)))
             grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
     legend = [
         f"- {letter}: "
@@ -656,7 +656,8 @@ def _forgetting_value(path: str, task: str) -> float:
 def _table4(raw: str) -> list[str]:
     """Forgetting (paper Table 4): the transferable weights of each model with M1's task-specific
     leaves on task 1's test cases and M2's on task 2's. IMM and mean-IMM are one model whatever
-    the replicate (their fused transferable weights do not depend on it): counted once."""
+    the replicate (their fused transferable weights do not depend on it): counted once per build
+    of the sources the cells started from (:func:`_build`)."""
     rows = []
     for name in ("m1", "m2"):
         path = os.path.join(raw, "sources", name, "forgetting.json")
@@ -675,10 +676,10 @@ def _table4(raw: str) -> list[str]:
         for (_, name), reps in sorted(fused.items()):
             if name != init:
                 continue
-            chosen = list(reps.values())[:1] if init in ("imm", "meanimm") else list(reps.values())
-            paths += [os.path.join(d, "forgetting.json") for d in chosen]
-        if init in ("imm", "meanimm"):
-            paths = paths[:1]
+            paths += [os.path.join(d, "forgetting.json") for d in reps.values()]
+        if init in ("imm", "meanimm"):  # one per build: the first cell's of each
+            one = {_build(os.path.dirname(p)[: -len("_fused")]): p for p in reversed(paths)}
+            paths = sorted(one.values())
         if paths:
             t1 = [_forgetting_value(p, "m1") for p in paths]
             t2 = [_forgetting_value(p, "m2") for p in paths]
