@@ -260,12 +260,20 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     )
     allhcp = json.loads((raw / "runs" / "f050" / "rep0" / "allhcp_1_7" / "provenance.json").read_text())
     assert set(allhcp["sources"]) == {"m1", "m2", prereg["all_hcp"]["sources"]["All-HCP 1:7"]}
-    assert cols[9] == "A" and f"- A: {machine()}, code " in text
+    assert cols[10] == "A" and f"- A: {machine()}, code " in text
+    # and its wall time, whole (it ran in one invocation)
+    assert prov["resumed"] is False and prov["wall_s"] > 0 and cols[8] == f"{prov['wall_s'] / 3600:.2f}"
     if not result["all_met"]:
         assert "no claim about the transfer methods is made" in text and "no claim (gate failed)" in text
     # an unsharded invocation finds every cell of both shards and reuses it
     before = sorted(str(p) for p in raw.rglob("*"))
     benchmark.run_grid(out, prereg, after_failed_gates=True)
+    assert sorted(str(p) for p in raw.rglob("*")) == before
+    # a cell without its provenance is not finished: it is completed from its run folder, and its
+    # wall time is marked as not whole
+    (timm / "provenance.json").unlink()
+    benchmark.run_grid(out, prereg, after_failed_gates=True)
+    assert json.loads((timm / "provenance.json").read_text())["resumed"] is True
     assert sorted(str(p) for p in raw.rglob("*")) == before
     # another machine with only the committed raw results: the pilot trains nothing, the grid
     # rebuilds only the sources its fusions need (checked against raw/sources.csv) and skips

@@ -335,8 +335,9 @@ def _exported(raw_dir: str) -> bool:
 
 
 def provenance(lay: Layout, sources: list[str]) -> dict:
-    """What a grid cell ran on (``provenance.json`` beside its raw results): the machine, the code
-    and the test Dice of each source as built on this machine. Training is bit-identical only
+    """What a grid cell ran on (``provenance.json`` beside its raw results, with the cell's wall
+    time: training, Fishers, evaluations): the machine, the code and the test Dice of each source
+    as built on this machine. Training is bit-identical only
     between machines whose XLA emits the same code, so a grid continued elsewhere starts from
     sources rebuilt there (accepted within the pre-registered ``sources_tolerance``); the report
     groups the cells by what they started from."""
@@ -538,7 +539,7 @@ def run_grid(
     trained = set(prereg["pilot_sources"])
     for part, f, r, name in grid_plan(prereg)[k::n_shards]:
         init = inits[name]
-        done = _exported(lay.raw_cell(f, r, name))
+        done = os.path.isfile(os.path.join(lay.raw_cell(f, r, name), "provenance.json"))
         if done and init.init == "fused":
             done = os.path.isfile(os.path.join(lay.raw_cell(f, r, name + " fused"), "forgetting.json"))
         if done:
@@ -555,6 +556,7 @@ def run_grid(
         run = lay.cell(f, r, name)
         fused_dir = run + "_fused"
         _log.info("== grid (%s): %s replicate %d: %s", part, f"{f:.0%}", r, name)
+        t_cell, resumed = time.time(), os.path.isdir(run) or os.path.isdir(fused_dir)
         run_cell(
             init,
             spec,
@@ -566,14 +568,16 @@ def run_grid(
             evaluation=no_hd95,
         )
         export_run(run, lay.raw_cell(f, r, name))
-        used = ["m1", "m2", *([source] if source else [])]
-        write_json(os.path.join(lay.raw_cell(f, r, name), "provenance.json"), provenance(lay, used))
         if init.init == "fused":
-            # forgetting of the fusion (IMM / mean-IMM: one model whatever the replicate; the
-            # report counts it once)
+            # forgetting of the fusion (IMM / mean-IMM: one model per build of the sources whatever
+            # the replicate; the report counts it once per build)
             if not os.path.isfile(os.path.join(fused_dir, "forgetting", "forgetting.json")):
                 evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
             export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
+        # last: a cell is finished once its provenance is there
+        prov = provenance(lay, ["m1", "m2", *([source] if source else [])])
+        prov |= {"wall_s": round(time.time() - t_cell, 1), "resumed": resumed}
+        write_json(os.path.join(lay.raw_cell(f, r, name), "provenance.json"), prov)
     for name in ("m1", "m2"):
         if os.path.isfile(os.path.join(lay.raw, "sources", name, "forgetting.json")):
             continue

@@ -372,6 +372,19 @@ def _build(cell: str) -> tuple | None:
     return p["machine"], p["code"], tuple(sorted(p["sources"].items())), p.get("note", "")
 
 
+def _wall_hours(cell: str) -> str:
+    """A grid cell's wall time from its ``provenance.json`` ("resumed" if it ran in more than one
+    invocation, blank if not recorded)."""
+    path = os.path.join(cell, "provenance.json")
+    if not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        p = json.load(f)
+    if "wall_s" not in p:
+        return ""
+    return "resumed" if p.get("resumed") else f"{p['wall_s'] / 3600:.2f}"
+
+
 def _progress(raw: str, prereg: dict) -> list[str]:
     """Each pilot run's state (epochs, steps, how it stopped, test Dice; a replicate's threshold
     baseline beside its no-transfer run), the grid's cells finished per part and each finished
@@ -393,6 +406,7 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
             row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
             row["built"] = builds.setdefault(_build(os.path.join(raw, rel)), chr(ord("A") + len(builds)))
+            row["wall hours"] = _wall_hours(os.path.join(raw, rel))
             grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
     legend = [
         f"- {letter}: "
@@ -422,10 +436,13 @@ def _progress(raw: str, prereg: dict) -> list[str]:
         *(
             [
                 "Each finished cell (hours as above; a T-IMM cell's adaption stage beside its "
-                "fine-tune; the Fishers and the test evaluation are not counted):",
+                "fine-tune; the Fishers and the test evaluation are not counted in those; wall hours: "
+                "the whole cell, Fishers, fusion and evaluations included, where it ran in one "
+                "invocation and recorded it):",
                 "",
                 markdown_table(
-                    grid_rows, ["part", *cols, "adaption epochs", "adaption hours", "test Dice", "built"]
+                    grid_rows,
+                    ["part", *cols, "adaption epochs", "adaption hours", "wall hours", "test Dice", "built"],
                 ),
                 "",
                 "Built: the machine, the code and the sources' test Dice each cell started from "
