@@ -260,7 +260,7 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     )
     allhcp = json.loads((raw / "runs" / "f050" / "rep0" / "allhcp_1_7" / "provenance.json").read_text())
     assert set(allhcp["sources"]) == {"m1", "m2", prereg["all_hcp"]["sources"]["All-HCP 1:7"]}
-    assert cols[10] == "A" and f"- A: {machine()}, code " in text
+    assert cols[10] == "A" and f"- A: {machine()}, sources m1 " in text
     # and its wall time, whole (it ran in one invocation)
     assert prov["resumed"] is False and prov["wall_s"] > 0 and cols[8] == f"{prov['wall_s'] / 3600:.2f}"
     if not result["all_met"]:
@@ -342,7 +342,7 @@ def test_table4_counts_imm_once_per_source_build_and_timm_once_per_replicate(tmp
             cell.mkdir(parents=True)
             sources = {"m1": m1, "m2": 0.87}
             (cell / "provenance.json").write_text(
-                json.dumps({"machine": "x", "code": "c", "sources": sources})
+                json.dumps({"machine": "x", "code": f"c{r}", "sources": sources})
             )
             fused = cell.parent / f"{init}_fused"
             fused.mkdir()
@@ -351,7 +351,7 @@ def test_table4_counts_imm_once_per_source_build_and_timm_once_per_replicate(tmp
     text = "\n".join(_table4(str(raw)))
     imm = next(ln for ln in text.splitlines() if ln.startswith("| IMM |"))
     timm = next(ln for ln in text.splitlines() if ln.startswith("| T-IMM"))
-    assert imm.split("|")[2].strip() == "2"  # reps 0 and 1 share a build
+    assert imm.split("|")[2].strip() == "2"  # reps 0 and 1 share a build (the code aside)
     assert imm.split("|")[3].strip().startswith(f"{np.mean([0.2, 0.4]):.3f}")
     assert timm.split("|")[2].strip() == "3"
     assert timm.split("|")[3].strip().startswith(f"{np.mean([0.2, 0.21, 0.42]):.3f}")

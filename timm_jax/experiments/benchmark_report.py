@@ -361,25 +361,30 @@ def _run_row(raw: str, rel: str) -> dict:
     }
 
 
-def _build(cell: str) -> tuple | None:
-    """What the grid cell in folder ``cell`` started from (its ``provenance.json``): ``(machine,
-    code, sources, note)``, ``None`` if not recorded."""
+def _provenance(cell: str) -> dict | None:
+    """The ``provenance.json`` of the grid cell in folder ``cell`` (``None`` if not recorded)."""
     path = os.path.join(cell, "provenance.json")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        p = json.load(f)
-    return p["machine"], p["code"], tuple(sorted(p["sources"].items())), p.get("note", "")
+        return json.load(f)
+
+
+def _build(cell: str) -> tuple | None:
+    """What a grid cell started from: ``(machine, sources, note)`` (the code that ran it does
+    not change the numbers and is listed apart), ``None`` if not recorded."""
+    p = _provenance(cell)
+    return None if p is None else (p["machine"], tuple(sorted(p["sources"].items())), p.get("note", ""))
+
+
+def _short_code(code: str) -> str:
+    return code[:7] + ("+changes" if code.endswith("+changes") else "")
 
 
 def _wall_hours(cell: str) -> str:
     """A grid cell's wall time from its ``provenance.json`` ("resumed" if it ran in more than one
     invocation, blank if not recorded)."""
-    path = os.path.join(cell, "provenance.json")
-    if not os.path.isfile(path):
-        return ""
-    with open(path) as f:
-        p = json.load(f)
+    p = _provenance(cell) or {}
     if "wall_s" not in p:
         return ""
     return "resumed" if p.get("resumed") else f"{p['wall_s'] / 3600:.2f}"
@@ -396,7 +401,7 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             continue
         rows.append(_run_row(raw, rel) | {"threshold test Dice": ""})
     counts: dict = defaultdict(lambda: [0, 0])
-    grid_rows, builds = [], {}
+    grid_rows, builds, codes = [], {}, defaultdict(set)
     for part, f, r, name in grid_plan(prereg):
         rel = run_dir(f, r, name)
         counts[part][1] += 1
@@ -406,6 +411,7 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
             row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
             row["built"] = builds.setdefault(_build(os.path.join(raw, rel)), chr(ord("A") + len(builds)))
+            codes[row["built"]].add(_short_code((_provenance(os.path.join(raw, rel)) or {}).get("code", "")))
             row["wall hours"] = _wall_hours(os.path.join(raw, rel))
             grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
     legend = [
@@ -413,8 +419,8 @@ def _progress(raw: str, prereg: dict) -> list[str]:
         + (
             "not recorded"
             if key is None
-            else f"{key[0]}, code {key[1][:7]}{'+changes' if key[1].endswith('+changes') else ''}, "
-            f"sources {', '.join(f'{n} {d:.4f}' for n, d in key[2])}" + (f" ({key[3]})" if key[3] else "")
+            else f"{key[0]}, sources {', '.join(f'{n} {d:.4f}' for n, d in key[1])}, "
+            f"code {', '.join(sorted(codes[letter]))}" + (f" ({key[2]})" if key[2] else "")
         )
         + f": {sum(r['built'] == letter for r in grid_rows)} cell(s)"
         for key, letter in builds.items()
@@ -445,12 +451,12 @@ def _progress(raw: str, prereg: dict) -> list[str]:
                     ["part", *cols, "adaption epochs", "adaption hours", "wall hours", "test Dice", "built"],
                 ),
                 "",
-                "Built: the machine, the code and the sources' test Dice each cell started from "
-                "(`provenance.json` beside its raw results). XLA's generated code differs between "
-                "machines, so a grid continued on another machine starts from sources rebuilt there, "
-                f"accepted within the pre-registered {prereg['sources_tolerance']} test Dice; the "
-                "replicates of one arm may then differ in their sources too, and the intervals' "
-                "replicate spread includes that:",
+                "Built: the machine and the sources' test Dice each cell started from, and the code "
+                "that ran it (`provenance.json` beside its raw results). XLA's generated code "
+                "differs between machines, so a grid continued on another machine starts from "
+                "sources rebuilt there, accepted within the pre-registered "
+                f"{prereg['sources_tolerance']} test Dice; the replicates of one arm may then differ "
+                "in their sources too, and the intervals' replicate spread includes that:",
                 "",
                 *legend,
                 "",
