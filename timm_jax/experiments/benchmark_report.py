@@ -370,10 +370,10 @@ def _provenance(cell: str) -> dict | None:
         return json.load(f)
 
 
-def _build(cell: str) -> tuple | None:
-    """What a grid cell started from: ``(machine, sources, note)`` (the code that ran it does
-    not change the numbers and is listed apart), ``None`` if not recorded."""
-    p = _provenance(cell)
+def _build(p: dict | None) -> tuple | None:
+    """What a grid cell started from, given its provenance ``p``: ``(machine, sources, note)``
+    (the code that ran it does not change the numbers and is listed apart), ``None`` if not
+    recorded."""
     return None if p is None else (p["machine"], tuple(sorted(p["sources"].items())), p.get("note", ""))
 
 
@@ -381,10 +381,10 @@ def _short_code(code: str) -> str:
     return code[:7] + ("+changes" if code.endswith("+changes") else "")
 
 
-def _wall_hours(cell: str) -> str:
-    """A grid cell's wall time from its ``provenance.json`` ("resumed" if it ran in more than one
+def _wall_hours(p: dict | None) -> str:
+    """A grid cell's wall time from its provenance ``p`` ("resumed" if it ran in more than one
     invocation, blank if not recorded)."""
-    p = _provenance(cell) or {}
+    p = p or {}
     if "wall_s" not in p:
         return ""
     return "resumed" if p.get("resumed") else f"{p['wall_s'] / 3600:.2f}"
@@ -410,9 +410,10 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             # a T-IMM cell's adaption stage is its fusion's (``<cell>_fused``)
             adaption = _jsonl(os.path.join(raw, run_dir(f, r, name + " fused"), "adaption_metrics.jsonl"))
             row = {"part": part, **_run_row(raw, rel), "adaption hours": _hours(adaption)}
-            row["built"] = builds.setdefault(_build(os.path.join(raw, rel)), chr(ord("A") + len(builds)))
-            codes[row["built"]].add(_short_code((_provenance(os.path.join(raw, rel)) or {}).get("code", "")))
-            row["wall hours"] = _wall_hours(os.path.join(raw, rel))
+            prov = _provenance(os.path.join(raw, rel))
+            row["built"] = builds.setdefault(_build(prov), chr(ord("A") + len(builds)))
+            codes[row["built"]].add(_short_code((prov or {}).get("code", "")))
+            row["wall hours"] = _wall_hours(prov)
             grid_rows.append(row | {"adaption epochs": str(len(adaption)) if adaption else ""})
     legend = [
         f"- {letter}: "
@@ -701,7 +702,7 @@ def _table4(raw: str) -> list[str]:
                 continue
             paths += [os.path.join(d, "forgetting.json") for d in reps.values()]
         if init in ("imm", "meanimm"):  # one per build: the first cell's of each
-            one = {_build(os.path.dirname(p)[: -len("_fused")]): p for p in reversed(paths)}
+            one = {_build(_provenance(os.path.dirname(p)[: -len("_fused")])): p for p in reversed(paths)}
             paths = sorted(one.values())
         if paths:
             t1 = [_forgetting_value(p, "m1") for p in paths]
