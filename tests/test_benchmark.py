@@ -114,6 +114,9 @@ def test_a_verdict_waits_for_every_pre_registered_replicate(tmp_path):
 
     _raw_run(raw / "runs" / "f004" / "rep0" / "m1", dict.fromkeys(cases, 0.30), 30, 100, 20)
     assert m1_row().endswith("| pending (1 and 5 of 5 replicates) |")
+    table2 = "\n".join(_cells_section(str(raw), prereg, claims=True))
+    assert "| M1 | 0.300 (n=1) |" in table2  # one replicate: no sd
+    assert "| no transfer | 0.535 ± 0.016 (n=5) |" in table2
     for r in range(1, 5):
         _raw_run(raw / "runs" / "f004" / f"rep{r}" / "m1", dict.fromkeys(cases, 0.30 + 0.01 * r), 30, 100, 20)
     assert m1_row().endswith("| contradicted |")

@@ -540,7 +540,8 @@ def _cells_section(raw: str, prereg: dict, *, claims: bool) -> list[str]:
             cell = c.get((f, slug(name)))
             if cell:
                 m = _matrix(cell)[0].mean(axis=1)
-                row[f"{f:.0%}"] = f"{m.mean():.3f} ± {m.std(ddof=1) if len(m) > 1 else 0:.3f} (n={len(m)})"
+                sd = f" ± {m.std(ddof=1):.3f}" if len(m) > 1 else ""  # no sd of one replicate
+                row[f"{f:.0%}"] = f"{m.mean():.3f}{sd} (n={len(m)})"
             else:
                 row[f"{f:.0%}"] = ""
         if any(v for k, v in row.items() if k != "initialisation"):
