@@ -262,7 +262,7 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
         {s: committed[s] for s in ("m1", "m2")}
     )
     allhcp = json.loads((raw / "runs" / "f050" / "rep0" / "allhcp_1_7" / "provenance.json").read_text())
-    assert set(allhcp["sources"]) == {"m1", "m2", prereg["all_hcp"]["sources"]["All-HCP 1:7"]}
+    assert set(allhcp["sources"]) == {prereg["all_hcp"]["sources"]["All-HCP 1:7"]}  # what it used
     assert cols[10] == "A" and f"- A: {machine()}, sources m1 " in text
     # and its wall time, whole (it ran in one invocation)
     assert prov["resumed"] is False and prov["wall_s"] > 0 and cols[8] == f"{prov['wall_s'] / 3600:.2f}"
@@ -279,8 +279,8 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     assert json.loads((timm / "provenance.json").read_text())["resumed"] is True
     assert sorted(str(p) for p in raw.rglob("*")) == before
     # another machine with only the committed raw results: the pilot trains nothing, the grid
-    # rebuilds only the sources its fusions need (checked against raw/sources.csv) and skips
-    # every committed cell
+    # rebuilds only the sources its unfinished cells need (checked against raw/sources.csv) and
+    # skips every committed cell; here one claim cell is taken out of the committed results
     import shutil
 
     out2 = tmp_path / "elsewhere"
@@ -288,6 +288,10 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     gates_before = json.loads((raw / "gates.json").read_text())
     assert json.loads(json.dumps(benchmark.run_pilot(str(out2), prereg))) == gates_before
     assert not (out2 / "runs").exists()
+    benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
+    assert not (out2 / "runs").exists()  # every cell committed: nothing to rebuild
+    f050 = ("runs", "f050", "rep0")
+    shutil.rmtree(out2 / "raw" / Path(*f050) / "timm")
     # M1 rebuilt there differs from the committed one within the tolerance (faked: the committed
     # Dice moved by 0.005): its results go to raw/rebuilds/, the committed ones stay
     csv = (out2 / "raw" / "sources.csv").read_text().splitlines()
@@ -298,7 +302,6 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     (out2 / "raw" / "sources.csv").write_text("\n".join(csv) + "\n")
     sources_before = {p: p.read_bytes() for p in (out2 / "raw" / "sources").rglob("*") if p.is_file()}
     benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
-    assert [p.name for p in (out2 / "runs").iterdir()] == ["sources"]
     assert sorted(p.name for p in (out2 / "runs" / "sources").iterdir()) == ["m1", "m2"]
     assert (out2 / "raw" / "sources.csv").read_text().splitlines() == csv
     assert {p: p.read_bytes() for p in (out2 / "raw" / "sources").rglob("*") if p.is_file()} == sources_before
@@ -307,13 +310,26 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     rel = sorted(str(p.relative_to(raw)) for p in raw.rglob("*"))
     rel2 = sorted(str(p.relative_to(out2 / "raw")) for p in (out2 / "raw").rglob("*"))
     assert [p for p in rel2 if not p.startswith("rebuilds")] == rel
-    # beyond the tolerance the grid refuses to continue on the rebuilt source
+    # the cell, rerun on the rebuilt sources (bit for bit here: the same machine)
+    redone = out2 / "raw" / Path(*f050) / "timm"
+    committed_cell = raw / Path(*f050) / "timm"
+    assert (redone / "per_case.csv").read_bytes() == (committed_cell / "per_case.csv").read_bytes()
+    # beyond the tolerance no cell runs on the rebuilt source (nor on M2, trained from it), but
+    # the cells that do not need it do: here the All-HCP cell, also taken out
     csv[1] = ",".join([*fields[:2], f"{m1_dice + 0.05:.6f}", *fields[3:]])
     (out2 / "raw" / "sources.csv").write_text("\n".join(csv) + "\n")
-    from timm_jax.errors import CheckpointError
-
-    with pytest.raises(CheckpointError, match="source m1 was rebuilt"):
+    for cell in ("allhcp_1_7", "timm"):
+        shutil.rmtree(out2 / "raw" / Path(*f050) / cell)
+    shutil.rmtree(out2 / "runs" / "sources" / "m2")
+    with pytest.raises(benchmark.SourceMismatchError, match="source m1 was rebuilt") as err:
         benchmark.run_grid(str(out2), prereg, after_failed_gates=True)
+    assert "1 grid cell(s) not run (runs/f050/rep0/timm)" in str(err.value)
+    assert not (out2 / "runs" / "sources" / "m2").exists()
+    assert not (out2 / "raw" / Path(*f050) / "timm").exists()
+    redone = out2 / "raw" / Path(*f050) / "allhcp_1_7"
+    committed_cell = raw / Path(*f050) / "allhcp_1_7"
+    assert (redone / "per_case.csv").read_bytes() == (committed_cell / "per_case.csv").read_bytes()
+    assert set(json.loads((redone / "provenance.json").read_text())["sources"]) == {"hcp_1_7"}
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])

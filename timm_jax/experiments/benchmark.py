@@ -58,6 +58,7 @@ from absl import flags
 
 from timm_jax import cli
 from timm_jax.atomic import atomic_write, write_json
+from timm_jax.errors import CheckpointError
 from timm_jax.experiments.benchmark_report import (
     PREREG,
     by_replicate,
@@ -352,6 +353,11 @@ def provenance(lay: Layout, sources: list[str]) -> dict:
     }
 
 
+class SourceMismatchError(CheckpointError):
+    """A source rebuilt here is not the committed one: its test Dice is outside the pre-registered
+    ``sources_tolerance`` of ``raw/sources.csv``'s."""
+
+
 def train_sources(lay: Layout, prereg: dict, names, *, checkpoints: bool = True) -> list[dict]:
     """Train (or reuse) the named sources once, evaluate them on their test cases, and record
     ``raw/sources.csv``; a source rebuilt on another machine is checked against the committed Dice.
@@ -398,9 +404,7 @@ def train_sources(lay: Layout, prereg: dict, names, *, checkpoints: bool = True)
             # results go beside the committed ones, which stay what the pilot's gates read
             export_run(run, os.path.join(lay.raw, "rebuilds", f"{name}_{row['dice_mean']:.6f}"))
             if abs(float(old["dice_mean"]) - row["dice_mean"]) > prereg["sources_tolerance"]:
-                from timm_jax.errors import CheckpointError
-
-                raise CheckpointError(
+                raise SourceMismatchError(
                     f"source {name} was rebuilt with test Dice {row['dice_mean']:.4f}, the committed "
                     f"raw/sources.csv says {float(old['dice_mean']):.4f} (tolerance "
                     f"{prereg['sources_tolerance']}): not the same source; the grid cannot continue on it"
@@ -471,6 +475,17 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _with_origins(prereg: dict, names: list[str]) -> list[str]:
+    """``names`` with, before each, the sources it is trained from (M2 from M1), each once."""
+    out: list[str] = []
+    for s in names:
+        origin = prereg["sources"][s].get("from")
+        for t in [*(_with_origins(prereg, [origin]) if origin else []), s]:
+            if t not in out:
+                out.append(t)
+    return out
+
+
 def _grid_sources(prereg: dict) -> list[str]:
     return [*prereg["pilot_sources"], *prereg["all_hcp"]["sources"].values()]
 
@@ -526,8 +541,27 @@ def run_grid(
             )
     _prepare(lay, prereg)
     t0 = time.time()
-    train_sources(lay, prereg, prereg["pilot_sources"])
-    fisher_diagnostics(lay, prereg)
+    accepted, refused = set(), {}  # sources trained (or reused) and checked here; those refused
+
+    def ready(names: list[str]) -> str:
+        """Train (or reuse) the named sources and the sources they start from, in order; the
+        error of the first one refused (rebuilt outside the tolerance), "" if all are accepted."""
+        for s in _with_origins(prereg, names):
+            if s not in accepted and s not in refused:
+                try:
+                    train_sources(lay, prereg, [s])
+                    accepted.add(s)
+                except SourceMismatchError as e:
+                    refused[s] = str(e)
+                    _log.error("%s; the grid goes on with the cells that do not need it", e)
+            if s in refused:
+                return refused[s]
+        return ""
+
+    if not os.path.isfile(os.path.join(lay.raw, "fisher_diagnostics.csv")) and not ready(
+        prereg["pilot_sources"]
+    ):
+        fisher_diagnostics(lay, prereg)
     fuse = FuseConfig(**prereg["fuse"])
     no_hd95 = EvalConfig(hd95=False)
     m1, m2 = lay.source("m1"), lay.source("m2")
@@ -536,7 +570,7 @@ def run_grid(
     inits["mean-IMM"] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="imm", imm_mode="mean"))
     for name, change in prereg["variants"]["settings"].items():
         inits[name] = Init("fused", sources=(m1, m2), fuse=fuse.replace(method="timm", **change))
-    trained = set(prereg["pilot_sources"])
+    blocked = []  # cells not run: a source they need was refused
     for part, f, r, name in grid_plan(prereg)[k::n_shards]:
         init = inits[name]
         done = os.path.isfile(os.path.join(lay.raw_cell(f, r, name), "provenance.json"))
@@ -544,12 +578,13 @@ def run_grid(
             done = os.path.isfile(os.path.join(lay.raw_cell(f, r, name + " fused"), "forgetting.json"))
         if done:
             continue  # finished (here, or on another machine and committed)
+        # an All-HCP cell needs its own source only (trained when its first cell comes, after the
+        # claims, in the shard that needs it); every other cell needs M1 and M2
         source = prereg["all_hcp"]["sources"].get(name) if part == "All-HCP" else None
-        if source and source not in trained:
-            # an All-HCP source trains when its first cell comes (after the claims), in the shard
-            # that needs it
-            train_sources(lay, prereg, [source])
-            trained.add(source)
+        needs = [source] if source else list(prereg["pilot_sources"])
+        if ready(needs):
+            blocked.append(run_dir(f, r, name))
+            continue
         data_seed, train_seed = replicate_seeds(prereg, r)
         spec = _spec(lay, "task3", f, data_seed, user=prereg.get("user_data"))
         n = _n_train(spec)
@@ -575,16 +610,26 @@ def run_grid(
                 evaluate_forgetting(fused_dir, [m1, m2], no_hd95)
             export_run(fused_dir, lay.raw_cell(f, r, name + " fused"))
         # last: a cell is finished once its provenance is there
-        prov = provenance(lay, ["m1", "m2", *([source] if source else [])])
+        prov = provenance(lay, needs)
         prov |= {"wall_s": round(time.time() - t_cell, 1), "resumed": resumed}
         write_json(os.path.join(lay.raw_cell(f, r, name), "provenance.json"), prov)
     for name in ("m1", "m2"):
         if os.path.isfile(os.path.join(lay.raw, "sources", name, "forgetting.json")):
             continue
+        if ready(["m1", "m2"]):
+            blocked.append(f"sources/{name} (forgetting)")
+            continue
         if not os.path.isfile(os.path.join(lay.source(name), "forgetting", "forgetting.json")):
             evaluate_forgetting(lay.source(name), [m1, m2], no_hd95)
         export_run(lay.source(name), os.path.join(lay.raw, "sources", name), only=("forgetting.json",))
     _add_time(lay, "grid", time.time() - t0, shard=shard)
+    if blocked:
+        raise SourceMismatchError(
+            f"{len(blocked)} grid cell(s) not run ({', '.join(blocked)}): "
+            + "; ".join(refused.values())
+            + ". Every other cell has run; continue the grid on a machine whose rebuilt sources "
+            "are accepted (the committed ones were built on the machine in their provenance)"
+        )
 
 
 def fisher_diagnostics(lay: Layout, prereg: dict) -> list[dict]:
