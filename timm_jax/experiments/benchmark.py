@@ -407,7 +407,7 @@ def train_sources(lay: Layout, prereg: dict, names, *, checkpoints: bool = True)
                 raise SourceMismatchError(
                     f"source {name} was rebuilt with test Dice {row['dice_mean']:.4f}, the committed "
                     f"raw/sources.csv says {float(old['dice_mean']):.4f} (tolerance "
-                    f"{prereg['sources_tolerance']}): not the same source; the grid cannot continue on it"
+                    f"{prereg['sources_tolerance']}): not the same source, so no grid cell runs on it"
                 )
             _log.info(
                 "== source %s rebuilt: test Dice %.4f, committed %.4f (within %s)",
