@@ -310,6 +310,8 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     rel = sorted(str(p.relative_to(raw)) for p in raw.rglob("*"))
     rel2 = sorted(str(p.relative_to(out2 / "raw")) for p in (out2 / "raw").rglob("*"))
     assert [p for p in rel2 if not p.startswith("rebuilds")] == rel
+    assert f"| [rebuilds/m1_{m1_dice:.6f}]" in (text2 := Path(write_report(str(out2), prereg)).read_text())
+    assert "| -0.0050 | accepted |" in text2
     # the cell, rerun on the rebuilt sources (bit for bit here: the same machine)
     redone = out2 / "raw" / Path(*f050) / "timm"
     committed_cell = raw / Path(*f050) / "timm"
@@ -330,6 +332,7 @@ def test_quick_benchmark_pilot_grid_and_report(tmp_path):
     committed_cell = raw / Path(*f050) / "allhcp_1_7"
     assert (redone / "per_case.csv").read_bytes() == (committed_cell / "per_case.csv").read_bytes()
     assert set(json.loads((redone / "provenance.json").read_text())["sources"]) == {"hcp_1_7"}
+    assert "| -0.0500 | refused: no cell runs on it |" in Path(write_report(str(out2), prereg)).read_text()
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "a/b", "-1/3", "0/0"])

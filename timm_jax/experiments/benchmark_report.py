@@ -465,6 +465,41 @@ def _progress(raw: str, prereg: dict) -> list[str]:
             if grid_rows
             else []
         ),
+        *_rebuilds(raw, prereg),
+    ]
+
+
+def _rebuilds(raw: str, prereg: dict) -> list[str]:
+    """The sources rebuilt on another machine (``raw/rebuilds/<source>_<Dice>/``), each with its
+    test Dice against the committed one and whether it was accepted (within the tolerance)."""
+    top = os.path.join(raw, "rebuilds")
+    committed = {r["source"]: float(r["dice_mean"]) for r in _csv(os.path.join(raw, "sources.csv"))}
+    rows = []
+    for name in sorted(os.listdir(top)) if os.path.isdir(top) else []:
+        with open(os.path.join(top, name, "summary.json")) as f:
+            dice = json.load(f)["metrics"]["dice_mean"]["mean"]
+        source = name.rsplit("_", 1)[0]
+        diff = dice - committed[source]
+        rows.append(
+            {
+                "rebuild": f"[rebuilds/{name}](raw/rebuilds/{name})",
+                "epochs": str(len(_jsonl(os.path.join(top, name, "metrics.jsonl")))),
+                "test Dice": f"{dice:.4f}",
+                "committed": f"{committed[source]:.4f}",
+                "difference": f"{diff:+.4f}",
+                "verdict": "accepted"
+                if abs(diff) <= prereg["sources_tolerance"]
+                else "refused: no cell runs on it",
+            }
+        )
+    if not rows:
+        return []
+    return [
+        "Sources rebuilt on other machines (their results beside the committed ones, which the "
+        f"gates read; accepted within the pre-registered {prereg['sources_tolerance']} test Dice):",
+        "",
+        markdown_table(rows, list(rows[0])),
+        "",
     ]
 
 
