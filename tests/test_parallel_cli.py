@@ -7,15 +7,19 @@
 * a batch that does not divide over the devices, and a process that waits for a partner that
   never comes, are one-line errors.
 
-How the Adam runs are compared: the training losses of every epoch agree to 1e-5 (relative), and
-so does the parameter vector as a whole (every leaf but the conv biases in
-front of an instance norm, whose gradient is zero in exact arithmetic: Adam moves them by rounding
-noise, and they are seen through the output only, which agrees to 1e-3 — the parameters' small
-differences, amplified by 3 instance-normalised layers). Leaf by leaf, Adam divides
+How the Adam runs are compared: the training losses of every epoch agree to 1e-5 (relative), the
+parameter vector as a whole to 1e-3 (every leaf but the conv biases in front of an instance norm,
+whose gradient is zero in exact arithmetic: Adam moves them by rounding noise, and they are seen
+through the output only, which agrees to 1e-3 — the parameters' small differences, amplified by 3
+instance-normalised layers), and every entry to one learning-rate step (lr = 5e-4). Adam divides
 each gradient component by its own running magnitude, so components whose gradient is ≈ 0 turn
-float-rounding differences (another summation order on 4 devices) into a visible fraction of a
-learning-rate step: every entry must agree to a tenth of one step (lr = 5e-4). The steps themselves
-are compared leaf by leaf to 1e-5 with SGD in tests/test_parallel.py.
+float-rounding differences (another summation order on 4 devices) into a fraction of a step, and
+how large depends on the machine: after these 6 steps the 4-device run differs from the 1-device
+run by 7.5e-5 of the vector (at most 0.31 of a step in one entry) on an AMD EPYC VM with AVX-512,
+by less than 1e-5 on Intel Xeon VMs, and the two-process run by 4.5e-5 on the AMD VM. A wrong
+gradient is far outside that: the same run with half the batch (as if a device's share were
+dropped) differs by 1.7e-2 of the vector and up to 11 steps in one entry on the AMD VM. The steps
+themselves are compared leaf by leaf to 1e-5 with SGD in tests/test_parallel.py.
 """
 
 import json
@@ -41,8 +45,8 @@ SCHED = ["--patch=16,16,16", "--batch_size=4", "--steps_per_epoch=2", "--max_epo
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("parallel")
-    # XLA's optimisations on, as for a user: with them off, 4 devices and 1 differ by 3e-5 after
-    # training (the tolerance below is 1e-5)
+    # XLA's optimisations on, as for a user (with them off, 4 devices and 1 differed by 3e-5 after
+    # training on an Intel Xeon VM, against less than 1e-5 with them on)
     e = script_env(tmp, ROOT, drop=("JAX_DISABLE_MOST_OPTIMIZATIONS",))
     tiny_demo(tmp / "data", n_parc_task1=4)
     args = [f"--data_dir={tmp}/data/parcellation", "--layout=parcellation", "--task_key=task1", *NET, *SCHED]
@@ -98,7 +102,7 @@ def final(workdir):
     return params, meta
 
 
-def assert_same(got, want, workdirs, rtol=1e-5, lr=5e-4):
+def assert_same(got, want, workdirs, rtol=1e-5, params_rtol=1e-3, lr=5e-4):
     from timm_jax.config import ModelConfig
     from timm_jax.core.partition import to_flat_dict
     from timm_jax.nn.unet import build_model
@@ -113,9 +117,9 @@ def assert_same(got, want, workdirs, rtol=1e-5, lr=5e-4):
     keyed = [k for k in w if not (k.startswith("conv_") and k.endswith("/bias"))]
     diff = np.sqrt(sum(np.sum((np.asarray(g[k]) - w[k]) ** 2) for k in keyed))
     norm = np.sqrt(sum(np.sum(np.square(w[k])) for k in keyed))
-    assert diff <= rtol * norm, f"parameters differ by {diff / norm:.2e} (relative)"
+    assert diff <= params_rtol * norm, f"parameters differ by {diff / norm:.2e} (relative)"
     for k in keyed:
-        np.testing.assert_allclose(g[k], w[k], rtol=0, atol=0.1 * lr, err_msg=k)
+        np.testing.assert_allclose(g[k], w[k], rtol=0, atol=lr, err_msg=k)
     model, _ = build_model(ModelConfig.from_dict(mw["model"]))
     x = np.random.default_rng(0).standard_normal((1, 16, 16, 16, mw["model"]["in_channels"]))
     yg, yw = (np.asarray(model.apply({"params": p}, x.astype(np.float32))) for p in (pg, pw))
